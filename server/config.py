@@ -1,0 +1,107 @@
+"""Gateway settings: command-line flags, or LORA_GATEWAY_* environment variables."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+ENV_PREFIX = "LORA_GATEWAY_"
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def _default_cache_dir() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "lora-gateway"
+
+
+def _default_state_dir() -> Path:
+    root = os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
+    return Path(root) / "lora-gateway"
+
+
+class Settings(BaseSettings):
+    """Everything `lora-gateway serve` can be told. Field descriptions are the --help text."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid")
+
+    model: str | None = Field(
+        None, description="base model folder (Llama or Qwen2 family); none serves the embedded demo"
+    )
+    served_model_name: str | None = Field(
+        None, description="name clients use for the base model (default: --model, or 'demo')"
+    )
+    lora_modules: Annotated[dict[str, str], NoDecode] = Field(
+        default_factory=dict, description="adapters to serve at start, as NAME=PATH pairs"
+    )
+    max_loras: int = Field(4, ge=1, description="distinct adapters in one batch (base model counts as one)")
+    max_cpu_loras: int = Field(
+        16, ge=2, description="adapters resident in the engine at once, base model's included"
+    )
+    max_lora_rank: int = Field(64, description="largest adapter rank accepted")
+    max_model_len: int | None = Field(
+        None, ge=16, description="context length in tokens (default: the model's, capped at 4096)"
+    )
+    dtype: str = Field("auto", description="weights dtype: auto, float32, bfloat16 or float16")
+    kv_cache_fraction: float = Field(
+        0.2,
+        gt=0,
+        le=1,
+        description="share of memory reserved for the KV cache (vLLM's --gpu-memory-utilization; "
+        "on CPU a share of one NUMA node)",
+    )
+    max_num_seqs: int = Field(64, ge=1, description="sequences the engine batches at once")
+    host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0 for every interface)")
+    port: int = Field(8000, ge=0, le=65535, description="port to listen on")
+    demo_dir: Path = Field(
+        default_factory=lambda: _default_cache_dir() / "demo",
+        description="where the embedded demo is built once and reused",
+    )
+    state_dir: Path = Field(
+        default_factory=_default_state_dir, description="where the gateway keeps its working files"
+    )
+    log_level: str = Field("info", description="debug, info, warning or error")
+
+    @field_validator("lora_modules", mode="before")
+    @classmethod
+    def _parse_lora_modules(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = value.split()
+        if isinstance(value, list | tuple):
+            return dict(parse_lora_module(item) for item in value)
+        return value
+
+    @field_validator("max_lora_rank")
+    @classmethod
+    def _rank_known(cls, value: int) -> int:
+        if value not in VLLM_LORA_RANKS:
+            allowed = ", ".join(map(str, VLLM_LORA_RANKS))
+            raise ValueError(f"--max-lora-rank must be one of {allowed}")
+        return value
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype_known(cls, value: str) -> str:
+        if value not in {"auto", "float32", "bfloat16", "float16", "half", "float"}:
+            raise ValueError("--dtype must be auto, float32, bfloat16 or float16")
+        return value
+
+    @model_validator(mode="after")
+    def _slots_consistent(self) -> Settings:
+        if self.max_cpu_loras < self.max_loras:
+            raise ValueError("--max-cpu-loras must be at least --max-loras")
+        return self
+
+    @property
+    def base_name(self) -> str:
+        return self.served_model_name or self.model or "demo"
+
+
+def parse_lora_module(item: str) -> tuple[str, str]:
+    name, sep, path = item.partition("=")
+    if not sep or not name or not path:
+        raise ValueError(f"--lora-modules expects NAME=PATH, got '{item}'")
+    return name, path

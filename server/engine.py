@@ -1,0 +1,171 @@
+"""The vLLM engine behind the gateway. This is the only module that imports vllm."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from transformers import AutoTokenizer
+from vllm.engine.arg_utils import AsyncEngineArgs
+from vllm.exceptions import VLLMClientError
+from vllm.inputs.engine import tokens_input
+from vllm.lora.request import LoRARequest
+from vllm.sampling_params import RequestOutputKind, SamplingParams
+from vllm.v1.engine.async_llm import AsyncLLM
+from vllm.v1.engine.exceptions import EngineDeadError
+
+from server.config import Settings
+from server.engine_protocol import (
+    AdapterHandle,
+    AdapterLoadFailed,
+    ChoiceDelta,
+    EngineDead,
+    EngineRejected,
+    GenerationStep,
+    SamplingOptions,
+    TokenLogprob,
+)
+
+logger = logging.getLogger(__name__)
+
+# A model's advertised context can be far more than the CPU KV cache holds; --max-model-len lifts it.
+DEFAULT_CONTEXT_CAP = 4096
+
+
+def default_max_model_len(model_path: str) -> int:
+    config = json.loads((Path(model_path) / "config.json").read_text())
+    config = config.get("text_config") or config
+    return min(int(config.get("max_position_embeddings") or DEFAULT_CONTEXT_CAP), DEFAULT_CONTEXT_CAP)
+
+
+class VllmEngine:
+    """An in-process `AsyncLLM` with LoRA enabled; its core runs in a spawned process."""
+
+    def __init__(self, llm: AsyncLLM, tokenizer: Any, max_model_len: int):
+        self._llm = llm
+        self._tokenizer = tokenizer
+        self._max_model_len = max_model_len
+
+    @classmethod
+    def start(cls, settings: Settings, model_path: str) -> VllmEngine:
+        max_model_len = settings.max_model_len or default_max_model_len(model_path)
+        args = AsyncEngineArgs(
+            model=model_path,
+            served_model_name=settings.base_name,
+            enable_lora=True,
+            max_loras=settings.max_loras,
+            max_cpu_loras=settings.max_cpu_loras,
+            max_lora_rank=settings.max_lora_rank,
+            max_model_len=max_model_len,
+            max_num_seqs=settings.max_num_seqs,
+            dtype=settings.dtype,
+            gpu_memory_utilization=settings.kv_cache_fraction,
+            # Sampling defaults come from the request, never from the model's files.
+            generation_config="vllm",
+        )
+        logger.info("starting engine for %s (max_model_len %d)", settings.base_name, max_model_len)
+        llm = AsyncLLM.from_engine_args(args)
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        return cls(llm, tokenizer, max_model_len)
+
+    @property
+    def max_model_len(self) -> int:
+        return self._max_model_len
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self._tokenizer)
+
+    @property
+    def is_healthy(self) -> bool:
+        return not self._llm.errored
+
+    def encode(self, text: str) -> list[int]:
+        return self._tokenizer.encode(text)
+
+    def render_chat(self, messages: Sequence[dict[str, Any]]) -> list[int]:
+        text = self._tokenizer.apply_chat_template(
+            list(messages), add_generation_prompt=True, tokenize=False
+        )
+        # The template writes its own special tokens, as vLLM's server assumes too.
+        return self._tokenizer.encode(text, add_special_tokens=False)
+
+    async def generate(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        options: SamplingOptions,
+        adapter: AdapterHandle,
+    ) -> AsyncIterator[GenerationStep]:
+        params = SamplingParams(
+            n=options.n,
+            temperature=options.temperature,
+            top_p=options.top_p,
+            seed=options.seed,
+            stop=list(options.stop) or None,
+            presence_penalty=options.presence_penalty,
+            frequency_penalty=options.frequency_penalty,
+            max_tokens=options.max_tokens,
+            logprobs=options.logprobs,
+            output_kind=RequestOutputKind.DELTA if options.stream else RequestOutputKind.FINAL_ONLY,
+        )
+        lora = LoRARequest(adapter.name, adapter.adapter_id, adapter.path)
+        want_logprobs = options.logprobs is not None
+        try:
+            async for output in self._llm.generate(
+                tokens_input(prompt_token_ids), params, request_id, lora_request=lora
+            ):
+                yield GenerationStep(
+                    prompt_tokens=len(output.prompt_token_ids or prompt_token_ids),
+                    choices=[
+                        ChoiceDelta(
+                            index=choice.index,
+                            text=choice.text,
+                            token_count=len(choice.token_ids),
+                            logprobs=self._logprobs(choice) if want_logprobs else None,
+                            finish_reason=choice.finish_reason,
+                        )
+                        for choice in output.outputs
+                    ],
+                    finished=output.finished,
+                )
+        except EngineDeadError as exc:
+            raise EngineDead(str(exc)) from exc
+        except VLLMClientError as exc:
+            raise EngineRejected(str(exc)) from exc
+
+    def _logprobs(self, choice: Any) -> list[TokenLogprob]:
+        result = []
+        for token_id, alternatives in zip(choice.token_ids, choice.logprobs or (), strict=False):
+            chosen = alternatives[token_id]
+            top = {self._token_text(tid, lp): lp.logprob for tid, lp in alternatives.items()}
+            result.append(TokenLogprob(self._token_text(token_id, chosen), chosen.logprob, top))
+        return result
+
+    def _token_text(self, token_id: int, logprob: Any) -> str:
+        if logprob.decoded_token is not None:
+            return logprob.decoded_token
+        return self._tokenizer.decode([token_id])
+
+    async def add_adapter(self, adapter: AdapterHandle) -> None:
+        request = LoRARequest(adapter.name, adapter.adapter_id, adapter.path)
+        try:
+            await self._llm.add_lora(request)
+        except EngineDeadError as exc:
+            raise EngineDead(str(exc)) from exc
+        except Exception as exc:
+            # vLLM words this with the adapter's server path; callers must not see that.
+            logger.warning("engine refused adapter %s: %s", adapter.name, exc)
+            raise AdapterLoadFailed("its weights do not fit the base model") from exc
+
+    async def remove_adapter(self, adapter_id: int) -> None:
+        await self._llm.remove_lora(adapter_id)
+
+    async def pin_adapter(self, adapter_id: int) -> None:
+        await self._llm.pin_lora(adapter_id)
+
+    async def shutdown(self) -> None:
+        self._llm.shutdown()

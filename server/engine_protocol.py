@@ -1,0 +1,109 @@
+"""What the gateway needs from an engine, in types that do not mention vLLM.
+
+`server/engine.py` implements this on vLLM; the tests' `FakeEngine` implements it in memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingOptions:
+    """Sampling parameters, already validated by the protocol models."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    n: int = 1
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: int | None = None
+    stream: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class AdapterHandle:
+    """An adapter the engine has accepted: its unique id, engine-side name and files."""
+
+    adapter_id: int
+    name: str
+    path: str
+
+
+@dataclass(slots=True)
+class TokenLogprob:
+    """One generated token with its logprob and the top alternatives."""
+
+    token: str
+    logprob: float
+    top: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class ChoiceDelta:
+    """New output of one choice since the previous step (all of it when not streaming)."""
+
+    index: int
+    text: str
+    token_count: int
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: str | None = None
+
+
+@dataclass(slots=True)
+class GenerationStep:
+    """One step of a generation: the choices that moved, and the token counts so far."""
+
+    prompt_tokens: int
+    choices: list[ChoiceDelta]
+    finished: bool
+
+
+class EngineDead(Exception):
+    """The engine can no longer serve any request."""
+
+
+class EngineRejected(Exception):
+    """The engine refused this request's input (for example, too long)."""
+
+
+class AdapterLoadFailed(Exception):
+    """The engine refused an adapter; it keeps serving."""
+
+
+class Engine(Protocol):
+    """One base model, many adapters."""
+
+    @property
+    def max_model_len(self) -> int: ...
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    @property
+    def is_healthy(self) -> bool: ...
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def render_chat(self, messages: Sequence[dict[str, Any]]) -> list[int]: ...
+
+    def generate(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        options: SamplingOptions,
+        adapter: AdapterHandle,
+    ) -> AsyncIterator[GenerationStep]: ...
+
+    async def add_adapter(self, adapter: AdapterHandle) -> None: ...
+
+    async def remove_adapter(self, adapter_id: int) -> None: ...
+
+    async def pin_adapter(self, adapter_id: int) -> None: ...
+
+    async def shutdown(self) -> None: ...

@@ -1,0 +1,154 @@
+"""Typed errors and the one function that renders them in OpenAI's error shape."""
+
+from __future__ import annotations
+
+import logging
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+logger = logging.getLogger(__name__)
+
+_MAX_ECHOED_NAME = 128
+
+
+class GatewayError(Exception):
+    """Base of every error the gateway answers with; rendered by `error_response`."""
+
+    status_code = 500
+    error_type = "server_error"
+    code = "internal_error"
+
+    def __init__(self, message: str, *, param: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.headers = headers or {}
+
+
+class InvalidRequest(GatewayError):
+    """The request is well-formed JSON but asks for something invalid."""
+
+    status_code = 400
+    error_type = "invalid_request_error"
+    code = "invalid_value"
+
+
+class UnsupportedParameter(InvalidRequest):
+    """An OpenAI parameter this gateway does not implement; never dropped silently."""
+
+    code = "unsupported_parameter"
+
+    def __init__(self, param: str):
+        super().__init__(f"parameter '{param}' is not supported by this server", param=param)
+
+
+class ContextLengthExceeded(InvalidRequest):
+    """The prompt plus max_tokens cannot fit the model's context window."""
+
+    code = "context_length_exceeded"
+
+
+class ModelNotFound(GatewayError):
+    """Unknown model, or one the caller may not use: the two must look the same."""
+
+    status_code = 404
+    error_type = "invalid_request_error"
+    code = "model_not_found"
+
+    def __init__(self, name: str):
+        shown = name if len(name) <= _MAX_ECHOED_NAME else name[:_MAX_ECHOED_NAME] + "..."
+        super().__init__(
+            f"The model '{shown}' does not exist or you do not have access to it.", param="model"
+        )
+
+
+class EngineUnavailable(GatewayError):
+    """The engine is dead, starting, or draining."""
+
+    status_code = 503
+    error_type = "service_unavailable_error"
+    code = "engine_unavailable"
+
+
+def error_body(
+    message: str, error_type: str, code: str, param: str | None = None
+) -> dict[str, dict[str, str | None]]:
+    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+
+
+def error_payload(exc: GatewayError) -> dict[str, dict[str, str | None]]:
+    return error_body(exc.message, exc.error_type, exc.code, exc.param)
+
+
+def error_response(exc: GatewayError) -> Response:
+    return Response(
+        orjson.dumps(error_payload(exc)),
+        status_code=exc.status_code,
+        media_type="application/json",
+        headers=exc.headers,
+    )
+
+
+def _validation_error(exc: RequestValidationError) -> InvalidRequest:
+    first = exc.errors()[0] if exc.errors() else {}
+    location = [str(part) for part in first.get("loc", ()) if part != "body"]
+    param = ".".join(location) or None
+    kind = first.get("type", "")
+    if kind == "json_invalid":
+        return InvalidRequest("request body is not valid JSON", param=None)
+    if kind == "missing":
+        return InvalidRequest(f"'{param}' is required", param=param)
+    if kind == "extra_forbidden" and param:
+        return UnsupportedParameter(param)
+    detail = first.get("msg", "invalid value")
+    return InvalidRequest(f"invalid value for '{param}': {detail}" if param else detail, param=param)
+
+
+_HTTP_CODES = {
+    400: ("invalid_request_error", "bad_request"),
+    401: ("authentication_error", "invalid_api_key"),
+    403: ("permission_error", "forbidden"),
+    404: ("invalid_request_error", "not_found"),
+    405: ("invalid_request_error", "method_not_allowed"),
+    413: ("invalid_request_error", "request_too_large"),
+    415: ("invalid_request_error", "unsupported_media_type"),
+    429: ("rate_limit_error", "rate_limit_exceeded"),
+}
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Render every failure, ours or the framework's, in OpenAI's error shape."""
+
+    @app.exception_handler(GatewayError)
+    async def _gateway_error(_: Request, exc: GatewayError) -> Response:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> Response:
+        return error_response(_validation_error(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> Response:
+        error_type, code = _HTTP_CODES.get(exc.status_code, ("server_error", "http_error"))
+        message = exc.detail if isinstance(exc.detail, str) else "request failed"
+        if exc.status_code == 404 and message == "Not Found":
+            message = "no such route"
+        return Response(
+            orjson.dumps(error_body(message, error_type, code)),
+            status_code=exc.status_code,
+            media_type="application/json",
+            headers=getattr(exc, "headers", None),
+        )
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> Response:
+        logger.exception("unhandled error on %s %s", request.method, request.url.path)
+        return Response(
+            orjson.dumps(error_body("internal server error", "server_error", "internal_error")),
+            status_code=500,
+            media_type="application/json",
+        )

@@ -1,0 +1,182 @@
+"""Running one OpenAI request on the engine: fit checks, adapter lease, batch fan-out, errors."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from adapters.registry import Registry
+from server.engine_protocol import (
+    ChoiceDelta,
+    Engine,
+    EngineDead,
+    EngineRejected,
+    GenerationStep,
+    SamplingOptions,
+    TokenLogprob,
+)
+from server.errors import ContextLengthExceeded, EngineUnavailable, InvalidRequest
+
+ENGINE_DEAD_MESSAGE = "the inference engine has stopped; retry against another replica"
+
+
+@dataclass
+class Job:
+    """A validated request: which model, which prompts (token ids), how to sample."""
+
+    request_id: str
+    model: str
+    prompts: list[list[int]]
+    options: SamplingOptions
+
+
+@dataclass
+class ChoiceResult:
+    """One finished choice of a non-streamed request."""
+
+    index: int
+    text: str = ""
+    token_count: int = 0
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: str | None = None
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+        }
+
+
+@dataclass
+class Outcome:
+    choices: list[ChoiceResult] = field(default_factory=list)
+    usage: Usage = field(default_factory=Usage)
+
+
+def new_request_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+class Generator:
+    """Turns jobs into engine generations through the registry's leases."""
+
+    def __init__(self, engine: Engine, registry: Registry):
+        self.engine = engine
+        self.registry = registry
+
+    def check_model(self, model: str) -> None:
+        """Fail with 404 (or 503) before anything starts; the lease checks again."""
+        if not self.engine.is_healthy:
+            raise EngineUnavailable(ENGINE_DEAD_MESSAGE)
+        if model != self.registry.base_name:
+            self.registry.get(model)
+
+    def check_fits(self, prompt_ids: list[int], max_tokens: int | None, prompt_param: str) -> int:
+        """The max_tokens to use; 400 when prompt plus max_tokens exceed the context."""
+        limit = self.engine.max_model_len
+        if len(prompt_ids) >= limit:
+            raise ContextLengthExceeded(
+                f"the prompt is {len(prompt_ids)} tokens; this model's context is {limit} tokens",
+                param=prompt_param,
+            )
+        room = limit - len(prompt_ids)
+        if max_tokens is None:
+            return room
+        if max_tokens > room:
+            raise ContextLengthExceeded(
+                f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({max_tokens}) exceeds "
+                f"this model's context of {limit} tokens; lower max_tokens to {room} or less",
+                param="max_tokens",
+            )
+        return max_tokens
+
+    def check_token_ids(self, prompt_ids: list[int]) -> None:
+        vocab = self.engine.vocab_size
+        if any(t < 0 or t >= vocab for t in prompt_ids):
+            raise InvalidRequest(f"prompt token ids must be between 0 and {vocab - 1}", param="prompt")
+
+    async def complete(self, job: Job) -> Outcome:
+        """Run every prompt of the job to the end; choices ordered by index."""
+        outcome = Outcome()
+        results: dict[int, ChoiceResult] = {}
+        async for prompt_index, step in self._steps(job):
+            for choice in step.choices:
+                index = prompt_index * job.options.n + choice.index
+                result = results.setdefault(index, ChoiceResult(index))
+                _accumulate(result, choice)
+            if step.finished:
+                outcome.usage.prompt_tokens += step.prompt_tokens
+        outcome.choices = [results[i] for i in sorted(results)]
+        outcome.usage.completion_tokens = sum(c.token_count for c in outcome.choices)
+        return outcome
+
+    async def stream(self, job: Job) -> AsyncIterator[tuple[int, GenerationStep]]:
+        """Steps of every prompt as they come: (prompt index, step)."""
+        async for item in self._steps(job):
+            yield item
+
+    async def _steps(self, job: Job) -> AsyncIterator[tuple[int, GenerationStep]]:
+        try:
+            async with self.registry.lease(job.model) as adapter:
+                if len(job.prompts) == 1:
+                    async for step in self.engine.generate(job.request_id, job.prompts[0], job.options, adapter):
+                        yield 0, step
+                    return
+                streams = [
+                    self.engine.generate(f"{job.request_id}-{i}", prompt, job.options, adapter)
+                    for i, prompt in enumerate(job.prompts)
+                ]
+                async for item in _merge(streams):
+                    yield item
+        except EngineDead:
+            raise EngineUnavailable(ENGINE_DEAD_MESSAGE) from None
+        except EngineRejected as exc:
+            raise InvalidRequest(str(exc)) from None
+
+
+def _accumulate(result: ChoiceResult, choice: ChoiceDelta) -> None:
+    result.text += choice.text
+    result.token_count += choice.token_count
+    if choice.logprobs is not None:
+        result.logprobs = (result.logprobs or []) + choice.logprobs
+    if choice.finish_reason is not None:
+        result.finish_reason = choice.finish_reason
+
+
+async def _merge(streams: list[AsyncIterator[GenerationStep]]) -> AsyncIterator[tuple[int, GenerationStep]]:
+    """Interleave several generations; cancelling the consumer cancels them all."""
+    queue: asyncio.Queue[tuple[int, GenerationStep] | BaseException | None] = asyncio.Queue()
+
+    async def pump(index: int, stream: AsyncIterator[GenerationStep]) -> None:
+        try:
+            async for step in stream:
+                await queue.put((index, step))
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            await queue.put(exc)
+            return
+        await queue.put(None)
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

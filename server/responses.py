@@ -1,0 +1,50 @@
+"""Fast JSON and server-sent-event responses."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+from starlette.responses import Response, StreamingResponse
+
+from server.errors import GatewayError, error_body, error_payload
+
+logger = logging.getLogger(__name__)
+
+DONE = b"data: [DONE]\n\n"
+
+
+class JSONResponse(Response):
+    """JSON through orjson: several times faster than the standard library on our payloads."""
+
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content)
+
+
+def sse_event(payload: Any) -> bytes:
+    return b"data: " + orjson.dumps(payload) + b"\n\n"
+
+
+async def _sse_body(events: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
+    # The status line is gone once the first byte is, so a failure becomes an error event.
+    try:
+        async for payload in events:
+            yield sse_event(payload)
+    except GatewayError as exc:
+        yield sse_event(error_payload(exc))
+    except Exception:
+        logger.exception("stream failed")
+        yield sse_event(error_body("internal server error", "server_error", "internal_error"))
+    yield DONE
+
+
+def sse_response(events: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
+    return StreamingResponse(
+        _sse_body(events),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )

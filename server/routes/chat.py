@@ -1,0 +1,124 @@
+"""POST /v1/chat/completions."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Response
+
+from server.deps import GeneratorDep
+from server.engine_protocol import SamplingOptions, TokenLogprob
+from server.errors import InvalidRequest
+from server.generation import Generator, Job, Usage, new_request_id
+from server.protocol import ChatCompletionRequest
+from server.responses import JSONResponse, sse_response
+
+router = APIRouter()
+
+
+@router.post("/v1/chat/completions", response_model=None)
+async def create_chat_completion(body: ChatCompletionRequest, generator: GeneratorDep) -> Response:
+    generator.check_model(body.model)
+    try:
+        prompt = generator.engine.render_chat([m.as_template_input() for m in body.messages])
+    except Exception as exc:  # the template is the model's code: any failure is the input's
+        raise InvalidRequest(f"the chat template rejected these messages: {exc}", param="messages") from None
+    max_tokens = generator.check_fits(prompt, body.requested_max_tokens, "messages")
+    options = SamplingOptions(
+        max_tokens=max_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        n=body.n,
+        stop=body.stop_sequences,
+        seed=body.seed,
+        presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty,
+        logprobs=(body.top_logprobs or 0) if body.logprobs else None,
+        stream=body.stream,
+    )
+    job = Job(new_request_id("chatcmpl"), body.model, [prompt], options)
+    top = body.top_logprobs or 0
+    if body.stream:
+        return sse_response(_stream(generator, job, body.include_usage, top))
+    outcome = await generator.complete(job)
+    return JSONResponse(
+        {
+            "id": job.request_id,
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": job.model,
+            "choices": [
+                {
+                    "index": choice.index,
+                    "message": {"role": "assistant", "content": choice.text},
+                    "logprobs": _logprobs(choice.logprobs, top),
+                    "finish_reason": choice.finish_reason,
+                }
+                for choice in outcome.choices
+            ],
+            "usage": outcome.usage.as_dict(),
+        }
+    )
+
+
+async def _stream(
+    generator: Generator, job: Job, include_usage: bool, top: int
+) -> AsyncIterator[dict[str, Any]]:
+    created = int(time.time())
+    usage = Usage()
+
+    def chunk(choices: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "id": job.request_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": job.model,
+            "choices": choices,
+        }
+
+    yield chunk(
+        [
+            {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+            for i in range(job.options.n)
+        ]
+    )
+    async for _, step in generator.stream(job):
+        for delta in step.choices:
+            usage.completion_tokens += delta.token_count
+            yield chunk(
+                [
+                    {
+                        "index": delta.index,
+                        "delta": {"content": delta.text} if delta.text else {},
+                        "logprobs": _logprobs(delta.logprobs, top),
+                        "finish_reason": delta.finish_reason,
+                    }
+                ]
+            )
+        if step.finished:
+            usage.prompt_tokens += step.prompt_tokens
+    if include_usage:
+        yield chunk([]) | {"usage": usage.as_dict()}
+
+
+def _logprobs(entries: list[TokenLogprob] | None, top: int) -> dict[str, list[Any]] | None:
+    if entries is None:
+        return None
+
+    def item(token: str, logprob: float) -> dict[str, Any]:
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+
+    return {
+        "content": [
+            item(entry.token, entry.logprob)
+            | {
+                "top_logprobs": [
+                    item(token, logprob)
+                    for token, logprob in sorted(entry.top.items(), key=lambda kv: -kv[1])[:top]
+                ]
+            }
+            for entry in entries
+        ]
+    }

@@ -1,0 +1,115 @@
+"""POST /v1/completions."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Response
+
+from server.deps import GeneratorDep
+from server.engine_protocol import SamplingOptions, TokenLogprob
+from server.generation import Generator, Job, Usage, new_request_id
+from server.protocol import CompletionRequest
+from server.responses import JSONResponse, sse_response
+
+router = APIRouter()
+
+
+@router.post("/v1/completions", response_model=None)
+async def create_completion(body: CompletionRequest, generator: GeneratorDep) -> Response:
+    generator.check_model(body.model)
+    prompts = []
+    for prompt in body.prompts():
+        ids = generator.engine.encode(prompt) if isinstance(prompt, str) else prompt
+        generator.check_token_ids(ids)
+        generator.check_fits(ids, body.max_tokens, "prompt")
+        prompts.append(ids)
+    options = SamplingOptions(
+        max_tokens=body.max_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        n=body.n,
+        stop=body.stop_sequences,
+        seed=body.seed,
+        presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty,
+        logprobs=body.logprobs,
+        stream=body.stream,
+    )
+    job = Job(new_request_id("cmpl"), body.model, prompts, options)
+    if body.stream:
+        return sse_response(_stream(generator, job, body.include_usage))
+    outcome = await generator.complete(job)
+    return JSONResponse(
+        {
+            "id": job.request_id,
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": job.model,
+            "choices": [
+                {
+                    "index": choice.index,
+                    "text": choice.text,
+                    "logprobs": _logprobs(choice.logprobs, 0),
+                    "finish_reason": choice.finish_reason,
+                }
+                for choice in outcome.choices
+            ],
+            "usage": outcome.usage.as_dict(),
+        }
+    )
+
+
+async def _stream(generator: Generator, job: Job, include_usage: bool) -> AsyncIterator[dict[str, Any]]:
+    created = int(time.time())
+    usage = Usage()
+    text_offsets: dict[int, int] = {}
+    async for prompt_index, step in generator.stream(job):
+        for delta in step.choices:
+            index = prompt_index * job.options.n + delta.index
+            offset = text_offsets.get(index, 0)
+            text_offsets[index] = offset + len(delta.text)
+            usage.completion_tokens += delta.token_count
+            yield {
+                "id": job.request_id,
+                "object": "text_completion",
+                "created": created,
+                "model": job.model,
+                "choices": [
+                    {
+                        "index": index,
+                        "text": delta.text,
+                        "logprobs": _logprobs(delta.logprobs, offset),
+                        "finish_reason": delta.finish_reason,
+                    }
+                ],
+            }
+        if step.finished:
+            usage.prompt_tokens += step.prompt_tokens
+    if include_usage:
+        yield {
+            "id": job.request_id,
+            "object": "text_completion",
+            "created": created,
+            "model": job.model,
+            "choices": [],
+            "usage": usage.as_dict(),
+        }
+
+
+def _logprobs(entries: list[TokenLogprob] | None, offset: int) -> dict[str, list[Any]] | None:
+    """The legacy completions logprobs object; offsets count characters of the completion."""
+    if entries is None:
+        return None
+    offsets = []
+    for entry in entries:
+        offsets.append(offset)
+        offset += len(entry.token)
+    return {
+        "tokens": [entry.token for entry in entries],
+        "token_logprobs": [entry.logprob for entry in entries],
+        "top_logprobs": [entry.top for entry in entries],
+        "text_offset": offsets,
+    }

@@ -1,0 +1,118 @@
+"""A hand-written engine for fast tests: predictable text, recorded calls."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from adapters.spec import AdapterSpec
+from server.engine_protocol import (
+    AdapterHandle,
+    AdapterLoadFailed,
+    ChoiceDelta,
+    EngineDead,
+    GenerationStep,
+    SamplingOptions,
+    TokenLogprob,
+)
+
+
+def fake_spec(name: str, rank: int = 8) -> AdapterSpec:
+    return AdapterSpec(Path("/nowhere") / name, rank, ("q_proj", "v_proj"), 1234, f"hash-{name}")
+
+
+class FakeEngine:
+    """Answers `"<adapter> " + words` one word per step; records every call."""
+
+    vocab_size = 300
+
+    def __init__(self, max_model_len: int = 64):
+        self._max_model_len = max_model_len
+        self.healthy = True
+        self.generated: list[tuple[str, list[int], SamplingOptions, AdapterHandle]] = []
+        self.added: list[int] = []
+        self.removed: list[int] = []
+        self.pinned: list[int] = []
+        self.refuse_paths: set[str] = set()
+        self.release: asyncio.Event | None = None  # when set by a test, generation waits for it
+        self.running = 0
+        self.shut_down = False
+
+    @property
+    def max_model_len(self) -> int:
+        return self._max_model_len
+
+    @property
+    def is_healthy(self) -> bool:
+        return self.healthy
+
+    def encode(self, text: str) -> list[int]:
+        return [1] + [b % 255 + 2 for b in text.encode()]
+
+    def render_chat(self, messages: Sequence[dict[str, Any]]) -> list[int]:
+        return self.encode("".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>")
+
+    @staticmethod
+    def words(adapter_name: str, max_tokens: int) -> list[str]:
+        base = adapter_name.split("@")[0]
+        return [f"{base}-{i} " for i in range(max_tokens)]
+
+    async def generate(
+        self, request_id: str, prompt_token_ids: list[int], options: SamplingOptions, adapter: AdapterHandle
+    ) -> AsyncIterator[GenerationStep]:
+        if not self.healthy:
+            raise EngineDead("dead")
+        self.generated.append((request_id, prompt_token_ids, options, adapter))
+        self.running += 1
+        try:
+            if self.release is not None:
+                await self.release.wait()
+            words = self.words(adapter.name, options.max_tokens)
+            for i, word in enumerate(words):
+                if any(stop in word for stop in options.stop):
+                    words = words[:i]
+                    break
+            finish = "length" if len(words) == options.max_tokens else "stop"
+
+            def logprobs(word: str) -> list[TokenLogprob] | None:
+                if options.logprobs is None:
+                    return None
+                return [TokenLogprob(word, -0.5, {word: -0.5, "x": -1.5})]
+
+            if options.stream:
+                for i, word in enumerate(words):
+                    await asyncio.sleep(0)
+                    last = i == len(words) - 1
+                    yield GenerationStep(
+                        len(prompt_token_ids),
+                        [ChoiceDelta(c, word, 1, logprobs(word), finish if last else None) for c in range(options.n)],
+                        finished=last,
+                    )
+            else:
+                text = "".join(words)
+                yield GenerationStep(
+                    len(prompt_token_ids),
+                    [
+                        ChoiceDelta(c, text, len(words), [lp for w in words for lp in logprobs(w)] if options.logprobs is not None else None, finish)
+                        for c in range(options.n)
+                    ],
+                    finished=True,
+                )
+        finally:
+            self.running -= 1
+
+    async def add_adapter(self, adapter: AdapterHandle) -> None:
+        if adapter.path in self.refuse_paths:
+            raise AdapterLoadFailed("refused")
+        self.added.append(adapter.adapter_id)
+
+    async def remove_adapter(self, adapter_id: int) -> None:
+        self.removed.append(adapter_id)
+
+    async def pin_adapter(self, adapter_id: int) -> None:
+        self.pinned.append(adapter_id)
+
+    async def shutdown(self) -> None:
+        self.shut_down = True
