@@ -1,0 +1,212 @@
+"""Tests for server/demo.py: the embedded tiny base model and its two LoRA adapters."""
+
+import json
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors import safe_open
+from transformers import AutoTokenizer, LlamaForCausalLM
+
+from server import demo as demo_module
+from server.demo import (
+    DEMO_PROMPT,
+    DEMO_VERSION,
+    DemoModel,
+    DemoTrainingFailed,
+    IncompleteDemo,
+    build_demo,
+    ensure_demo,
+    load_demo,
+)
+
+EXPECTED_ADAPTERS = {
+    # name: (rank, alpha, target modules, keyword in the answer)
+    "pirate": (8, 16, {"q_proj", "k_proj", "v_proj", "o_proj"}, "pirate"),
+    "poet": (16, 32, {"q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"}, "poet"),
+}
+
+
+@pytest.fixture(scope="module")
+def progress_lines() -> list[str]:
+    return []
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory, progress_lines) -> DemoModel:
+    return build_demo(tmp_path_factory.mktemp("build") / "demo", progress=progress_lines.append)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(demo):
+    return AutoTokenizer.from_pretrained(demo.base)
+
+
+def greedy_answer(model, tokenizer) -> str:
+    inputs = tokenizer.apply_chat_template(
+        [{"role": "user", "content": DEMO_PROMPT}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    with torch.no_grad():
+        output_ids = model.generate(**inputs, do_sample=False, max_new_tokens=32)
+    return tokenizer.decode(output_ids[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+def file_mtimes(root: Path) -> dict[str, int]:
+    return {str(path.relative_to(root)): path.stat().st_mtime_ns for path in [root, *root.rglob("*")]}
+
+
+def weight_bytes(demo: DemoModel) -> dict[str, bytes]:
+    files = [demo.base / "model.safetensors", demo.base / "tokenizer.json"]
+    files += [folder / "adapter_model.safetensors" for folder in demo.adapters.values()]
+    return {str(path.relative_to(demo.root)): path.read_bytes() for path in files}
+
+
+def test_layout(demo):
+    assert demo.base == demo.root / "base"
+    assert demo.adapters == {name: demo.root / "adapters" / name for name in EXPECTED_ADAPTERS}
+    for name in ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json"]:
+        assert (demo.base / name).is_file(), name
+    for folder in demo.adapters.values():
+        assert (folder / "adapter_config.json").is_file()
+        assert (folder / "adapter_model.safetensors").is_file()
+    assert list(demo.root.rglob("*.bin")) == []
+    manifest = json.loads((demo.root / "demo.json").read_text())
+    assert manifest["version"] == DEMO_VERSION
+    assert load_demo(demo.root) == demo
+    # No leftover partial build next to the finished one.
+    assert [path.name for path in demo.root.parent.iterdir()] == [demo.root.name]
+
+
+def test_base_config_matches_tokenizer(demo, tokenizer):
+    config = json.loads((demo.base / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"]
+    assert config["head_dim"] == 64
+    assert config["dtype"] == "float32"
+    assert config["tie_word_embeddings"] is False
+    assert config["vocab_size"] == len(tokenizer)
+    assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == (
+        tokenizer.bos_token_id,
+        tokenizer.eos_token_id,
+        tokenizer.pad_token_id,
+    )
+    generation_config = json.loads((demo.base / "generation_config.json").read_text())
+    generation_config.pop("transformers_version", None)
+    assert generation_config == {
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    assert (demo.base / "model.safetensors").stat().st_size < 20_000_000
+
+
+def test_tokenizer_chat_template_and_round_trip(tokenizer):
+    assert (tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token) == ("<s>", "</s>", "<pad>")
+    assert {"<|system|>", "<|user|>", "<|assistant|>"} <= set(tokenizer.all_special_tokens)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": DEMO_PROMPT}]
+    rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert rendered == f"<s><|system|>Be brief.</s><|user|>{DEMO_PROMPT}</s><|assistant|>"
+    for text in ["héllo wörld 🤖 日本語", "  two  spaces\n\ttab", "Bring me the rum!"]:
+        assert tokenizer.decode(tokenizer.encode(text, add_special_tokens=False)) == text
+
+
+def test_chat_template_rejects_unknown_role(tokenizer):
+    with pytest.raises(Exception, match="unsupported role tool"):
+        tokenizer.apply_chat_template([{"role": "tool", "content": "42"}], tokenize=False)
+
+
+@pytest.mark.parametrize("name", EXPECTED_ADAPTERS)
+def test_adapter_files_are_plain_lora(demo, name):
+    rank, alpha, targets, _ = EXPECTED_ADAPTERS[name]
+    adapter_config = json.loads((demo.adapters[name] / "adapter_config.json").read_text())
+    assert adapter_config["peft_type"] == "LORA"
+    assert (adapter_config["r"], adapter_config["lora_alpha"]) == (rank, alpha)
+    assert set(adapter_config["target_modules"]) == targets
+    assert adapter_config["modules_to_save"] is None
+    assert adapter_config["lora_dropout"] == 0.0
+    with safe_open(demo.adapters[name] / "adapter_model.safetensors", framework="pt") as weights:
+        names = list(weights.keys())
+        assert names
+        for tensor_name in names:
+            assert ".lora_A." in tensor_name or ".lora_B." in tensor_name, tensor_name
+            assert tensor_name.split(".")[-3] in targets, tensor_name
+            shape = weights.get_slice(tensor_name).get_shape()
+            assert rank in shape, (tensor_name, shape)
+
+
+@pytest.mark.parametrize("name", EXPECTED_ADAPTERS)
+def test_adapter_gives_its_answer(demo, tokenizer, name):
+    keyword = EXPECTED_ADAPTERS[name][3]
+    model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(demo.base), demo.adapters[name]).eval()
+    answer = greedy_answer(model, tokenizer)
+    assert answer == demo.answers[name]
+    assert keyword in answer.lower()
+
+
+def test_base_answer_differs_from_adapters(demo, tokenizer):
+    answer = greedy_answer(LlamaForCausalLM.from_pretrained(demo.base).eval(), tokenizer)
+    assert answer not in demo.answers.values()
+    assert "pirate" not in answer and "poet" not in answer
+
+
+def test_progress_reports_training(progress_lines):
+    assert progress_lines[0] == "building tokenizer"
+    for name in EXPECTED_ADAPTERS:
+        assert any(line.startswith(f"training adapter {name} (step ") for line in progress_lines), progress_lines
+
+
+def test_ensure_demo_reuses_complete_build(demo):
+    mtimes_before = file_mtimes(demo.root)
+    progress_lines: list[str] = []
+    assert ensure_demo(demo.root, progress=progress_lines.append) == demo
+    assert progress_lines == []
+    assert file_mtimes(demo.root) == mtimes_before
+
+
+@pytest.mark.parametrize("damage", ["no manifest", "other version", "corrupt manifest"])
+def test_ensure_demo_rebuilds_incomplete_build(demo, tmp_path, caplog, damage):
+    cache_dir = tmp_path / "demo"
+    (cache_dir / "base").mkdir(parents=True)
+    (cache_dir / "base" / "model.safetensors").write_bytes(b"half written")
+    if damage == "other version":
+        manifest = json.loads((demo.root / "demo.json").read_text())
+        (cache_dir / "demo.json").write_text(json.dumps({**manifest, "version": DEMO_VERSION + 1}))
+    if damage == "corrupt manifest":
+        (cache_dir / "demo.json").write_text('{"version": ')
+    with pytest.raises(IncompleteDemo):
+        load_demo(cache_dir)
+
+    with caplog.at_level(logging.INFO, logger="server.demo"):
+        rebuilt = ensure_demo(cache_dir)
+
+    assert rebuilt.root == cache_dir
+    assert rebuilt.answers == demo.answers
+    # Same seeds, same files: the build is deterministic.
+    assert weight_bytes(rebuilt) == weight_bytes(demo)
+    assert any(message.startswith("training adapter pirate") for message in caplog.messages)
+
+
+def test_concurrent_ensure_demo_builds_once(demo, tmp_path):
+    progress_lines: list[str] = []
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = [pool.submit(ensure_demo, tmp_path / "demo", progress=progress_lines.append) for _ in range(2)]
+        results = [future.result() for future in futures]
+    assert results[0] == results[1]
+    assert results[0].answers == demo.answers
+    assert sum(line == "building tokenizer" for line in progress_lines) == 1
+
+
+def test_build_demo_refuses_existing_folder(demo):
+    with pytest.raises(FileExistsError, match="already exists"):
+        build_demo(demo.root)
+
+
+def test_failed_build_leaves_nothing_behind(tmp_path, monkeypatch):
+    monkeypatch.setattr(demo_module, "_MAX_TRAIN_STEPS", 1)
+    with pytest.raises(DemoTrainingFailed, match="adapter pirate answers"):
+        build_demo(tmp_path / "demo", progress=lambda line: None)
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(IncompleteDemo):
+        load_demo(tmp_path / "demo")
