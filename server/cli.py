@@ -109,6 +109,9 @@ def serve(settings: Settings) -> int:
 
         demo = ensure_demo(settings.demo_dir, progress=lambda line: logger.info("demo: %s", line))
         model_path = str(demo.base)
+        if settings.dtype == "auto":
+            # vLLM's auto would downcast the demo's float32 to bfloat16; PEFT parity is in float32.
+            settings = settings.model_copy(update={"dtype": "float32"})
         if not lora_modules:
             lora_modules = {name: str(path) for name, path in demo.adapters.items()}
     if not (Path(model_path) / "config.json").is_file():

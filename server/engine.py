@@ -164,8 +164,5 @@ class VllmEngine:
     async def remove_adapter(self, adapter_id: int) -> None:
         await self._llm.remove_lora(adapter_id)
 
-    async def pin_adapter(self, adapter_id: int) -> None:
-        await self._llm.pin_lora(adapter_id)
-
     async def shutdown(self) -> None:
         self._llm.shutdown()

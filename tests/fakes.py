@@ -34,7 +34,6 @@ class FakeEngine:
         self.generated: list[tuple[str, list[int], SamplingOptions, AdapterHandle]] = []
         self.added: list[int] = []
         self.removed: list[int] = []
-        self.pinned: list[int] = []
         self.refuse_paths: set[str] = set()
         self.release: asyncio.Event | None = None  # when set by a test, generation waits for it
         self.running = 0
@@ -110,9 +109,6 @@ class FakeEngine:
 
     async def remove_adapter(self, adapter_id: int) -> None:
         self.removed.append(adapter_id)
-
-    async def pin_adapter(self, adapter_id: int) -> None:
-        self.pinned.append(adapter_id)
 
     async def shutdown(self) -> None:
         self.shut_down = True

@@ -1,0 +1,92 @@
+"""One real gateway (vLLM on CPU, the demo model) per test session, and PEFT references."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+from server.demo import DemoModel, ensure_demo
+
+pytestmark = pytest.mark.engine
+STARTUP_SECONDS = 300
+ADMIN_KEY = "test-admin-key"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class RunningGateway:
+    """A `lora-gateway serve` process and how to reach it."""
+
+    url: str
+    process: subprocess.Popen
+    log_path: Path
+    base_name: str
+    adapters: dict[str, Path] = field(default_factory=dict)
+
+    def log_tail(self, lines: int = 60) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def start_gateway(args: list[str], log_path: Path, base_name: str, env: dict[str, str] | None = None) -> RunningGateway:
+    port = free_port()
+    log = log_path.open("w")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "server", "serve", "--port", str(port), *args],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, **(env or {})},
+    )
+    gateway = RunningGateway(f"http://127.0.0.1:{port}", process, log_path, base_name)
+    deadline = time.monotonic() + STARTUP_SECONDS
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"gateway exited with {process.returncode}:\n{gateway.log_tail()}")
+        try:
+            if httpx.get(f"{gateway.url}/ready", timeout=2).status_code == 200:
+                return gateway
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    stop_gateway(gateway)
+    raise RuntimeError(f"gateway not ready in {STARTUP_SECONDS} s:\n{gateway.log_tail()}")
+
+
+def stop_gateway(gateway: RunningGateway) -> None:
+    gateway.process.terminate()
+    try:
+        gateway.process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        gateway.process.kill()
+        gateway.process.wait()
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory) -> DemoModel:
+    return ensure_demo(tmp_path_factory.mktemp("demo-cache"))
+
+
+@pytest.fixture(scope="session")
+def gateway(demo, tmp_path_factory) -> Iterator[RunningGateway]:
+    state = tmp_path_factory.mktemp("state")
+    running = start_gateway(
+        ["--demo-dir", str(demo.root), "--state-dir", str(state), "--max-loras", "2", "--max-cpu-loras", "8"],
+        state / "gateway.log",
+        base_name="demo",
+    )
+    running.adapters = dict(demo.adapters)
+    yield running
+    stop_gateway(running)

@@ -1,0 +1,103 @@
+"""Token-for-token parity with Hugging Face PEFT, through the official openai client."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+
+import openai
+import pytest
+
+from server.demo import BASE_ANSWER, DEMO_PROMPT
+from tests.engine.reference import PeftReference
+
+pytestmark = pytest.mark.engine
+
+MAX_TOKENS = 20
+PROMPTS = ["Once upon a time", "The sea is", "Tell me about the ship", DEMO_PROMPT]
+
+
+@pytest.fixture(scope="session")
+def reference(demo) -> PeftReference:
+    return PeftReference(demo.base, demo.adapters)
+
+
+@pytest.fixture
+def client(gateway) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=f"{gateway.url}/v1", api_key="unused", max_retries=0)
+
+
+def models(gateway) -> list[str]:
+    return [gateway.base_name, *sorted(gateway.adapters)]
+
+
+def adapter_of(gateway, model: str) -> str | None:
+    return None if model == gateway.base_name else model
+
+
+async def complete(client: openai.AsyncOpenAI, model: str, prompt: str, stream: bool) -> str:
+    if not stream:
+        response = await client.completions.create(model=model, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0)
+        return response.choices[0].text
+    parts = []
+    async for chunk in await client.completions.create(
+        model=model, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0, stream=True
+    ):
+        parts.extend(choice.text for choice in chunk.choices)
+    return "".join(parts)
+
+
+async def chat(client: openai.AsyncOpenAI, model: str, prompt: str, stream: bool) -> str:
+    messages = [{"role": "user", "content": prompt}]
+    if not stream:
+        response = await client.chat.completions.create(
+            model=model, messages=messages, max_tokens=MAX_TOKENS, temperature=0
+        )
+        return response.choices[0].message.content or ""
+    parts = []
+    async for chunk in await client.chat.completions.create(
+        model=model, messages=messages, max_tokens=MAX_TOKENS, temperature=0, stream=True
+    ):
+        parts.extend(choice.delta.content or "" for choice in chunk.choices)
+    return "".join(parts)
+
+
+def expected(reference: PeftReference, adapter: str | None, endpoint: str, prompt: str) -> str:
+    if endpoint == "completions":
+        return reference.completion(adapter, prompt, MAX_TOKENS)
+    return reference.chat(adapter, (("user", prompt),), MAX_TOKENS)
+
+
+async def test_demo_adapters_give_their_trained_answers(gateway, client, demo):
+    for name, answer in demo.answers.items():
+        assert await chat(client, name, DEMO_PROMPT, stream=False) == answer
+    assert await chat(client, gateway.base_name, DEMO_PROMPT, stream=False) == BASE_ANSWER
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+async def test_each_model_alone_matches_peft(gateway, client, reference, stream):
+    for model in models(gateway):
+        for prompt in PROMPTS[:2]:
+            adapter = adapter_of(gateway, model)
+            assert await complete(client, model, prompt, stream) == expected(reference, adapter, "completions", prompt)
+            assert await chat(client, model, prompt, stream) == expected(reference, adapter, "chat", prompt)
+
+
+async def test_base_parity_in_mixed_batches(gateway, client, reference):
+    """Base and adapter requests in flight together: no adapter may bleed into another row."""
+    cases = list(itertools.product(models(gateway), PROMPTS, ["completions", "chat"], [False, True]))
+    calls = [
+        (complete if endpoint == "completions" else chat)(client, model, prompt, stream)
+        for model, prompt, endpoint, stream in cases
+    ]
+    outputs = await asyncio.gather(*calls)
+    mismatches = [
+        f"{model} {endpoint} stream={stream} {prompt!r}: got {got!r}, PEFT {want!r}"
+        for (model, prompt, endpoint, stream), got in zip(cases, outputs, strict=True)
+        if got != (want := expected(reference, adapter_of(gateway, model), endpoint, prompt))
+    ]
+    assert not mismatches, "\n".join(mismatches)
+    # The oracle must tell the models apart, or the comparison above proves nothing.
+    for prompt in PROMPTS:
+        answers = {expected(reference, adapter_of(gateway, m), "chat", prompt) for m in models(gateway)}
+        assert len(answers) == len(models(gateway)), prompt
