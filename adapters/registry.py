@@ -21,6 +21,7 @@ from typing import Protocol
 from adapters.spec import AdapterSpec
 from server.engine_protocol import AdapterHandle, AdapterLoadFailed
 from server.errors import EngineUnavailable, InvalidRequest, ModelNotFound
+from server.observe import NoEvents, RegistryEvents
 
 logger = logging.getLogger(__name__)
 
@@ -75,10 +76,12 @@ class Registry:
         base_adapter: AdapterSpec,
         max_resident: int,
         slot_wait_seconds: float = 30.0,
+        events: RegistryEvents | None = None,
     ):
         if max_resident < 1:
             raise ValueError("max_resident must be at least 1")
         self._engine = engine
+        self.events = events or NoEvents()
         self.base_name = base_name
         self.max_resident = max_resident
         self._slot_wait_seconds = slot_wait_seconds

@@ -9,6 +9,7 @@ from fastapi import Depends, Request
 from adapters.registry import Registry
 from server.config import Settings
 from server.generation import Generator
+from server.observe import RequestRecord, request_record
 
 
 def get_settings(request: Request) -> Settings:
@@ -26,3 +27,4 @@ def get_generator(request: Request) -> Generator:
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 RegistryDep = Annotated[Registry, Depends(get_registry)]
 GeneratorDep = Annotated[Generator, Depends(get_generator)]
+RecordDep = Annotated[RequestRecord, Depends(request_record)]

@@ -18,6 +18,7 @@ from server.engine_protocol import (
     TokenLogprob,
 )
 from server.errors import ContextLengthExceeded, EngineUnavailable, InvalidRequest
+from server.observe import RequestRecord
 
 ENGINE_DEAD_MESSAGE = "the inference engine has stopped; retry against another replica"
 
@@ -30,6 +31,7 @@ class Job:
     model: str
     prompts: list[list[int]]
     options: SamplingOptions
+    record: RequestRecord = field(default_factory=lambda: RequestRecord(""))
 
 
 @dataclass
@@ -128,15 +130,19 @@ class Generator:
         try:
             async with self.registry.lease(job.model) as adapter:
                 if len(job.prompts) == 1:
-                    async for step in self.engine.generate(job.request_id, job.prompts[0], job.options, adapter):
-                        yield 0, step
-                    return
-                streams = [
-                    self.engine.generate(f"{job.request_id}-{i}", prompt, job.options, adapter)
-                    for i, prompt in enumerate(job.prompts)
-                ]
-                async for item in _merge(streams):
-                    yield item
+                    steps = _single(self.engine.generate(job.request_id, job.prompts[0], job.options, adapter))
+                else:
+                    steps = _merge(
+                        [
+                            self.engine.generate(f"{job.request_id}-{i}", prompt, job.options, adapter)
+                            for i, prompt in enumerate(job.prompts)
+                        ]
+                    )
+                async for prompt_index, step in steps:
+                    job.record.tokens_arrived(sum(choice.token_count for choice in step.choices))
+                    if step.finished:
+                        job.record.prompt_tokens += step.prompt_tokens
+                    yield prompt_index, step
         except EngineDead:
             raise EngineUnavailable(ENGINE_DEAD_MESSAGE) from None
         except EngineRejected as exc:
@@ -150,6 +156,11 @@ def _accumulate(result: ChoiceResult, choice: ChoiceDelta) -> None:
         result.logprobs = (result.logprobs or []) + choice.logprobs
     if choice.finish_reason is not None:
         result.finish_reason = choice.finish_reason
+
+
+async def _single(stream: AsyncIterator[GenerationStep]) -> AsyncIterator[tuple[int, GenerationStep]]:
+    async for step in stream:
+        yield 0, step
 
 
 async def _merge(streams: list[AsyncIterator[GenerationStep]]) -> AsyncIterator[tuple[int, GenerationStep]]:

@@ -8,7 +8,7 @@ from typing import Any
 
 from fastapi import APIRouter, Response
 
-from server.deps import GeneratorDep
+from server.deps import GeneratorDep, RecordDep
 from server.engine_protocol import SamplingOptions, TokenLogprob
 from server.errors import InvalidRequest
 from server.generation import Generator, Job, Usage, new_request_id
@@ -19,7 +19,8 @@ router = APIRouter()
 
 
 @router.post("/v1/chat/completions", response_model=None)
-async def create_chat_completion(body: ChatCompletionRequest, generator: GeneratorDep) -> Response:
+async def create_chat_completion(body: ChatCompletionRequest, generator: GeneratorDep, record: RecordDep) -> Response:
+    record.endpoint, record.model = "chat", body.model
     generator.check_model(body.model)
     try:
         prompt = generator.engine.render_chat([m.as_template_input() for m in body.messages])
@@ -38,7 +39,7 @@ async def create_chat_completion(body: ChatCompletionRequest, generator: Generat
         logprobs=(body.top_logprobs or 0) if body.logprobs else None,
         stream=body.stream,
     )
-    job = Job(new_request_id("chatcmpl"), body.model, [prompt], options)
+    job = Job(new_request_id("chatcmpl"), body.model, [prompt], options, record)
     top = body.top_logprobs or 0
     if body.stream:
         return sse_response(_stream(generator, job, body.include_usage, top))

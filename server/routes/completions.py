@@ -8,7 +8,7 @@ from typing import Any
 
 from fastapi import APIRouter, Response
 
-from server.deps import GeneratorDep
+from server.deps import GeneratorDep, RecordDep
 from server.engine_protocol import SamplingOptions, TokenLogprob
 from server.generation import Generator, Job, Usage, new_request_id
 from server.protocol import CompletionRequest
@@ -18,7 +18,8 @@ router = APIRouter()
 
 
 @router.post("/v1/completions", response_model=None)
-async def create_completion(body: CompletionRequest, generator: GeneratorDep) -> Response:
+async def create_completion(body: CompletionRequest, generator: GeneratorDep, record: RecordDep) -> Response:
+    record.endpoint, record.model = "completions", body.model
     generator.check_model(body.model)
     prompts = []
     for prompt in body.prompts():
@@ -38,7 +39,7 @@ async def create_completion(body: CompletionRequest, generator: GeneratorDep) ->
         logprobs=body.logprobs,
         stream=body.stream,
     )
-    job = Job(new_request_id("cmpl"), body.model, prompts, options)
+    job = Job(new_request_id("cmpl"), body.model, prompts, options, record)
     if body.stream:
         return sse_response(_stream(generator, job, body.include_usage))
     outcome = await generator.complete(job)
