@@ -202,9 +202,9 @@ class Registry:
                 raise AdapterRejected(f"the engine could not load adapter '{entry.name}': {exc}") from None
             entry.resident = True
             self._resident[entry.adapter_id] = entry
-        logger.info(
-            "loaded adapter %s (id %d) in %.3f s", entry.name, entry.adapter_id, time.perf_counter() - started
-        )
+        seconds = time.perf_counter() - started
+        self.events.adapter_loaded(entry.name, seconds)
+        logger.info("loaded adapter %s (id %d) in %.3f s", entry.name, entry.adapter_id, seconds)
 
     async def _free_slot(self) -> None:
         deadline = time.monotonic() + self._slot_wait_seconds
@@ -214,6 +214,7 @@ class Registry:
             )
             if victim is not None:
                 await self._unload(victim)
+                self.events.adapter_evicted(victim.name)
                 logger.info("evicted adapter %s (id %d)", victim.name, victim.adapter_id)
                 continue
             remaining = deadline - time.monotonic()
