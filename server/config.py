@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 ENV_PREFIX = "LORA_GATEWAY_"
@@ -64,6 +64,22 @@ class Settings(BaseSettings):
         default_factory=_default_state_dir, description="where the gateway keeps its working files"
     )
     log_level: str = Field("info", description="debug, info, warning or error")
+    log_format: str = Field("json", description="json (one object per line) or text")
+    admin_key: SecretStr | None = Field(
+        None, description="the admin's API key; without one the gateway runs open (local use only)"
+    )
+    adapter_dir: Path | None = Field(
+        None, description="folder of adapter folders; an unknown model naming one registers it on first use"
+    )
+    max_adapter_bytes: int = Field(
+        512 * 1024 * 1024, ge=1024, description="largest adapter accepted, in bytes (files together)"
+    )
+    metrics_adapter_labels: int = Field(
+        50, ge=0, description="adapters that get their own metrics label; the rest share 'other'"
+    )
+    drain_seconds: float = Field(
+        30.0, ge=0, description="on SIGTERM, how long requests in flight may take to finish"
+    )
 
     @field_validator("lora_modules", mode="before")
     @classmethod
@@ -87,6 +103,19 @@ class Settings(BaseSettings):
     def _dtype_known(cls, value: str) -> str:
         if value not in {"auto", "float32", "bfloat16", "float16", "half", "float"}:
             raise ValueError("--dtype must be auto, float32, bfloat16 or float16")
+        return value
+
+    @field_validator("admin_key", mode="before")
+    @classmethod
+    def _empty_key_is_none(cls, value: object) -> object:
+        # compose passes an unset variable as an empty string
+        return None if value == "" else value
+
+    @field_validator("log_format")
+    @classmethod
+    def _format_known(cls, value: str) -> str:
+        if value not in {"json", "text"}:
+            raise ValueError("--log-format must be json or text")
         return value
 
     @model_validator(mode="after")
