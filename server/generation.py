@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from adapters.registry import Registry
+from adapters.catalog import SHARED
+from adapters.registry import AdapterEntry, Registry
+from adapters.store import copy_folder
+from adapters.validate import NAME_PATTERN
+from server.auth import Principal
 from server.engine_protocol import (
     ChoiceDelta,
     Engine,
@@ -17,8 +22,9 @@ from server.engine_protocol import (
     SamplingOptions,
     TokenLogprob,
 )
-from server.errors import ContextLengthExceeded, EngineUnavailable, InvalidRequest
+from server.errors import ContextLengthExceeded, EngineUnavailable, InvalidRequest, ModelNotFound
 from server.observe import RequestRecord
+from server.tenancy import Tenants
 
 ENGINE_DEAD_MESSAGE = "the inference engine has stopped; retry against another replica"
 
@@ -31,7 +37,16 @@ class Job:
     model: str
     prompts: list[list[int]]
     options: SamplingOptions
-    record: RequestRecord = field(default_factory=lambda: RequestRecord(""))
+    record: RequestRecord
+    admission: Admission
+
+
+@dataclass
+class Admission:
+    """A request let in: the adapter it runs through, and how to give back its tenant's slot."""
+
+    entry: AdapterEntry
+    release: Callable[[], None]
 
 
 @dataclass
@@ -71,16 +86,50 @@ def new_request_id(prefix: str) -> str:
 class Generator:
     """Turns jobs into engine generations through the registry's leases."""
 
-    def __init__(self, engine: Engine, registry: Registry):
+    def __init__(
+        self, engine: Engine, registry: Registry, tenants: Tenants | None = None, adapter_dir: Path | None = None
+    ):
         self.engine = engine
         self.registry = registry
+        self.tenants = tenants
+        self.adapter_dir = adapter_dir
+        self._first_use: dict[str, asyncio.Lock] = {}
 
-    def check_model(self, model: str) -> None:
-        """Fail with 404 (or 503) before anything starts; the lease checks again."""
+    async def resolve(self, model: str, principal: Principal) -> AdapterEntry:
+        """The adapter `model` names for this caller: 404 (or 503) before anything starts."""
         if not self.engine.is_healthy:
             raise EngineUnavailable(ENGINE_DEAD_MESSAGE)
-        if model != self.registry.base_name:
-            self.registry.get(model)
+        try:
+            return self.registry.resolve(model, tenant=principal.tenant, admin=principal.admin)
+        except ModelNotFound:
+            entry = await self._register_from_adapter_dir(model)
+            if entry is None:
+                raise
+            return entry
+
+    def admit(self, entry: AdapterEntry, principal: Principal) -> Admission:
+        """Count the request against its tenant's limits (429 when over); the last check."""
+        release = self.tenants.admit(principal.tenant) if self.tenants and principal.tenant else _nothing
+        return Admission(entry, release)
+
+    async def _register_from_adapter_dir(self, model: str) -> AdapterEntry | None:
+        """Like vLLM's filesystem resolver: a shared adapter from --adapter-dir, on first use."""
+        if self.adapter_dir is None or not NAME_PATTERN.match(model) or model == self.registry.base_name:
+            return None
+        folder = self.adapter_dir / model
+        if not folder.is_dir():
+            return None
+        lock = self._first_use.setdefault(model, asyncio.Lock())
+        async with lock:
+            entry = self.registry.find(SHARED, model)
+            if entry is None:
+                rules = self.registry.rules
+                max_bytes = rules.max_bytes if rules else 0
+                entry = await self.registry.add_folder(
+                    SHARED, model, lambda staging: copy_folder(folder, staging, max_bytes)
+                )
+        self._first_use.pop(model, None)
+        return entry
 
     def check_fits(self, prompt_ids: list[int], max_tokens: int | None, prompt_param: str) -> int:
         """The max_tokens to use; 400 when prompt plus max_tokens exceed the context."""
@@ -128,7 +177,7 @@ class Generator:
 
     async def _steps(self, job: Job) -> AsyncIterator[tuple[int, GenerationStep]]:
         try:
-            async with self.registry.lease(job.model) as adapter:
+            async with self.registry.lease(job.admission.entry) as adapter:
                 if len(job.prompts) == 1:
                     steps = _single(self.engine.generate(job.request_id, job.prompts[0], job.options, adapter))
                 else:
@@ -147,6 +196,12 @@ class Generator:
             raise EngineUnavailable(ENGINE_DEAD_MESSAGE) from None
         except EngineRejected as exc:
             raise InvalidRequest(str(exc)) from None
+        finally:
+            job.admission.release()
+
+
+def _nothing() -> None:
+    pass
 
 
 def _accumulate(result: ChoiceResult, choice: ChoiceDelta) -> None:

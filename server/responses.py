@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import orjson
+from starlette.background import BackgroundTask
 from starlette.responses import Response, StreamingResponse
 
 from server.errors import GatewayError, error_body, error_payload
@@ -42,9 +43,11 @@ async def _sse_body(events: AsyncIterator[dict[str, Any]]) -> AsyncIterator[byte
     yield DONE
 
 
-def sse_response(events: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
+def sse_response(events: AsyncIterator[dict[str, Any]], finally_: Callable[[], None] | None = None) -> StreamingResponse:
+    """Stream `events`; `finally_` also runs when the client left before the stream began."""
     return StreamingResponse(
         _sse_body(events),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        background=BackgroundTask(finally_) if finally_ else None,
     )

@@ -8,7 +8,7 @@ from typing import Any
 
 from fastapi import APIRouter, Response
 
-from server.deps import GeneratorDep, RecordDep
+from server.deps import GeneratorDep, PrincipalDep, RecordDep
 from server.engine_protocol import SamplingOptions, TokenLogprob
 from server.errors import InvalidRequest
 from server.generation import Generator, Job, Usage, new_request_id
@@ -19,9 +19,10 @@ router = APIRouter()
 
 
 @router.post("/v1/chat/completions", response_model=None)
-async def create_chat_completion(body: ChatCompletionRequest, generator: GeneratorDep, record: RecordDep) -> Response:
+async def create_chat_completion(body: ChatCompletionRequest, generator: GeneratorDep, principal: PrincipalDep, record: RecordDep
+) -> Response:
     record.endpoint, record.model = "chat", body.model
-    generator.check_model(body.model)
+    entry = await generator.resolve(body.model, principal)
     try:
         prompt = generator.engine.render_chat([m.as_template_input() for m in body.messages])
     except Exception as exc:  # the template is the model's code: any failure is the input's
@@ -39,10 +40,11 @@ async def create_chat_completion(body: ChatCompletionRequest, generator: Generat
         logprobs=(body.top_logprobs or 0) if body.logprobs else None,
         stream=body.stream,
     )
-    job = Job(new_request_id("chatcmpl"), body.model, [prompt], options, record)
+    admission = generator.admit(entry, principal)
+    job = Job(new_request_id("chatcmpl"), body.model, [prompt], options, record, admission)
     top = body.top_logprobs or 0
     if body.stream:
-        return sse_response(_stream(generator, job, body.include_usage, top))
+        return sse_response(_stream(generator, job, body.include_usage, top), admission.release)
     outcome = await generator.complete(job)
     return JSONResponse(
         {

@@ -8,7 +8,7 @@ from typing import Any
 
 from fastapi import APIRouter, Response
 
-from server.deps import GeneratorDep, RecordDep
+from server.deps import GeneratorDep, PrincipalDep, RecordDep
 from server.engine_protocol import SamplingOptions, TokenLogprob
 from server.generation import Generator, Job, Usage, new_request_id
 from server.protocol import CompletionRequest
@@ -18,9 +18,10 @@ router = APIRouter()
 
 
 @router.post("/v1/completions", response_model=None)
-async def create_completion(body: CompletionRequest, generator: GeneratorDep, record: RecordDep) -> Response:
+async def create_completion(body: CompletionRequest, generator: GeneratorDep, principal: PrincipalDep, record: RecordDep
+) -> Response:
     record.endpoint, record.model = "completions", body.model
-    generator.check_model(body.model)
+    entry = await generator.resolve(body.model, principal)
     prompts = []
     for prompt in body.prompts():
         ids = generator.engine.encode(prompt) if isinstance(prompt, str) else prompt
@@ -39,9 +40,10 @@ async def create_completion(body: CompletionRequest, generator: GeneratorDep, re
         logprobs=body.logprobs,
         stream=body.stream,
     )
-    job = Job(new_request_id("cmpl"), body.model, prompts, options, record)
+    admission = generator.admit(entry, principal)
+    job = Job(new_request_id("cmpl"), body.model, prompts, options, record, admission)
     if body.stream:
-        return sse_response(_stream(generator, job, body.include_usage))
+        return sse_response(_stream(generator, job, body.include_usage), admission.release)
     outcome = await generator.complete(job)
     return JSONResponse(
         {

@@ -1,4 +1,4 @@
-"""GET /v1/models and GET /v1/models/{name}."""
+"""GET /v1/models and GET /v1/models/{name}: what this caller may use."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ from typing import Any
 from fastapi import APIRouter
 
 from adapters.registry import AdapterEntry, Registry
-from server.deps import RegistryDep
+from server.auth import Principal
+from server.deps import PrincipalDep, RegistryDep
 from server.responses import JSONResponse
 
 router = APIRouter()
@@ -15,27 +16,32 @@ router = APIRouter()
 OWNER = "lora-gateway"
 
 
-def _base_card(registry: Registry, created: int) -> dict[str, Any]:
-    return {"id": registry.base_name, "object": "model", "created": created, "owned_by": OWNER,
-            "root": registry.base_name, "parent": None}
-
-
-def _adapter_card(registry: Registry, entry: AdapterEntry) -> dict[str, Any]:
+def _card(registry: Registry, entry: AdapterEntry, principal: Principal) -> dict[str, Any]:
+    is_base = entry is registry.base
+    # The admin names a tenant's adapter "tenant/name"; a tenant sees its own by plain name.
+    shown = entry.qualified_name if principal.admin else entry.name
     # vLLM puts the adapter's path in `root`; server paths are not for callers.
-    return {"id": entry.name, "object": "model", "created": int(entry.registered_at), "owned_by": OWNER,
-            "root": entry.name, "parent": registry.base_name}
+    return {
+        "id": shown,
+        "object": "model",
+        "created": int(registry.started_at if is_base else entry.registered_at),
+        "owned_by": OWNER if not entry.owner else entry.owner,
+        "root": shown,
+        "parent": None if is_base else registry.base_name,
+    }
 
 
 @router.get("/v1/models", response_model=None)
-async def list_models(registry: RegistryDep) -> JSONResponse:
-    created = int(registry.started_at)
-    data = [_base_card(registry, created)]
-    data += [_adapter_card(registry, entry) for entry in registry.entries()]
-    return JSONResponse({"object": "list", "data": data})
+async def list_models(registry: RegistryDep, principal: PrincipalDep) -> JSONResponse:
+    entries = [registry.base, *registry.entries(principal.visible_owners)]
+    if principal.tenant is not None:
+        # A tenant's own adapter hides a shared one of the same name, as it does when called.
+        own = {e.name for e in entries if e.owner == principal.tenant}
+        entries = [e for e in entries if e.owner == principal.tenant or e.name not in own]
+    return JSONResponse({"object": "list", "data": [_card(registry, e, principal) for e in entries]})
 
 
 @router.get("/v1/models/{name:path}", response_model=None)
-async def get_model(name: str, registry: RegistryDep) -> JSONResponse:
-    if name == registry.base_name:
-        return JSONResponse(_base_card(registry, int(registry.started_at)))
-    return JSONResponse(_adapter_card(registry, registry.get(name)))
+async def get_model(name: str, registry: RegistryDep, principal: PrincipalDep) -> JSONResponse:
+    entry = registry.resolve(name, tenant=principal.tenant, admin=principal.admin)
+    return JSONResponse(_card(registry, entry, principal))

@@ -24,7 +24,7 @@ async def test_completion_runs_through_the_named_adapter(gateway):
     (_, prompt_ids, options, adapter) = gateway.engine.generated[-1]
     assert prompt_ids == gateway.engine.encode("hi")
     assert options.max_tokens == 3 and not options.stream
-    assert adapter.adapter_id == gateway.registry.get("alpha").adapter_id
+    assert adapter.adapter_id == gateway.registry.find("", "alpha").adapter_id
 
 
 async def test_base_model_runs_through_the_zero_adapter(gateway):
