@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import pytest
@@ -36,3 +38,57 @@ async def gateway(tmp_path) -> AsyncIterator[FakeGateway]:
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
             yield FakeGateway(client, engine, registry)
+
+
+ADMIN_KEY = "admin-secret-key"
+
+
+@dataclass
+class FullGateway:
+    """An app with a store, catalog and admin key over a FakeEngine."""
+
+    client: httpx.AsyncClient
+    engine: FakeEngine
+    registry: Registry
+    app: object
+
+    def as_(self, key: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {key}"}
+
+    @property
+    def admin(self) -> dict[str, str]:
+        return self.as_(ADMIN_KEY)
+
+
+@asynccontextmanager
+async def full_gateway(state_dir: Path, engine: FakeEngine | None = None, **overrides) -> AsyncIterator[FullGateway]:
+    """Build (or rebuild, on the same state_dir) the whole gateway around a FakeEngine."""
+    from adapters.registry import AdapterRules
+    from adapters.store import AdapterStore
+    from tests.adapter_files import TINY_BASE
+
+    settings = Settings(served_model_name="base", state_dir=state_dir, admin_key=ADMIN_KEY,
+                        **({"max_cpu_loras": 3, "max_loras": 2} | overrides))
+    engine = engine or FakeEngine()
+    registry = Registry(
+        engine,
+        base_name="base",
+        base_adapter=fake_spec("__base__", 1),
+        max_resident=settings.max_cpu_loras - 1,
+        catalog=Catalog(state_dir / "catalog.sqlite3"),
+        store=AdapterStore(state_dir / "adapters"),
+        rules=AdapterRules(TINY_BASE, settings.max_lora_rank, settings.max_adapter_bytes),
+        slot_wait_seconds=0.5,
+    )
+    app = build_app(settings, engine, registry)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
+            yield FullGateway(client, engine, registry, app)
+    registry.catalog.close()
+
+
+@pytest.fixture
+async def full(tmp_path) -> AsyncIterator[FullGateway]:
+    async with full_gateway(tmp_path / "state") as gateway:
+        yield gateway

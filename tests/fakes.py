@@ -35,6 +35,7 @@ class FakeEngine:
         self.added: list[int] = []
         self.removed: list[int] = []
         self.refuse_paths: set[str] = set()
+        self.refuse_all = False
         self.release: asyncio.Event | None = None  # when set by a test, generation waits for it
         self.running = 0
         self.shut_down = False
@@ -103,7 +104,7 @@ class FakeEngine:
             self.running -= 1
 
     async def add_adapter(self, adapter: AdapterHandle) -> None:
-        if adapter.path in self.refuse_paths:
+        if self.refuse_all or adapter.path in self.refuse_paths:
             raise AdapterLoadFailed("refused")
         self.added.append(adapter.adapter_id)
 
