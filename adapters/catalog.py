@@ -91,8 +91,16 @@ class Catalog:
             "INSERT INTO adapters VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(owner, name) DO UPDATE SET "
             "content_hash=excluded.content_hash, rank=excluded.rank, target_modules=excluded.target_modules, "
             "size_bytes=excluded.size_bytes, pinned=excluded.pinned, created_at=excluded.created_at",
-            (row.owner, row.name, row.content_hash, row.rank, json.dumps(row.target_modules),
-             row.size_bytes, int(row.pinned), row.created_at),
+            (
+                row.owner,
+                row.name,
+                row.content_hash,
+                row.rank,
+                json.dumps(row.target_modules),
+                row.size_bytes,
+                int(row.pinned),
+                row.created_at,
+            ),
         )
 
     def delete_adapter(self, owner: str, name: str) -> None:

@@ -153,11 +153,14 @@ class Registry:
                 logger.warning("adapter %s/%s is missing from the store; skipped", row.owner or "-", row.name)
                 continue
             spec = AdapterSpec(path, row.rank, row.target_modules, row.size_bytes, row.content_hash)
-            entry = AdapterEntry(row.owner, row.name, spec, next(self._ids), pinned=row.pinned,
-                                 registered_at=row.created_at)
+            entry = AdapterEntry(
+                row.owner, row.name, spec, next(self._ids), pinned=row.pinned, registered_at=row.created_at
+            )
             self._entries[entry.key] = entry
         removed = self.store.remove_unreferenced({row.content_hash for row in rows})
-        logger.info("restored %d adapters from the catalog (%d unused store folders removed)", len(self._entries), removed)
+        logger.info(
+            "restored %d adapters from the catalog (%d unused store folders removed)", len(self._entries), removed
+        )
 
     # -- lookups ---------------------------------------------------------------------------
 
@@ -232,8 +235,16 @@ class Registry:
                 entry.pinned = previous.pinned
             if self.catalog is not None:
                 self.catalog.put_adapter(
-                    AdapterRow(owner, name, spec.content_hash, spec.rank, spec.target_modules, spec.size_bytes,
-                               entry.pinned, entry.registered_at)
+                    AdapterRow(
+                        owner,
+                        name,
+                        spec.content_hash,
+                        spec.rank,
+                        spec.target_modules,
+                        spec.size_bytes,
+                        entry.pinned,
+                        entry.registered_at,
+                    )
                 )
             self._entries[entry.key] = entry
         if previous is not None:

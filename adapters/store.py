@@ -80,7 +80,7 @@ def copy_folder(source: Path, staging: Path, max_bytes: int) -> None:
     """Copy an adapter folder's files into staging without following links."""
     try:
         source_stat = os.lstat(source)
-    except OSError:
+    except (OSError, ValueError):  # ValueError: a NUL byte in the path
         raise InvalidAdapter("no adapter folder at that path") from None
     if stat.S_ISLNK(source_stat.st_mode):
         raise InvalidAdapter("the adapter path is a symbolic link; give the folder itself")

@@ -22,9 +22,7 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 ALLOWED_FILES = {CONFIG_FILE, WEIGHTS_FILE, "README.md"}
 DEFAULT_MAX_BYTES = 512 * 1024 * 1024
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-_TENSOR_NAME = re.compile(
-    r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_(A|B)\.weight$"
-)
+_TENSOR_NAME = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_(A|B)\.weight$")
 _FLOAT_DTYPES = {"F32": ("f", 4), "F16": ("e", 2), "BF16": (None, 2), "F64": ("d", 8)}
 
 
@@ -37,8 +35,7 @@ class InvalidAdapter(InvalidRequest):
 def check_name(name: str, param: str = "name") -> str:
     if not NAME_PATTERN.match(name):
         raise InvalidRequest(
-            "adapter names are 1-64 characters of letters, digits, '.', '_' or '-', "
-            "starting with a letter or digit",
+            "adapter names are 1-64 characters of letters, digits, '.', '_' or '-', starting with a letter or digit",
             param=param,
         )
     return name
@@ -125,8 +122,7 @@ def _check_config(config: dict, base: BaseModelInfo, max_rank: int) -> int:
     unknown = sorted(set(_target_names(config)) - set(base.module_names))
     if unknown:
         raise InvalidAdapter(
-            f"target modules {', '.join(unknown)} are not in the base model; "
-            f"it has {', '.join(base.module_names)}"
+            f"target modules {', '.join(unknown)} are not in the base model; it has {', '.join(base.module_names)}"
         )
     for feature in ("modules_to_save", "layers_to_transform", "rank_pattern", "alpha_pattern"):
         if config.get(feature):
@@ -181,8 +177,12 @@ def _check_weights(path: Path, base: BaseModelInfo, rank: int, targets: set[str]
             raise InvalidAdapter(f"tensor '{name}' has dtype {dtype}; LoRA weights are floating point")
         begin, end = info.get("data_offsets", (None, None))
         width = _FLOAT_DTYPES[dtype][1]
-        if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end <= data_len
-                and end - begin == math.prod(expected) * width):
+        if not (
+            isinstance(begin, int)
+            and isinstance(end, int)
+            and 0 <= begin <= end <= data_len
+            and end - begin == math.prod(expected) * width
+        ):
             raise InvalidAdapter(f"tensor '{name}' points outside {WEIGHTS_FILE}; the file is truncated or corrupt")
     _check_finite(path, header, data_start)
 

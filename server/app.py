@@ -2,31 +2,39 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI
-
-from pathlib import Path
 
 from adapters.catalog import SHARED
 from adapters.registry import Registry
 from adapters.store import copy_folder
 from server.auth import KeyRing
+from server.bodylimit import BodyLimitMiddleware
 from server.config import Settings
 from server.engine_protocol import Engine
 from server.errors import install_error_handlers
 from server.generation import Generator
+from server.metrics import GatewayMetrics
+from server.middleware import RequestGate, TelemetryMiddleware
 from server.responses import JSONResponse
 from server.routes import adapters, chat, completions, health, models, tenants
+from server.routes import metrics as metrics_route
 from server.tenancy import TenantLimits, Tenants
 
 logger = logging.getLogger(__name__)
 
 
 def build_app(
-    settings: Settings, engine: Engine, registry: Registry, preload: dict[str, Path] | None = None
+    settings: Settings,
+    engine: Engine,
+    registry: Registry,
+    preload: dict[str, Path] | None = None,
+    metrics: GatewayMetrics | None = None,
 ) -> FastAPI:
     """The gateway around a started engine and its registry (with a catalog).
 
@@ -54,9 +62,11 @@ def build_app(
             logger.warning("no --admin-key: every caller is the admin; use this for local work only")
         app.state.ready = True
         logger.info("serving %s with %d adapters", registry.base_name, len(registry.entries()))
+        watchdog = asyncio.create_task(_watch_engine(app, engine))
         try:
             yield
         finally:
+            watchdog.cancel()
             app.state.ready = False
             await engine.shutdown()
 
@@ -72,9 +82,35 @@ def build_app(
     app.state.registry = registry
     app.state.keyring = keyring
     app.state.tenants = tenant_book
-    app.state.generator = Generator(engine, registry, tenant_book, settings.adapter_dir)
+    app.state.generator = Generator(engine, registry, tenant_book, settings.adapter_dir, settings.max_in_flight)
     app.state.ready = False
+    app.state.metrics = metrics or GatewayMetrics(registry.base_name, settings.metrics_adapter_labels)
+    app.state.metrics.watch(registry)
+    app.state.gate = RequestGate()
     install_error_handlers(app)
+    app.add_middleware(
+        BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes, max_upload_bytes=settings.max_adapter_bytes
+    )
+    app.add_middleware(TelemetryMiddleware)
+    app.include_router(metrics_route.router)
     for module in (health, models, completions, chat, adapters, tenants):
         app.include_router(module.router)
     return app
+
+
+ENGINE_CHECK_SECONDS = 0.5
+
+
+async def _watch_engine(app: FastAPI, engine: Engine) -> None:
+    """When the engine dies, stop being ready and let the process end (non-zero) for a restart.
+
+    Requests already fail fast with 503 once the engine is unhealthy; `on_engine_death` (set by
+    the command line) asks the server to drain and exit. Nothing in the catalog is lost.
+    """
+    while engine.is_healthy:
+        await asyncio.sleep(ENGINE_CHECK_SECONDS)
+    app.state.ready = False
+    logger.error("the inference engine has died; the gateway stops so that it can be restarted")
+    on_death: Callable[[], None] | None = getattr(app.state, "on_engine_death", None)
+    if on_death is not None:
+        on_death()

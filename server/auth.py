@@ -108,7 +108,9 @@ class KeyRing:
 
     def issue(self, tenant: str) -> IssuedKey:
         key = KEY_PREFIX + secrets.token_urlsafe(32)
-        row = KeyRow(key_id="key_" + secrets.token_hex(8), tenant=tenant, key_hash=hash_key(key), created_at=time.time())
+        row = KeyRow(
+            key_id="key_" + secrets.token_hex(8), tenant=tenant, key_hash=hash_key(key), created_at=time.time()
+        )
         self._catalog.add_key(row)
         self._by_hash[row.key_hash] = row
         logger.info("issued key %s for tenant %s", row.key_id, tenant)

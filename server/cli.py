@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shutil
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -13,10 +15,12 @@ from typing import Any
 from pydantic import ValidationError
 
 from server.config import ENV_PREFIX, Settings
+from server.logs import configure_logging
 
 logger = logging.getLogger("lora_gateway")
 
 _FLAG_TYPES = {"int": int, "float": float}
+ENGINE_DIED_EXIT = 3
 
 
 def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
@@ -77,7 +81,7 @@ def _settings_error(exc: ValidationError) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = vars(build_parser().parse_args(argv))
     command = args.pop("command")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging("info", "text")
     if command == "demo-model":
         from server.demo import build_demo
 
@@ -93,8 +97,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def serve(settings: Settings) -> int:
     """Check everything that can fail fast, start the engine, then serve until stopped."""
-    import uvicorn
-
     from adapters.base_model import BaseModelInfo
     from adapters.catalog import Catalog
     from adapters.registry import AdapterRules, Registry
@@ -103,7 +105,7 @@ def serve(settings: Settings) -> int:
     from adapters.zero import ZERO_ADAPTER_NAME, write_zero_adapter
     from server.errors import InvalidRequest
 
-    logging.getLogger().setLevel(settings.log_level.upper())
+    configure_logging(settings.log_level, settings.log_format)
     model_path = settings.model
     lora_modules = dict(settings.lora_modules)
     if model_path is None:
@@ -135,17 +137,23 @@ def serve(settings: Settings) -> int:
     if settings.adapter_dir is not None and not settings.adapter_dir.is_dir():
         return _fail(f"--adapter-dir: {settings.adapter_dir} is not a folder")
     if len(preload) > settings.max_cpu_loras - 1:
-        return _fail(f"--lora-modules names {len(preload)} adapters; --max-cpu-loras allows {settings.max_cpu_loras - 1}")
+        return _fail(
+            f"--lora-modules names {len(preload)} adapters; --max-cpu-loras allows {settings.max_cpu_loras - 1}"
+        )
 
     from server.app import build_app
     from server.engine import VllmEngine
+    from server.metrics import GatewayMetrics
+    from server.serving import serve_app
 
+    engine_died: list[bool] = []
     work_dir = Path(tempfile.mkdtemp(prefix="lora-gateway-"))
     try:
         zero_path = write_zero_adapter(base, work_dir / ZERO_ADAPTER_NAME, model_path)
         zero_spec = validate_adapter(zero_path, base, max_rank=settings.max_lora_rank)
         engine = VllmEngine.start(settings, model_path)
         settings.state_dir.mkdir(parents=True, exist_ok=True)
+        metrics = GatewayMetrics(settings.base_name, settings.metrics_adapter_labels)
         registry = Registry(
             engine,
             base_name=settings.base_name,
@@ -154,9 +162,20 @@ def serve(settings: Settings) -> int:
             catalog=Catalog(settings.state_dir / "catalog.sqlite3"),
             store=AdapterStore(settings.state_dir / "adapters"),
             rules=rules,
+            events=metrics.events,
         )
-        app = build_app(settings, engine, registry, preload)
-        uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False)
+        app = build_app(settings, engine, registry, preload, metrics)
+
+        def on_engine_death() -> None:
+            # Drain and exit non-zero, so that the orchestrator starts a fresh engine.
+            engine_died.append(True)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        app.state.on_engine_death = on_engine_death
+        serve_app(app, settings)
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
+    if engine_died:
+        logger.error("exiting with status %d: the inference engine died", ENGINE_DIED_EXIT)
+        return ENGINE_DIED_EXIT
     return 0

@@ -38,9 +38,7 @@ class Settings(BaseSettings):
         default_factory=dict, description="adapters to serve at start, as NAME=PATH pairs"
     )
     max_loras: int = Field(4, ge=1, description="distinct adapters in one batch (base model counts as one)")
-    max_cpu_loras: int = Field(
-        16, ge=2, description="adapters resident in the engine at once, base model's included"
-    )
+    max_cpu_loras: int = Field(16, ge=2, description="adapters resident in the engine at once, base model's included")
     max_lora_rank: int = Field(64, description="largest adapter rank accepted")
     max_model_len: int | None = Field(
         None, ge=16, description="context length in tokens (default: the model's, capped at 4096)"
@@ -60,9 +58,7 @@ class Settings(BaseSettings):
         default_factory=lambda: _default_cache_dir() / "demo",
         description="where the embedded demo is built once and reused",
     )
-    state_dir: Path = Field(
-        default_factory=_default_state_dir, description="where the gateway keeps its working files"
-    )
+    state_dir: Path = Field(default_factory=_default_state_dir, description="where the gateway keeps its working files")
     log_level: str = Field("info", description="debug, info, warning or error")
     log_format: str = Field("json", description="json (one object per line) or text")
     admin_key: SecretStr | None = Field(
@@ -80,9 +76,11 @@ class Settings(BaseSettings):
     metrics_adapter_labels: int = Field(
         50, ge=0, description="adapters that get their own metrics label; the rest share 'other'"
     )
-    drain_seconds: float = Field(
-        30.0, ge=0, description="on SIGTERM, how long requests in flight may take to finish"
+    max_in_flight: int = Field(
+        256, ge=1, description="generation requests in flight at once; beyond it new ones get 503 + Retry-After"
     )
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="largest JSON request body, in bytes")
+    drain_seconds: float = Field(30.0, ge=0, description="on SIGTERM, how long requests in flight may take to finish")
 
     @field_validator("lora_modules", mode="before")
     @classmethod

@@ -351,10 +351,14 @@ def _pretrain_base(model, tokenizer, progress: Callable[[str], None]) -> None:
     decoding flips on float noise and no two correct implementations agree token for token."""
     import torch
 
-    rows = [[tokenizer.bos_token_id, *tokenizer.encode(line, add_special_tokens=False), tokenizer.eos_token_id]
-            for line in _CORPUS]
+    rows = [
+        [tokenizer.bos_token_id, *tokenizer.encode(line, add_special_tokens=False), tokenizer.eos_token_id]
+        for line in _CORPUS
+    ]
     # The base's own answer to the demo prompt, so the README can show all three side by side.
-    rows.append(_prompt_ids(tokenizer) + tokenizer.encode(BASE_ANSWER, add_special_tokens=False) + [tokenizer.eos_token_id])
+    rows.append(
+        _prompt_ids(tokenizer) + tokenizer.encode(BASE_ANSWER, add_special_tokens=False) + [tokenizer.eos_token_id]
+    )
     width = max(map(len, rows))
     input_ids = torch.tensor([row + [tokenizer.pad_token_id] * (width - len(row)) for row in rows])
     attention_mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows])

@@ -87,9 +87,7 @@ class VllmEngine:
         return self._tokenizer.encode(text)
 
     def render_chat(self, messages: Sequence[dict[str, Any]]) -> list[int]:
-        text = self._tokenizer.apply_chat_template(
-            list(messages), add_generation_prompt=True, tokenize=False
-        )
+        text = self._tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
         # The template writes its own special tokens, as vLLM's server assumes too.
         return self._tokenizer.encode(text, add_special_tokens=False)
 
@@ -110,6 +108,8 @@ class VllmEngine:
             frequency_penalty=options.frequency_penalty,
             max_tokens=options.max_tokens,
             logprobs=options.logprobs,
+            min_tokens=options.min_tokens,
+            ignore_eos=options.ignore_eos,
             output_kind=RequestOutputKind.DELTA if options.stream else RequestOutputKind.FINAL_ONLY,
         )
         lora = LoRARequest(adapter.name, adapter.adapter_id, adapter.path)

@@ -24,6 +24,8 @@ class SamplingOptions:
     frequency_penalty: float = 0.0
     logprobs: int | None = None
     stream: bool = False
+    min_tokens: int = 0
+    ignore_eos: bool = False
 
 
 @dataclass(frozen=True, slots=True)

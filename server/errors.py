@@ -62,9 +62,7 @@ class ModelNotFound(GatewayError):
 
     def __init__(self, name: str):
         shown = name if len(name) <= _MAX_ECHOED_NAME else name[:_MAX_ECHOED_NAME] + "..."
-        super().__init__(
-            f"The model '{shown}' does not exist or you do not have access to it.", param="model"
-        )
+        super().__init__(f"The model '{shown}' does not exist or you do not have access to it.", param="model")
 
 
 class EngineUnavailable(GatewayError):
@@ -75,9 +73,21 @@ class EngineUnavailable(GatewayError):
     code = "engine_unavailable"
 
 
-def error_body(
-    message: str, error_type: str, code: str, param: str | None = None
-) -> dict[str, dict[str, str | None]]:
+class Overloaded(EngineUnavailable):
+    """The gateway is at its bound of requests in flight."""
+
+    code = "overloaded"
+
+
+class ClientClosed(GatewayError):
+    """The client went away before the answer was ready (logged as nginx's 499)."""
+
+    status_code = 499
+    error_type = "invalid_request_error"
+    code = "client_closed_request"
+
+
+def error_body(message: str, error_type: str, code: str, param: str | None = None) -> dict[str, dict[str, str | None]]:
     return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
 
 

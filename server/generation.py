@@ -22,7 +22,7 @@ from server.engine_protocol import (
     SamplingOptions,
     TokenLogprob,
 )
-from server.errors import ContextLengthExceeded, EngineUnavailable, InvalidRequest, ModelNotFound
+from server.errors import ContextLengthExceeded, EngineUnavailable, InvalidRequest, ModelNotFound, Overloaded
 from server.observe import RequestRecord
 from server.tenancy import Tenants
 
@@ -87,12 +87,19 @@ class Generator:
     """Turns jobs into engine generations through the registry's leases."""
 
     def __init__(
-        self, engine: Engine, registry: Registry, tenants: Tenants | None = None, adapter_dir: Path | None = None
+        self,
+        engine: Engine,
+        registry: Registry,
+        tenants: Tenants | None = None,
+        adapter_dir: Path | None = None,
+        max_in_flight: int = 256,
     ):
         self.engine = engine
         self.registry = registry
         self.tenants = tenants
         self.adapter_dir = adapter_dir
+        self.max_in_flight = max_in_flight
+        self.in_flight = 0
         self._first_use: dict[str, asyncio.Lock] = {}
 
     async def resolve(self, model: str, principal: Principal) -> AdapterEntry:
@@ -108,8 +115,23 @@ class Generator:
             return entry
 
     def admit(self, entry: AdapterEntry, principal: Principal) -> Admission:
-        """Count the request against its tenant's limits (429 when over); the last check."""
-        release = self.tenants.admit(principal.tenant) if self.tenants and principal.tenant else _nothing
+        """Count the request against the gateway's bound (503) and its tenant's limits (429)."""
+        if self.in_flight >= self.max_in_flight:
+            raise Overloaded(
+                f"the gateway is at its limit of {self.max_in_flight} requests in flight; retry shortly",
+                headers={"Retry-After": "1"},
+            )
+        tenant_release = self.tenants.admit(principal.tenant) if self.tenants and principal.tenant else _nothing
+        self.in_flight += 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.in_flight -= 1
+                tenant_release()
+
         return Admission(entry, release)
 
     async def _register_from_adapter_dir(self, model: str) -> AdapterEntry | None:

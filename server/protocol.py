@@ -51,6 +51,9 @@ class _Sampling(_Request):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, max_length=256)
+    # vLLM's extensions, accepted so that load tools written for vLLM's server work unchanged.
+    min_tokens: int = Field(0, ge=0)
+    ignore_eos: bool = False
 
     @field_validator("stop")
     @classmethod

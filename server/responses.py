@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 
 import orjson
 from starlette.background import BackgroundTask
+from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from server.errors import GatewayError, error_body, error_payload
+from server.errors import ClientClosed, GatewayError, error_body, error_payload
+
+T = TypeVar("T")
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +47,9 @@ async def _sse_body(events: AsyncIterator[dict[str, Any]]) -> AsyncIterator[byte
     yield DONE
 
 
-def sse_response(events: AsyncIterator[dict[str, Any]], finally_: Callable[[], None] | None = None) -> StreamingResponse:
+def sse_response(
+    events: AsyncIterator[dict[str, Any]], finally_: Callable[[], None] | None = None
+) -> StreamingResponse:
     """Stream `events`; `finally_` also runs when the client left before the stream began."""
     return StreamingResponse(
         _sse_body(events),
@@ -51,3 +57,29 @@ def sse_response(events: AsyncIterator[dict[str, Any]], finally_: Callable[[], N
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         background=BackgroundTask(finally_) if finally_ else None,
     )
+
+
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Await `work`, cancelling it (and so aborting its engine request) if the client leaves.
+
+    Starlette cancels a streaming response on disconnect by itself; a plain response would
+    otherwise run to the end for nobody.
+    """
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return task.result()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        raise ClientClosed("the client closed the connection")
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()

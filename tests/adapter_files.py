@@ -14,8 +14,14 @@ from adapters.base_model import BaseModelInfo
 
 # A small Llama-shaped base: what adapters for it must fit.
 TINY_BASE = BaseModelInfo.from_config(
-    {"hidden_size": 64, "num_attention_heads": 1, "num_key_value_heads": 1, "head_dim": 64,
-     "intermediate_size": 96, "num_hidden_layers": 2}
+    {
+        "hidden_size": 64,
+        "num_attention_heads": 1,
+        "num_key_value_heads": 1,
+        "head_dim": 64,
+        "intermediate_size": 96,
+        "num_hidden_layers": 2,
+    }
 )
 
 
@@ -39,8 +45,15 @@ def make_adapter(
             tensors[f"{prefix}.lora_A.weight"] = rng.normal(0, 0.02, (rank, in_features)).astype(np.float32)
             tensors[f"{prefix}.lora_B.weight"] = rng.normal(0, 0.02, (out_features, rank)).astype(np.float32)
     save_file(tensors, str(folder / "adapter_model.safetensors"))
-    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": 2 * rank,
-              "target_modules": list(targets), "bias": "none", "lora_dropout": 0.0}
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": rank,
+        "lora_alpha": 2 * rank,
+        "target_modules": list(targets),
+        "bias": "none",
+        "lora_dropout": 0.0,
+    }
     config.update(config_overrides or {})
     (folder / "adapter_config.json").write_text(json.dumps(config))
     return folder
@@ -80,11 +93,17 @@ def bad_adapters(root: Path, base: BaseModelInfo = TINY_BASE, max_rank: int = 16
     pickled = case("pickled", "pickled")
     (pickled / "adapter_model.bin").write_bytes(b"\x80\x04K\x01.")
     (pickled / "adapter_model.safetensors").unlink()
-    rewrite_tensors(case("wrong-shape", "has shape"), lambda t: t.update(
-        {k: np.zeros((v.shape[0], v.shape[1] + 1), np.float32) for k, v in t.items() if k.endswith("lora_A.weight")}))
+    rewrite_tensors(
+        case("wrong-shape", "has shape"),
+        lambda t: t.update(
+            {k: np.zeros((v.shape[0], v.shape[1] + 1), np.float32) for k, v in t.items() if k.endswith("lora_A.weight")}
+        ),
+    )
     rewrite_tensors(case("rank-disagrees", "has shape", config_overrides={"r": 4}), lambda t: None)
-    rewrite_tensors(case("foreign-tensor", "is not a LoRA A/B weight"),
-                    lambda t: t.update({"base_model.model.lm_head.weight": np.zeros((2, 2), np.float32)}))
+    rewrite_tensors(
+        case("foreign-tensor", "is not a LoRA A/B weight"),
+        lambda t: t.update({"base_model.model.lm_head.weight": np.zeros((2, 2), np.float32)}),
+    )
     rewrite_tensors(case("nan", "NaN or infinite"), lambda t: next(v for v in t.values()).__setitem__((0, 0), np.nan))
     rewrite_tensors(case("inf", "NaN or infinite"), lambda t: next(v for v in t.values()).__setitem__((0, 0), np.inf))
     truncated = case("truncated", "truncated")

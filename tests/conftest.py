@@ -28,7 +28,10 @@ async def gateway(tmp_path) -> AsyncIterator[FakeGateway]:
     settings = Settings(served_model_name="base", max_cpu_loras=3, max_loras=2, state_dir=tmp_path)
     engine = FakeEngine()
     registry = Registry(
-        engine, base_name="base", base_adapter=fake_spec("__base__", 1), max_resident=2,
+        engine,
+        base_name="base",
+        base_adapter=fake_spec("__base__", 1),
+        max_resident=2,
         catalog=Catalog(tmp_path / "catalog.sqlite3"),
     )
     app = build_app(settings, engine, registry)
@@ -67,8 +70,12 @@ async def full_gateway(state_dir: Path, engine: FakeEngine | None = None, **over
     from adapters.store import AdapterStore
     from tests.adapter_files import TINY_BASE
 
-    settings = Settings(served_model_name="base", state_dir=state_dir, admin_key=ADMIN_KEY,
-                        **({"max_cpu_loras": 3, "max_loras": 2} | overrides))
+    settings = Settings(
+        served_model_name="base",
+        state_dir=state_dir,
+        admin_key=ADMIN_KEY,
+        **({"max_cpu_loras": 3, "max_loras": 2} | overrides),
+    )
     engine = engine or FakeEngine()
     registry = Registry(
         engine,

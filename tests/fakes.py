@@ -95,7 +95,13 @@ class FakeEngine:
                 yield GenerationStep(
                     len(prompt_token_ids),
                     [
-                        ChoiceDelta(c, text, len(words), [lp for w in words for lp in logprobs(w)] if options.logprobs is not None else None, finish)
+                        ChoiceDelta(
+                            c,
+                            text,
+                            len(words),
+                            [lp for w in words for lp in logprobs(w)] if options.logprobs is not None else None,
+                            finish,
+                        )
                         for c in range(options.n)
                     ],
                     finished=True,

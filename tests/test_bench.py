@@ -65,8 +65,9 @@ class FakeOpenAI:
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
-        return StreamingResponse(self._events(model, chat, body["max_tokens"], include_usage),
-                                 media_type="text/event-stream")
+        return StreamingResponse(
+            self._events(model, chat, body["max_tokens"], include_usage), media_type="text/event-stream"
+        )
 
     async def _events(self, model: str, chat: bool, count: int, include_usage: bool):
         def event(payload: object) -> bytes:
@@ -261,8 +262,9 @@ def test_the_base_model_is_rank_one_when_included():
 
 def test_a_seed_repeats_the_same_requests():
     def plans(seed: int) -> list[tuple]:
-        planner = RequestPlanner(LoadConfig(models=["a", "b", "c"], prompt_tokens="2:9", output_tokens="normal:8:3",
-                                            requests=20, seed=seed))
+        planner = RequestPlanner(
+            LoadConfig(models=["a", "b", "c"], prompt_tokens="2:9", output_tokens="normal:8:3", requests=20, seed=seed)
+        )
         return [(p.model, p.prompt, p.max_tokens) for p in iter(planner.next, None)]
 
     assert len(plans(1)) == 20 and plans(1) == plans(1) and plans(1) != plans(2)
@@ -315,9 +317,26 @@ def test_every_load_config_field_has_a_flag():
 
 def test_cli_prints_the_summary_and_writes_json(fake, tmp_path, capsys):
     path = tmp_path / "run.json"
-    argv = ["--url", fake.url + "/v1", "--models", "a,b", "--requests", "5", "--concurrency", "2",
-            "--output-tokens", "3", "--prompt-tokens", "8:12", "--api-key", "sk-secret", "--label", "first",
-            "--json", str(path)]
+    argv = [
+        "--url",
+        fake.url + "/v1",
+        "--models",
+        "a,b",
+        "--requests",
+        "5",
+        "--concurrency",
+        "2",
+        "--output-tokens",
+        "3",
+        "--prompt-tokens",
+        "8:12",
+        "--api-key",
+        "sk-secret",
+        "--label",
+        "first",
+        "--json",
+        str(path),
+    ]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "5 measured" in out and "TTFT ms" in out and "ITL ms" in out
@@ -325,9 +344,21 @@ def test_cli_prints_the_summary_and_writes_json(fake, tmp_path, capsys):
     assert data["label"] == "first" and data["config"]["api_key"] == "***"
     assert data["config"]["prompt_tokens"] == "8:12" and data["config"]["model_names"] == ["a", "b"]
     assert len(data["records"]) == 5 and all(8 <= r["prompt_words"] <= 12 for r in data["records"])
-    for key in ("requests", "errors", "errors_by_status", "req_per_s", "output_tok_per_s", "latency_p50_ms",
-                "latency_p90_ms", "latency_p99_ms", "ttft_p50_ms", "ttft_p90_ms", "ttft_p99_ms", "itl_p50_ms",
-                "itl_p99_ms"):
+    for key in (
+        "requests",
+        "errors",
+        "errors_by_status",
+        "req_per_s",
+        "output_tok_per_s",
+        "latency_p50_ms",
+        "latency_p90_ms",
+        "latency_p99_ms",
+        "ttft_p50_ms",
+        "ttft_p90_ms",
+        "ttft_p99_ms",
+        "itl_p50_ms",
+        "itl_p99_ms",
+    ):
         assert data["summary"][key] is not None, key
     assert summarize(data["records"]) == data["summary"]
 

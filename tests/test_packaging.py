@@ -24,7 +24,7 @@ STATE_DIR = "/var/lib/lora-gateway"
 PORT = 8000
 
 # Settings that another change is adding to server.config; drop a name once it is a field there.
-PENDING_SETTINGS = {"ADMIN_KEY"}
+PENDING_SETTINGS: set[str] = set()
 
 YAML_FILES = sorted({*DEPLOY.rglob("*.yml"), *DEPLOY.rglob("*.yaml"), COMPOSE})
 JSON_FILES = sorted(DEPLOY.rglob("*.json"))
@@ -189,9 +189,7 @@ def test_target_serves_and_checks_health(target: str) -> None:
     healthcheck = last(target, "HEALTHCHECK")
     assert healthcheck is not None and healthcheck.upper() != "NONE"
     assert "/health" in healthcheck
-    exposed = [
-        port for keyword, args in target_instructions(target) if keyword == "EXPOSE" for port in args.split()
-    ]
+    exposed = [port for keyword, args in target_instructions(target) if keyword == "EXPOSE" for port in args.split()]
     assert f"{PORT}" in exposed or f"{PORT}/tcp" in exposed
     assert json.loads(last(target, "ENTRYPOINT") or "null") == ["lora-gateway"]
     assert json.loads(last(target, "CMD") or "null") == ["serve"]
@@ -225,9 +223,7 @@ def test_copy_sources_exist_and_are_in_the_build_context() -> None:
         assert in_context, f"COPY {source}: .dockerignore excludes it"
 
 
-@pytest.mark.parametrize(
-    "path", [".venv", ".git", "tests", "state", "docs", "server/__pycache__/app.cpython-311.pyc"]
-)
+@pytest.mark.parametrize("path", [".venv", ".git", "tests", "state", "docs", "server/__pycache__/app.cpython-311.pyc"])
 def test_dockerignore_keeps_local_files_out(path: str) -> None:
     assert dockerignore_excludes(path)
 
@@ -292,6 +288,11 @@ def test_grafana_provisioning_matches_its_mounts() -> None:
     dashboards_path = provider["options"]["path"]
     assert mounts.get(dashboards_path) == "./deploy/grafana/dashboards"
     assert (DEPLOY / "grafana" / "dashboards").is_dir()
+    dashboard = DEPLOY / "grafana" / "dashboards" / "lora-gateway.json"
+    assert dashboard in JSON_FILES, "test_json_parses must parse the dashboard"
+    panels = json.loads(dashboard.read_text())["panels"]
+    sources = {p["datasource"]["uid"] for p in panels if p["type"] != "row"}
+    assert sources == {datasource["uid"]}, "every panel must use the provisioned data source"
 
 
 # ---------------------------------------------------------------- deploy/k8s
@@ -341,9 +342,7 @@ def test_deployment_refers_to_the_other_resources() -> None:
     assert claim == resources["PersistentVolumeClaim"]["metadata"]["name"]
     assert mounts["/dev/shm"]["emptyDir"]["medium"] == "Memory"
 
-    config_maps = [
-        source["configMapRef"]["name"] for source in container["envFrom"] if "configMapRef" in source
-    ]
+    config_maps = [source["configMapRef"]["name"] for source in container["envFrom"] if "configMapRef" in source]
     assert config_maps == [resources["ConfigMap"]["metadata"]["name"]]
     assert resources["ConfigMap"]["data"].get(f"{ENV_PREFIX}STATE_DIR", STATE_DIR) == STATE_DIR
 

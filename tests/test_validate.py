@@ -22,13 +22,19 @@ def test_a_good_adapter_gives_its_spec(tmp_path):
     assert spec.target_modules == ("down_proj", "q_proj")
     assert spec.size_bytes == sum(p.stat().st_size for p in folder.iterdir())
     assert len(spec.content_hash) == 64
-    same = validate_adapter(make_adapter(tmp_path / "same", rank=8, targets=("q_proj", "down_proj")), TINY_BASE, max_rank=16)
-    other = validate_adapter(make_adapter(tmp_path / "other", rank=8, targets=("q_proj", "down_proj"), seed=1), TINY_BASE, max_rank=16)
+    same = validate_adapter(
+        make_adapter(tmp_path / "same", rank=8, targets=("q_proj", "down_proj")), TINY_BASE, max_rank=16
+    )
+    other = validate_adapter(
+        make_adapter(tmp_path / "other", rank=8, targets=("q_proj", "down_proj"), seed=1), TINY_BASE, max_rank=16
+    )
     assert same.content_hash == spec.content_hash != other.content_hash
 
 
 def test_peft_module_paths_in_target_modules_are_accepted(tmp_path):
-    folder = make_adapter(tmp_path / "paths", config_overrides={"target_modules": ["model.layers.0.self_attn.q_proj", "v_proj"]})
+    folder = make_adapter(
+        tmp_path / "paths", config_overrides={"target_modules": ["model.layers.0.self_attn.q_proj", "v_proj"]}
+    )
     assert validate_adapter(folder, TINY_BASE, max_rank=16).target_modules == ("q_proj", "v_proj")
 
 
@@ -37,9 +43,24 @@ def corpus(tmp_path_factory):
     return bad_adapters(tmp_path_factory.mktemp("bad"))
 
 
-CASES = ["missing-config", "bad-json", "not-lora", "rank-too-high", "unknown-target", "pickled", "wrong-shape",
-         "rank-disagrees", "foreign-tensor", "nan", "inf", "truncated", "not-safetensors", "symlink-inside",
-         "symlinked-folder", "missing-folder"]
+CASES = [
+    "missing-config",
+    "bad-json",
+    "not-lora",
+    "rank-too-high",
+    "unknown-target",
+    "pickled",
+    "wrong-shape",
+    "rank-disagrees",
+    "foreign-tensor",
+    "nan",
+    "inf",
+    "truncated",
+    "not-safetensors",
+    "symlink-inside",
+    "symlinked-folder",
+    "missing-folder",
+]
 
 
 def test_the_corpus_covers_every_case(corpus):

@@ -148,9 +148,13 @@ async def register_adapter(
     return JSONResponse(adapter_card(entry, principal), status_code=201)
 
 
-async def _register_upload(request: Request, registry: Registry, tenants: Tenants, principal: Principal) -> AdapterEntry:
-    limit = tenants.limits(principal.tenant).max_upload_bytes if principal.tenant else (
-        registry.rules.max_bytes if registry.rules else 0
+async def _register_upload(
+    request: Request, registry: Registry, tenants: Tenants, principal: Principal
+) -> AdapterEntry:
+    limit = (
+        tenants.limits(principal.tenant).max_upload_bytes
+        if principal.tenant
+        else (registry.rules.max_bytes if registry.rules else 0)
     )
     declared = request.headers.get("content-length")
     if declared is None:
@@ -167,18 +171,24 @@ async def _register_upload(request: Request, registry: Registry, tenants: Tenant
         _check_quota(registry, tenants, owner, name)
         uploads = [value for _, value in form.multi_items() if isinstance(value, UploadFile)]
         if not uploads:
-            raise InvalidRequest("the form holds no files; send adapter_config.json and adapter_model.safetensors, or one .tar.gz", param="file")
+            raise InvalidRequest(
+                "the form holds no files; send adapter_config.json and adapter_model.safetensors, or one .tar.gz",
+                param="file",
+            )
         blobs = [(upload.filename or "", await upload.read(limit + 1)) for upload in uploads]
     finally:
         await form.close()
     if sum(len(blob) for _, blob in blobs) > limit:
         raise TooLarge(f"the upload is over this tenant's {limit}-byte limit")
     if len(blobs) == 1 and blobs[0][0].endswith((".tar.gz", ".tgz", ".tar")):
+
         def fill(staging: Path) -> None:
             extract_tarball(io.BytesIO(blobs[0][1]), staging, limit)
     else:
+
         def fill(staging: Path) -> None:
             write_files([(filename, io.BytesIO(blob)) for filename, blob in blobs], staging, limit)
+
     return await registry.add_folder(owner, name, fill)
 
 

@@ -6,20 +6,21 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 
 from server.deps import GeneratorDep, PrincipalDep, RecordDep
 from server.engine_protocol import SamplingOptions, TokenLogprob
 from server.errors import InvalidRequest
 from server.generation import Generator, Job, Usage, new_request_id
 from server.protocol import ChatCompletionRequest
-from server.responses import JSONResponse, sse_response
+from server.responses import JSONResponse, sse_response, unless_disconnected
 
 router = APIRouter()
 
 
 @router.post("/v1/chat/completions", response_model=None)
-async def create_chat_completion(body: ChatCompletionRequest, generator: GeneratorDep, principal: PrincipalDep, record: RecordDep
+async def create_chat_completion(
+    request: Request, body: ChatCompletionRequest, generator: GeneratorDep, principal: PrincipalDep, record: RecordDep
 ) -> Response:
     record.endpoint, record.model = "chat", body.model
     entry = await generator.resolve(body.model, principal)
@@ -39,13 +40,15 @@ async def create_chat_completion(body: ChatCompletionRequest, generator: Generat
         frequency_penalty=body.frequency_penalty,
         logprobs=(body.top_logprobs or 0) if body.logprobs else None,
         stream=body.stream,
+        min_tokens=body.min_tokens,
+        ignore_eos=body.ignore_eos,
     )
     admission = generator.admit(entry, principal)
     job = Job(new_request_id("chatcmpl"), body.model, [prompt], options, record, admission)
     top = body.top_logprobs or 0
     if body.stream:
         return sse_response(_stream(generator, job, body.include_usage, top), admission.release)
-    outcome = await generator.complete(job)
+    outcome = await unless_disconnected(request, generator.complete(job))
     return JSONResponse(
         {
             "id": job.request_id,
@@ -66,9 +69,7 @@ async def create_chat_completion(body: ChatCompletionRequest, generator: Generat
     )
 
 
-async def _stream(
-    generator: Generator, job: Job, include_usage: bool, top: int
-) -> AsyncIterator[dict[str, Any]]:
+async def _stream(generator: Generator, job: Job, include_usage: bool, top: int) -> AsyncIterator[dict[str, Any]]:
     created = int(time.time())
     usage = Usage()
 
@@ -118,8 +119,7 @@ def _logprobs(entries: list[TokenLogprob] | None, top: int) -> dict[str, list[An
             item(entry.token, entry.logprob)
             | {
                 "top_logprobs": [
-                    item(token, logprob)
-                    for token, logprob in sorted(entry.top.items(), key=lambda kv: -kv[1])[:top]
+                    item(token, logprob) for token, logprob in sorted(entry.top.items(), key=lambda kv: -kv[1])[:top]
                 ]
             }
             for entry in entries

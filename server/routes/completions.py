@@ -6,19 +6,20 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 
 from server.deps import GeneratorDep, PrincipalDep, RecordDep
 from server.engine_protocol import SamplingOptions, TokenLogprob
 from server.generation import Generator, Job, Usage, new_request_id
 from server.protocol import CompletionRequest
-from server.responses import JSONResponse, sse_response
+from server.responses import JSONResponse, sse_response, unless_disconnected
 
 router = APIRouter()
 
 
 @router.post("/v1/completions", response_model=None)
-async def create_completion(body: CompletionRequest, generator: GeneratorDep, principal: PrincipalDep, record: RecordDep
+async def create_completion(
+    request: Request, body: CompletionRequest, generator: GeneratorDep, principal: PrincipalDep, record: RecordDep
 ) -> Response:
     record.endpoint, record.model = "completions", body.model
     entry = await generator.resolve(body.model, principal)
@@ -39,12 +40,14 @@ async def create_completion(body: CompletionRequest, generator: GeneratorDep, pr
         frequency_penalty=body.frequency_penalty,
         logprobs=body.logprobs,
         stream=body.stream,
+        min_tokens=body.min_tokens,
+        ignore_eos=body.ignore_eos,
     )
     admission = generator.admit(entry, principal)
     job = Job(new_request_id("cmpl"), body.model, prompts, options, record, admission)
     if body.stream:
         return sse_response(_stream(generator, job, body.include_usage), admission.release)
-    outcome = await generator.complete(job)
+    outcome = await unless_disconnected(request, generator.complete(job))
     return JSONResponse(
         {
             "id": job.request_id,

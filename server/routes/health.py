@@ -19,9 +19,12 @@ async def health() -> JSONResponse:
 async def ready(request: Request) -> JSONResponse:
     state = request.app.state
     if not state.ready:
-        return JSONResponse(error_body("the gateway is starting or draining", "service_unavailable_error",
-                                       "not_ready"), status_code=503)
+        return JSONResponse(
+            error_body("the gateway is starting or draining", "service_unavailable_error", "not_ready"), status_code=503
+        )
     if not state.engine.is_healthy:
-        return JSONResponse(error_body("the inference engine has stopped", "service_unavailable_error",
-                                       "engine_unavailable"), status_code=503)
+        return JSONResponse(
+            error_body("the inference engine has stopped", "service_unavailable_error", "engine_unavailable"),
+            status_code=503,
+        )
     return JSONResponse({"status": "ready", "resident_adapters": state.registry.resident_count})

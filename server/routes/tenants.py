@@ -77,7 +77,9 @@ async def list_tenants(tenants: TenantsDep, keyring: KeyRingDep, registry: Regis
 
 
 @router.get("/v1/tenants/{name}", response_model=None)
-async def get_tenant(name: str, tenants: TenantsDep, keyring: KeyRingDep, registry: RegistryDep, _: AdminDep) -> JSONResponse:
+async def get_tenant(
+    name: str, tenants: TenantsDep, keyring: KeyRingDep, registry: RegistryDep, _: AdminDep
+) -> JSONResponse:
     tenants.limits(name)
     return JSONResponse(_tenant_card(tenants, name, keyring.keys_of(name), registry.count(name)))
 
@@ -91,7 +93,9 @@ async def update_tenant(
 
 
 @router.delete("/v1/tenants/{name}", response_model=None)
-async def delete_tenant(name: str, tenants: TenantsDep, keyring: KeyRingDep, registry: RegistryDep, _: AdminDep) -> JSONResponse:
+async def delete_tenant(
+    name: str, tenants: TenantsDep, keyring: KeyRingDep, registry: RegistryDep, _: AdminDep
+) -> JSONResponse:
     tenants.limits(name)
     keyring.forget_tenant(name)
     await registry.drop_owner(name)
@@ -104,7 +108,9 @@ async def add_key(name: str, tenants: TenantsDep, keyring: KeyRingDep, _: AdminD
     if not tenants.exists(name):
         raise TenantNotFound(name)
     issued = keyring.issue(name)
-    return JSONResponse({"id": issued.key_id, "object": "api_key", "created": issued.created_at, "api_key": issued.key}, status_code=201)
+    return JSONResponse(
+        {"id": issued.key_id, "object": "api_key", "created": issued.created_at, "api_key": issued.key}, status_code=201
+    )
 
 
 @router.delete("/v1/tenants/{name}/keys/{key_id}", response_model=None)

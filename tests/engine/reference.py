@@ -48,4 +48,4 @@ class PeftReference:
             else:
                 self.model.set_adapter(adapter)
                 output = self.model.generate(inputs, **kwargs)
-        return self.tokenizer.decode(output[0, len(prompt_ids):], skip_special_tokens=True)
+        return self.tokenizer.decode(output[0, len(prompt_ids) :], skip_special_tokens=True)

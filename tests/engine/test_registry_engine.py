@@ -18,7 +18,12 @@ pytestmark = pytest.mark.engine
 async def ask(client: httpx.AsyncClient, model: str) -> httpx.Response:
     return await client.post(
         "/v1/chat/completions",
-        json={"model": model, "messages": [{"role": "user", "content": DEMO_PROMPT}], "max_tokens": 24, "temperature": 0},
+        json={
+            "model": model,
+            "messages": [{"role": "user", "content": DEMO_PROMPT}],
+            "max_tokens": 24,
+            "temperature": 0,
+        },
     )
 
 

@@ -15,8 +15,9 @@ def files_of(folder):
 
 
 async def complete(gw, model, headers=None, **extra):
-    return await gw.client.post("/v1/completions", json={"model": model, "prompt": "hi", "max_tokens": 2} | extra,
-                                headers=headers or gw.admin)
+    return await gw.client.post(
+        "/v1/completions", json={"model": model, "prompt": "hi", "max_tokens": 2} | extra, headers=headers or gw.admin
+    )
 
 
 async def test_register_from_path_copies_into_the_store(full, tmp_path):
@@ -25,7 +26,12 @@ async def test_register_from_path_copies_into_the_store(full, tmp_path):
     assert response.status_code == 201, response.text
     card = response.json()
     assert (card["name"], card["rank"], card["target_modules"], card["state"], card["pinned"]) == (
-        "support", 8, ["o_proj", "q_proj"], "loaded", False)
+        "support",
+        8,
+        ["o_proj", "q_proj"],
+        "loaded",
+        False,
+    )
     assert card["size_bytes"] == sum(p.stat().st_size for p in source.iterdir())
     assert card["content_hash"].startswith("sha256:") and str(tmp_path) not in response.text
     entry = full.registry.find("", "support")
@@ -37,14 +43,33 @@ async def test_register_from_path_copies_into_the_store(full, tmp_path):
     assert (entry.spec.path / "adapter_config.json").read_text() != "{}"
     listed = (await full.client.get("/v1/adapters", headers=full.admin)).json()["data"]
     assert [a["name"] for a in listed] == ["support"]
-    assert (await full.client.get("/v1/adapters/support", headers=full.admin)).json()["content_hash"] == card["content_hash"]
+    assert (await full.client.get("/v1/adapters/support", headers=full.admin)).json()["content_hash"] == card[
+        "content_hash"
+    ]
     assert (await complete(full, "support")).json()["choices"][0]["text"] == "support-0 support-1 "
 
 
-@pytest.mark.parametrize("case", ["missing-config", "bad-json", "not-lora", "rank-too-high", "unknown-target",
-                                  "pickled", "wrong-shape", "rank-disagrees", "foreign-tensor", "nan", "inf",
-                                  "truncated", "not-safetensors", "symlink-inside", "symlinked-folder",
-                                  "missing-folder"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing-config",
+        "bad-json",
+        "not-lora",
+        "rank-too-high",
+        "unknown-target",
+        "pickled",
+        "wrong-shape",
+        "rank-disagrees",
+        "foreign-tensor",
+        "nan",
+        "inf",
+        "truncated",
+        "not-safetensors",
+        "symlink-inside",
+        "symlinked-folder",
+        "missing-folder",
+    ],
+)
 async def test_bad_adapters_are_refused_and_leave_nothing(full, tmp_path, case):
     folder, phrase = bad_adapters(tmp_path / "bad", max_rank=64)[case]
     store = tmp_path / "state" / "adapters"
@@ -81,16 +106,20 @@ async def test_uploads_files_and_tarballs(full, tmp_path):
     assert response.status_code == 201, response.text
     for prefix in ["", "adapter/"]:
         archive = tarball(source, prefix=prefix)
-        response = await full.client.post("/v1/adapters", data={"name": "tgz"},
-                                          files=[("file", ("a.tar.gz", archive))], headers=full.admin)
+        response = await full.client.post(
+            "/v1/adapters", data={"name": "tgz"}, files=[("file", ("a.tar.gz", archive))], headers=full.admin
+        )
         assert response.status_code == 201, response.text
         assert response.json()["rank"] == 16
     evil = tarball(source, prefix="../")
-    response = await full.client.post("/v1/adapters", data={"name": "evil"}, files=[("file", ("a.tar.gz", evil))],
-                                      headers=full.admin)
+    response = await full.client.post(
+        "/v1/adapters", data={"name": "evil"}, files=[("file", ("a.tar.gz", evil))], headers=full.admin
+    )
     assert response.status_code == 400 and "outside" in response.json()["error"]["message"]
-    pickle = [("file", ("adapter_config.json", (source / "adapter_config.json").read_bytes())),
-              ("file", ("adapter_model.bin", b"\x80\x04."))]
+    pickle = [
+        ("file", ("adapter_config.json", (source / "adapter_config.json").read_bytes())),
+        ("file", ("adapter_model.bin", b"\x80\x04.")),
+    ]
     response = await full.client.post("/v1/adapters", data={"name": "pkl"}, files=pickle, headers=full.admin)
     assert response.status_code == 400 and "pickled" in response.json()["error"]["message"]
     assert full.registry.find("", "evil") is None and full.registry.find("", "pkl") is None
@@ -112,29 +141,42 @@ async def test_delete_pin_and_unpin(full, tmp_path):
 
 async def test_vllm_compatible_load_and_unload(full, tmp_path):
     source = make_adapter(tmp_path / "src")
-    response = await full.client.post("/v1/load_lora_adapter", json={"lora_name": "v", "lora_path": str(source)},
-                                      headers=full.admin)
+    response = await full.client.post(
+        "/v1/load_lora_adapter", json={"lora_name": "v", "lora_path": str(source)}, headers=full.admin
+    )
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
-    again = await full.client.post("/v1/load_lora_adapter", json={"lora_name": "v", "lora_path": str(source)},
-                                   headers=full.admin)
+    again = await full.client.post(
+        "/v1/load_lora_adapter", json={"lora_name": "v", "lora_path": str(source)}, headers=full.admin
+    )
     assert again.status_code == 400 and again.json()["error"]["param"] == "lora_name"
-    missing = await full.client.post("/v1/load_lora_adapter", json={"lora_name": "w", "lora_path": str(tmp_path / "no")},
-                                     headers=full.admin)
+    missing = await full.client.post(
+        "/v1/load_lora_adapter", json={"lora_name": "w", "lora_path": str(tmp_path / "no")}, headers=full.admin
+    )
     assert missing.status_code == 400 and str(tmp_path) not in missing.text
-    assert (await full.client.post("/v1/unload_lora_adapter", json={"lora_name": "v"}, headers=full.admin)).status_code == 200
-    assert (await full.client.post("/v1/unload_lora_adapter", json={"lora_name": "v"}, headers=full.admin)).status_code == 404
+    assert (
+        await full.client.post("/v1/unload_lora_adapter", json={"lora_name": "v"}, headers=full.admin)
+    ).status_code == 200
+    assert (
+        await full.client.post("/v1/unload_lora_adapter", json={"lora_name": "v"}, headers=full.admin)
+    ).status_code == 404
 
 
 async def test_restart_serves_the_same_adapters(tmp_path):
     source = make_adapter(tmp_path / "src", rank=8)
     state = tmp_path / "state"
     async with full_gateway(state) as first:
-        card = (await first.client.post("/v1/adapters", json={"name": "keep", "path": str(source)}, headers=first.admin)).json()
+        card = (
+            await first.client.post("/v1/adapters", json={"name": "keep", "path": str(source)}, headers=first.admin)
+        ).json()
         await first.client.post("/v1/adapters/keep/pin", headers=first.admin)
     async with full_gateway(state) as second:
         restored = (await second.client.get("/v1/adapters/keep", headers=second.admin)).json()
         assert (restored["content_hash"], restored["rank"], restored["pinned"], restored["state"]) == (
-            card["content_hash"], 8, True, "registered")
+            card["content_hash"],
+            8,
+            True,
+            "registered",
+        )
         response = await complete(second, "keep")
         assert response.status_code == 200
         entry = second.registry.find("", "keep")
@@ -150,15 +192,15 @@ async def test_lru_eviction_skips_pinned_and_busy(tmp_path):
         ids = {f"a{i}": gw.registry.find("", f"a{i}").adapter_id for i in range(4)}
         await gw.client.post("/v1/adapters/a0/pin", headers=gw.admin)
         gw.engine.removed.clear()
-        assert (await complete(gw, "a0")).status_code == 200    # a0 reloads; pinned from now on
+        assert (await complete(gw, "a0")).status_code == 200  # a0 reloads; pinned from now on
         assert (await complete(gw, "a1")).status_code == 200
-        assert (await complete(gw, "a2")).status_code == 200    # evicts a1, never the pinned a0
+        assert (await complete(gw, "a2")).status_code == 200  # evicts a1, never the pinned a0
         assert ids["a1"] in gw.engine.removed and ids["a0"] not in gw.engine.removed
         # a request in flight keeps its adapter resident
         gw.engine.release = asyncio.Event()
         busy = asyncio.create_task(complete(gw, "a2"))
         await asyncio.sleep(0.05)
-        refused = await complete(gw, "a3")                      # a0 pinned, a2 busy: no slot
+        refused = await complete(gw, "a3")  # a0 pinned, a2 busy: no slot
         assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
         gw.engine.release.set()
         assert (await busy).status_code == 200
@@ -196,7 +238,9 @@ async def test_replace_is_atomic_and_old_requests_finish_on_the_old_version(full
 
 
 async def test_delete_lets_requests_in_flight_finish(full, tmp_path):
-    await full.client.post("/v1/adapters", json={"name": "d", "path": str(make_adapter(tmp_path / "d"))}, headers=full.admin)
+    await full.client.post(
+        "/v1/adapters", json={"name": "d", "path": str(make_adapter(tmp_path / "d"))}, headers=full.admin
+    )
     full.engine.release = asyncio.Event()
     in_flight = asyncio.create_task(complete(full, "d", stream=True))
     await asyncio.sleep(0.05)
@@ -204,7 +248,11 @@ async def test_delete_lets_requests_in_flight_finish(full, tmp_path):
     assert (await complete(full, "d")).status_code == 404
     full.engine.release.set()
     finished = await in_flight
-    assert finished.status_code == 200 and finished.text.rstrip().endswith("data: [DONE]") and '"error"' not in finished.text
+    assert (
+        finished.status_code == 200
+        and finished.text.rstrip().endswith("data: [DONE]")
+        and '"error"' not in finished.text
+    )
 
 
 async def test_adapter_dir_registers_on_first_use(tmp_path):

@@ -19,7 +19,9 @@ async def test_completion_runs_through_the_named_adapter(gateway):
     body = response.json()
     assert body["object"] == "text_completion"
     assert body["model"] == "alpha"
-    assert body["choices"] == [{"index": 0, "text": "alpha-0 alpha-1 alpha-2 ", "logprobs": None, "finish_reason": "length"}]
+    assert body["choices"] == [
+        {"index": 0, "text": "alpha-0 alpha-1 alpha-2 ", "logprobs": None, "finish_reason": "length"}
+    ]
     assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}
     (_, prompt_ids, options, adapter) = gateway.engine.generated[-1]
     assert prompt_ids == gateway.engine.encode("hi")
@@ -37,8 +39,19 @@ async def test_base_model_runs_through_the_zero_adapter(gateway):
 
 
 async def test_sampling_parameters_reach_the_engine(gateway):
-    payload = {"model": "beta", "prompt": "x", "max_tokens": 4, "temperature": 0.3, "top_p": 0.5, "n": 2,
-               "stop": ["beta-2"], "seed": 7, "presence_penalty": 0.5, "frequency_penalty": -0.5, "logprobs": 2}
+    payload = {
+        "model": "beta",
+        "prompt": "x",
+        "max_tokens": 4,
+        "temperature": 0.3,
+        "top_p": 0.5,
+        "n": 2,
+        "stop": ["beta-2"],
+        "seed": 7,
+        "presence_penalty": 0.5,
+        "frequency_penalty": -0.5,
+        "logprobs": 2,
+    }
     response = await gateway.client.post("/v1/completions", json=payload)
     assert response.status_code == 200, response.text
     options = gateway.engine.generated[-1][2]
@@ -53,7 +66,9 @@ async def test_sampling_parameters_reach_the_engine(gateway):
 
 
 async def test_batch_prompts_give_one_choice_per_prompt_and_n(gateway):
-    response = await gateway.client.post("/v1/completions", json={"model": "alpha", "prompt": ["a", "bb"], "n": 2, "max_tokens": 1})
+    response = await gateway.client.post(
+        "/v1/completions", json={"model": "alpha", "prompt": ["a", "bb"], "n": 2, "max_tokens": 1}
+    )
     assert response.status_code == 200
     body = response.json()
     assert [c["index"] for c in body["choices"]] == [0, 1, 2, 3]
@@ -69,7 +84,13 @@ async def test_token_id_prompts_are_accepted_and_checked(gateway):
 
 
 async def test_stream_ends_with_done_and_reports_usage(gateway):
-    payload = {"model": "alpha", "prompt": "hey", "max_tokens": 3, "stream": True, "stream_options": {"include_usage": True}}
+    payload = {
+        "model": "alpha",
+        "prompt": "hey",
+        "max_tokens": 3,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     response = await gateway.client.post("/v1/completions", json=payload)
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/event-stream")
@@ -77,7 +98,11 @@ async def test_stream_ends_with_done_and_reports_usage(gateway):
     texts = [c["choices"][0]["text"] for c in chunks if c["choices"]]
     assert "".join(texts) == "alpha-0 alpha-1 alpha-2 "
     assert chunks[-2]["choices"][0]["finish_reason"] == "length"
-    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == {"prompt_tokens": 4, "completion_tokens": 3, "total_tokens": 7}
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == {
+        "prompt_tokens": 4,
+        "completion_tokens": 3,
+        "total_tokens": 7,
+    }
     assert gateway.engine.generated[-1][2].stream
 
 
@@ -132,14 +157,18 @@ async def test_unsupported_parameters_are_refused_not_dropped(gateway, param):
 
 
 async def test_null_parameters_mean_not_given(gateway):
-    response = await gateway.client.post("/v1/completions", json={"model": "alpha", "prompt": "hi", "logit_bias": None, "seed": None})
+    response = await gateway.client.post(
+        "/v1/completions", json={"model": "alpha", "prompt": "hi", "logit_bias": None, "seed": None}
+    )
     assert response.status_code == 200
 
 
 async def test_missing_prompt_and_bad_json(gateway):
     missing = await gateway.client.post("/v1/completions", json={"model": "alpha"})
     assert missing.status_code == 400 and missing.json()["error"]["param"] == "prompt"
-    garbage = await gateway.client.post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
+    garbage = await gateway.client.post(
+        "/v1/completions", content=b"{not json", headers={"content-type": "application/json"}
+    )
     assert garbage.status_code == 400 and garbage.json()["error"]["type"] == "invalid_request_error"
 
 
@@ -173,10 +202,13 @@ async def test_engine_dying_mid_stream_ends_with_an_error_event(gateway, monkeyp
             yield step
             self.healthy = False
             from server.engine_protocol import EngineDead
+
             raise EngineDead("gone")
 
     monkeypatch.setattr(FakeEngine, "generate", dies_after_one)
-    response = await gateway.client.post("/v1/completions", json={"model": "alpha", "prompt": "hi", "max_tokens": 5, "stream": True})
+    response = await gateway.client.post(
+        "/v1/completions", json={"model": "alpha", "prompt": "hi", "max_tokens": 5, "stream": True}
+    )
     chunks = sse_payloads(response.text)
     assert chunks[0]["choices"][0]["text"] == "alpha-0 "
     assert chunks[-1]["error"]["code"] == "engine_unavailable"

@@ -29,7 +29,9 @@ async def world(tmp_path):
     async with full_gateway(tmp_path / "state") as gw:
         keys = {"a": await new_tenant(gw, "a"), "b": await new_tenant(gw, "b")}
         shared = make_adapter(tmp_path / "s", seed=1)
-        assert (await gw.client.post("/v1/adapters", json={"name": "s", "path": str(shared)}, headers=gw.admin)).status_code == 201
+        assert (
+            await gw.client.post("/v1/adapters", json={"name": "s", "path": str(shared)}, headers=gw.admin)
+        ).status_code == 201
         assert (await upload(gw, keys["a"], "support", make_adapter(tmp_path / "sa", seed=2))).status_code == 201
         assert (await upload(gw, keys["a"], "only-a", make_adapter(tmp_path / "oa", seed=3))).status_code == 201
         assert (await upload(gw, keys["b"], "support", make_adapter(tmp_path / "sb", seed=4))).status_code == 201
@@ -44,9 +46,15 @@ NAMES = ["base", "s", "support", "only-a", "ghost"]
 async def call(gw, key, endpoint, model):
     headers = gw.as_(key)
     if endpoint == "completions":
-        return await gw.client.post("/v1/completions", json={"model": model, "prompt": "x", "max_tokens": 1}, headers=headers)
+        return await gw.client.post(
+            "/v1/completions", json={"model": model, "prompt": "x", "max_tokens": 1}, headers=headers
+        )
     if endpoint == "chat":
-        return await gw.client.post("/v1/chat/completions", json={"model": model, "messages": [{"role": "user", "content": "x"}], "max_tokens": 1}, headers=headers)
+        return await gw.client.post(
+            "/v1/chat/completions",
+            json={"model": model, "messages": [{"role": "user", "content": "x"}], "max_tokens": 1},
+            headers=headers,
+        )
     return await gw.client.get(f"/v1/{endpoint}/{model}", headers=headers)
 
 
@@ -89,13 +97,17 @@ async def test_lists_show_only_what_ownership_allows(world):
         assert adapters == VISIBLE[tenant] - {"base"}
     everything = {m["id"] for m in (await world.client.get("/v1/models", headers=world.admin)).json()["data"]}
     assert everything == {"base", "s", "a/support", "a/only-a", "b/support"}
-    admin_call = await world.client.post("/v1/completions", json={"model": "b/support", "prompt": "x", "max_tokens": 1}, headers=world.admin)
+    admin_call = await world.client.post(
+        "/v1/completions", json={"model": "b/support", "prompt": "x", "max_tokens": 1}, headers=world.admin
+    )
     assert admin_call.status_code == 200
 
 
 async def test_tenants_cannot_touch_what_is_not_theirs(world, tmp_path):
     a = world.as_(world.keys["a"])
-    path = await world.client.post("/v1/adapters", json={"name": "p", "path": str(make_adapter(tmp_path / "p"))}, headers=a)
+    path = await world.client.post(
+        "/v1/adapters", json={"name": "p", "path": str(make_adapter(tmp_path / "p"))}, headers=a
+    )
     assert path.status_code == 403 and path.json()["error"]["code"] == "admin_only"
     assert (await world.client.delete("/v1/adapters/s", headers=a)).status_code == 403
     assert (await world.client.delete("/v1/adapters/ghost", headers=a)).status_code == 404
@@ -104,8 +116,9 @@ async def test_tenants_cannot_touch_what_is_not_theirs(world, tmp_path):
     for route in ["/v1/tenants", "/v1/tenants/a"]:
         assert (await world.client.get(route, headers=a)).status_code == 403
     assert (await world.client.post("/v1/tenants/b/keys", headers=a)).status_code == 403
-    as_other = await world.client.post("/v1/adapters", data={"name": "x", "owner": "b"},
-                                       files=files_of(make_adapter(tmp_path / "x")), headers=a)
+    as_other = await world.client.post(
+        "/v1/adapters", data={"name": "x", "owner": "b"}, files=files_of(make_adapter(tmp_path / "x")), headers=a
+    )
     assert as_other.status_code == 403
     assert (await world.client.delete("/v1/adapters/support", headers=a)).status_code == 200
     assert world.registry.find("b", "support") is not None
@@ -151,7 +164,9 @@ async def test_concurrency_limit_trips_and_recovers(world):
 
 
 async def test_adapter_count_and_upload_size_limits(world, tmp_path):
-    await world.client.patch("/v1/tenants/b", json={"limits": {"max_adapters": 1, "max_upload_bytes": 50_000}}, headers=world.admin)
+    await world.client.patch(
+        "/v1/tenants/b", json={"limits": {"max_adapters": 1, "max_upload_bytes": 50_000}}, headers=world.admin
+    )
     over = await upload(world, world.keys["b"], "second", make_adapter(tmp_path / "two"))
     assert over.status_code == 429
     replacing = await upload(world, world.keys["b"], "support", make_adapter(tmp_path / "again", seed=9))

@@ -1,0 +1,90 @@
+"""Faults on the real engine: clients that leave, and an engine that dies."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import signal
+import time
+
+import httpx
+import psutil
+import pytest
+
+from server.demo import DEMO_PROMPT
+from tests.engine.conftest import start_gateway, stop_gateway
+
+pytestmark = pytest.mark.engine
+
+LONG = {"prompt": "The ship", "max_tokens": 600, "ignore_eos": True, "temperature": 0}
+
+
+def metric(text: str, name: str) -> float:
+    values = [float(v) for v in re.findall(rf"^{re.escape(name)}(?:{{[^}}]*}})? ([0-9.e+-]+)$", text, re.M)]
+    assert values, f"{name} is not in the scrape"
+    return sum(values)
+
+
+async def settle(client: httpx.AsyncClient) -> tuple[float, float]:
+    """Wait until the engine runs nothing; then (running, generated tokens so far)."""
+    deadline = time.monotonic() + 20
+    while True:
+        scrape = (await client.get("/metrics")).text
+        running = metric(scrape, "vllm:num_requests_running")
+        if running == 0 or time.monotonic() > deadline:
+            return running, metric(scrape, "vllm:generation_tokens_total")
+        await asyncio.sleep(0.2)
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["mid-stream", "before-the-answer"])
+async def test_client_disconnect_aborts_the_engine_request(gateway, stream):
+    async with httpx.AsyncClient(base_url=gateway.url, timeout=60) as client:
+        _, before = await settle(client)
+        payload = {"model": "pirate", **LONG, "stream": stream}
+        if stream:
+            async with client.stream("POST", "/v1/completions", json=payload) as response:
+                async for line in response.aiter_lines():
+                    if line.startswith("data: {"):
+                        break  # the first token arrived: leave mid-stream
+        else:
+            with pytest.raises(httpx.ReadTimeout):
+                await client.post("/v1/completions", json=payload, timeout=0.5)
+        running, generated = await settle(client)
+        assert running == 0
+        await asyncio.sleep(1.0)
+        _, later = await settle(client)
+        assert later == generated  # nothing more was produced for the departed client
+        assert generated - before < 300  # stopped well before its 600 tokens
+
+
+async def test_engine_death_makes_the_gateway_exit_non_zero_and_loses_nothing(demo, tmp_path):
+    state = tmp_path / "state"
+    args = ["--demo-dir", str(demo.root), "--state-dir", str(state), "--max-cpu-loras", "4"]
+    first = start_gateway(args, tmp_path / "first.log", base_name="demo")
+    try:
+        with httpx.Client(base_url=first.url, timeout=60) as client:
+            registered = client.post("/v1/adapters", json={"name": "survivor", "path": str(demo.adapters["poet"])})
+            assert registered.status_code == 201
+            engine_processes = psutil.Process(first.process.pid).children(recursive=True)
+            assert engine_processes
+            for process in engine_processes:
+                process.send_signal(signal.SIGKILL)
+            answers = []
+            deadline = time.monotonic() + 30
+            while first.process.poll() is None and time.monotonic() < deadline:
+                try:
+                    answers.append(client.post("/v1/completions", json={"model": "demo", "prompt": "x", "max_tokens": 2}).status_code)
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.1)
+            assert first.process.wait(timeout=60) == 3, first.log_tail()
+            assert all(status == 503 for status in answers[1:]), answers  # the first may have raced the kill
+    finally:
+        stop_gateway(first)
+    second = start_gateway(args, tmp_path / "second.log", base_name="demo")
+    try:
+        with httpx.Client(base_url=second.url, timeout=60) as client:
+            reply = client.post("/v1/chat/completions", json={"model": "survivor", "messages": [{"role": "user", "content": DEMO_PROMPT}], "temperature": 0})
+            assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["content"] == demo.answers["poet"]
+    finally:
+        stop_gateway(second)
