@@ -142,29 +142,49 @@ class LoadConfig:
         names = self.model_names()
         repeated = sorted(name for name, count in Counter(names).items() if count > 1)
         checks = [
-            (self.endpoint not in ("completions", "chat"),
-             f"--endpoint must be completions or chat, not {self.endpoint!r}"),
-            (bool(self.models and (self.base_model or self.adapters or self.adapter_prefix)),
-             "--models names every model: leave out --base-model, --adapters and --adapter-prefix"),
+            (
+                self.endpoint not in ("completions", "chat"),
+                f"--endpoint must be completions or chat, not {self.endpoint!r}",
+            ),
+            (
+                bool(self.models and (self.base_model or self.adapters or self.adapter_prefix)),
+                "--models names every model: leave out --base-model, --adapters and --adapter-prefix",
+            ),
             (bool(self.adapters and self.adapter_prefix), "give --adapters or --adapter-prefix, not both"),
-            ((self.adapter_prefix is None) != (self.num_adapters is None),
-             "--adapter-prefix and --num-adapters go together"),
+            (
+                (self.adapter_prefix is None) != (self.num_adapters is None),
+                "--adapter-prefix and --num-adapters go together",
+            ),
             (self.include_base and not self.base_model, "--include-base needs --base-model NAME"),
-            (not names,
-             "no models to call: give --models, --adapters, --adapter-prefix with --num-adapters, or --base-model"),
+            (
+                not names,
+                "no models to call: give --models, --adapters, --adapter-prefix with --num-adapters, or --base-model",
+            ),
             (bool(repeated), f"model names must be distinct; repeated: {', '.join(repeated)}"),
-            (not (self.zipf_alpha >= 0 and math.isfinite(self.zipf_alpha)),
-             f"--zipf-alpha must be >= 0, not {self.zipf_alpha}"),
-            (self.concurrency is not None and self.rate is not None,
-             "give --concurrency (closed loop) or --rate (open loop), not both"),
+            (
+                not (self.zipf_alpha >= 0 and math.isfinite(self.zipf_alpha)),
+                f"--zipf-alpha must be >= 0, not {self.zipf_alpha}",
+            ),
+            (
+                self.concurrency is not None and self.rate is not None,
+                "give --concurrency (closed loop) or --rate (open loop), not both",
+            ),
         ]
-        for flag, value, minimum in (("--num-adapters", self.num_adapters, 1), ("--concurrency", self.concurrency, 1),
-                                     ("--max-in-flight", self.max_in_flight, 1), ("--requests", self.requests, 1),
-                                     ("--warmup", self.warmup, 0)):
+        for flag, value, minimum in (
+            ("--num-adapters", self.num_adapters, 1),
+            ("--concurrency", self.concurrency, 1),
+            ("--max-in-flight", self.max_in_flight, 1),
+            ("--requests", self.requests, 1),
+            ("--warmup", self.warmup, 0),
+        ):
             checks.append((value is not None and value < minimum, f"{flag} must be >= {minimum}, not {value}"))
         for flag, value in (("--rate", self.rate), ("--duration", self.duration), ("--timeout", self.timeout)):
-            checks.append((value is not None and not (value > 0 and math.isfinite(value)),
-                           f"{flag} must be a positive number, not {value}"))
+            checks.append(
+                (
+                    value is not None and not (value > 0 and math.isfinite(value)),
+                    f"{flag} must be a positive number, not {value}",
+                )
+            )
         return next((message for failed, message in checks if failed), None)
 
     def model_names(self) -> list[str]:
@@ -308,10 +328,16 @@ def _error_message(body: bytes) -> str:
         return body[:200].decode("utf-8", "replace")
 
 
-async def _send(client: httpx.AsyncClient, config: LoadConfig, planned: PlannedRequest, run_t0: float,
-                scheduled_s: float | None = None) -> RequestRecord:
-    record = RequestRecord(planned.index, planned.model, planned.warmup, planned.prompt_words,
-                           planned.max_tokens, scheduled_s=scheduled_s)
+async def _send(
+    client: httpx.AsyncClient,
+    config: LoadConfig,
+    planned: PlannedRequest,
+    run_t0: float,
+    scheduled_s: float | None = None,
+) -> RequestRecord:
+    record = RequestRecord(
+        planned.index, planned.model, planned.warmup, planned.prompt_words, planned.max_tokens, scheduled_s=scheduled_s
+    )
     path, body = _request_body(config, planned)
     sent = time.perf_counter()
     record.start_s = sent - run_t0
@@ -380,8 +406,9 @@ async def _read_stream(response: httpx.Response, record: RequestRecord, sent: fl
     return done_at
 
 
-async def _closed_loop(client: httpx.AsyncClient, config: LoadConfig, planner: RequestPlanner,
-                       run_t0: float) -> list[RequestRecord]:
+async def _closed_loop(
+    client: httpx.AsyncClient, config: LoadConfig, planner: RequestPlanner, run_t0: float
+) -> list[RequestRecord]:
     records: list[RequestRecord] = []
     deadline = None if config.duration is None else run_t0 + config.duration
 
@@ -396,8 +423,9 @@ async def _closed_loop(client: httpx.AsyncClient, config: LoadConfig, planner: R
     return records
 
 
-async def _open_loop(client: httpx.AsyncClient, config: LoadConfig, planner: RequestPlanner,
-                     run_t0: float) -> list[RequestRecord]:
+async def _open_loop(
+    client: httpx.AsyncClient, config: LoadConfig, planner: RequestPlanner, run_t0: float
+) -> list[RequestRecord]:
     # A separate generator, so that request i is the same request in open and closed runs.
     arrivals = random.Random(f"arrivals:{config.seed}")
     slots = asyncio.Semaphore(config.max_in_flight)
@@ -471,8 +499,10 @@ def _ms(value: float | None) -> float | None:
 def summarize(records: list[RequestRecord] | list[dict[str, Any]]) -> dict[str, Any]:
     """Throughput and latency of the measured (non-warmup) requests; latencies of successful ones."""
     known = {f.name for f in fields(RequestRecord)}
-    rows = [r if isinstance(r, RequestRecord) else RequestRecord(**{k: v for k, v in r.items() if k in known})
-            for r in records]
+    rows = [
+        r if isinstance(r, RequestRecord) else RequestRecord(**{k: v for k, v in r.items() if k in known})
+        for r in records
+    ]
     measured = [r for r in rows if not r.warmup]
     succeeded = [r for r in measured if r.ok]
     # The window runs from the first measured send to the last measured answer.
@@ -493,8 +523,11 @@ def summarize(records: list[RequestRecord] | list[dict[str, Any]]) -> dict[str, 
         "output_tokens": output_tokens,
         "output_tok_per_s": round(output_tokens / window_s, 3) if window_s > 0 else None,
     }
-    for name, values, quantiles in (("latency", latencies, PERCENTILES), ("ttft", ttfts, PERCENTILES),
-                                    ("itl", gaps, (50, 99))):
+    for name, values, quantiles in (
+        ("latency", latencies, PERCENTILES),
+        ("ttft", ttfts, PERCENTILES),
+        ("itl", gaps, (50, 99)),
+    ):
         for q in quantiles:
             summary[f"{name}_p{q}_ms"] = _ms(percentile(values, q))
     summary["start_lag_p99_ms"] = _ms(percentile(lags, 99))
@@ -517,8 +550,11 @@ def format_summary(summary: dict[str, Any], label: str = "") -> str:
         f"throughput   {_fmt(s['req_per_s'], 2)} req/s, {_fmt(s['output_tok_per_s'])} output tok/s "
         f"({s['output_tokens']} tokens in {_fmt(s['duration_s'], 2)} s)",
     ]
-    for title, name, quantiles in (("latency ms", "latency", PERCENTILES), ("TTFT ms", "ttft", PERCENTILES),
-                                   ("ITL ms", "itl", (50, 99))):
+    for title, name, quantiles in (
+        ("latency ms", "latency", PERCENTILES),
+        ("TTFT ms", "ttft", PERCENTILES),
+        ("ITL ms", "itl", (50, 99)),
+    ):
         lines.append(f"{title:<13}" + "  ".join(f"p{q} {_fmt(s[f'{name}_p{q}_ms'])}" for q in quantiles))
     if s.get("start_lag_p99_ms") is not None:
         lines.append(f"start lag    p99 {_fmt(s['start_lag_p99_ms'])} ms behind the Poisson schedule")
@@ -526,13 +562,21 @@ def format_summary(summary: dict[str, Any], label: str = "") -> str:
 
 
 _COMPARED = (
-    ("requests", "requests"), ("errors", "errors"), ("req/s", "req_per_s"), ("output tok/s", "output_tok_per_s"),
+    ("requests", "requests"),
+    ("errors", "errors"),
+    ("req/s", "req_per_s"),
+    ("output tok/s", "output_tok_per_s"),
     *((f"latency p{q} ms", f"latency_p{q}_ms") for q in PERCENTILES),
     *((f"TTFT p{q} ms", f"ttft_p{q}_ms") for q in PERCENTILES),
-    ("ITL p50 ms", "itl_p50_ms"), ("ITL p99 ms", "itl_p99_ms"),
+    ("ITL p50 ms", "itl_p50_ms"),
+    ("ITL p99 ms", "itl_p99_ms"),
 )
-_RATIOS = (("req/s", "req_per_s"), ("output tok/s", "output_tok_per_s"),
-           ("latency p99", "latency_p99_ms"), ("TTFT p99", "ttft_p99_ms"))
+_RATIOS = (
+    ("req/s", "req_per_s"),
+    ("output tok/s", "output_tok_per_s"),
+    ("latency p99", "latency_p99_ms"),
+    ("TTFT p99", "ttft_p99_ms"),
+)
 
 
 def load_run(path: Path) -> tuple[str, dict[str, Any]]:
@@ -586,15 +630,23 @@ def write_plot(result: RunResult, path: Path) -> None:
     hist.set(title="time to first token", xlabel="ms", ylabel="requests")
     timeline.scatter([r.start_s for r in succeeded], [(r.latency_s or 0) * 1000 for r in succeeded], s=6, label="ok")
     if failed:
-        timeline.scatter([r.start_s for r in failed], [(r.latency_s or 0) * 1000 for r in failed],
-                         s=12, marker="x", color="red", label=f"errors ({len(failed)})")
+        timeline.scatter(
+            [r.start_s for r in failed],
+            [(r.latency_s or 0) * 1000 for r in failed],
+            s=12,
+            marker="x",
+            color="red",
+            label=f"errors ({len(failed)})",
+        )
     timeline.set(title="latency by start time", xlabel="seconds into the run", ylabel="ms")
     timeline.legend()
     for axes in (cdf, hist, timeline):
         axes.grid(alpha=0.3)
     s = result.summary
-    fig.suptitle(f"{result.config.label or 'loadgen'}: {_fmt(s['req_per_s'], 2)} req/s, "
-                 f"{_fmt(s['output_tok_per_s'])} tok/s, p99 {_fmt(s['latency_p99_ms'])} ms")
+    fig.suptitle(
+        f"{result.config.label or 'loadgen'}: {_fmt(s['req_per_s'], 2)} req/s, "
+        f"{_fmt(s['output_tok_per_s'])} tok/s, p99 {_fmt(s['latency_p99_ms'])} ms"
+    )
     fig.tight_layout()
     fig.savefig(path, format="png", dpi=100)
     plt.close(fig)
@@ -618,55 +670,118 @@ def build_parser() -> argparse.ArgumentParser:
         "time to first token and inter-token latency.",
     )
     add = parser.add_argument
-    add("--url", default="http://127.0.0.1:8000",
-        help="server address; a trailing /v1 is dropped (default: %(default)s)")
-    add("--endpoint", choices=("completions", "chat"), default="completions",
-        help="POST /v1/completions (text) or /v1/chat/completions (delta.content) (default: %(default)s)")
+    add(
+        "--url",
+        default="http://127.0.0.1:8000",
+        help="server address; a trailing /v1 is dropped (default: %(default)s)",
+    )
+    add(
+        "--endpoint",
+        choices=("completions", "chat"),
+        default="completions",
+        help="POST /v1/completions (text) or /v1/chat/completions (delta.content) (default: %(default)s)",
+    )
     add("--api-key", help="sent as 'Authorization: Bearer KEY'; never written to --json")
     models = parser.add_argument_group("models (rank 1 is the most popular)")
-    models.add_argument("--models", type=_names, default=[], metavar="A,B,...",
-                        help="every model name, in popularity order")
+    models.add_argument(
+        "--models", type=_names, default=[], metavar="A,B,...", help="every model name, in popularity order"
+    )
     models.add_argument("--base-model", metavar="NAME", help="the base model's served name")
-    models.add_argument("--adapters", type=_names, default=[], metavar="A,B,...",
-                        help="adapter names, in popularity order")
+    models.add_argument(
+        "--adapters", type=_names, default=[], metavar="A,B,...", help="adapter names, in popularity order"
+    )
     models.add_argument("--adapter-prefix", metavar="P", help="adapters named P0..P{N-1}, with --num-adapters N")
     models.add_argument("--num-adapters", type=int, metavar="N", help="how many adapters --adapter-prefix names")
-    models.add_argument("--include-base", action="store_true",
-                        help="also send requests to --base-model, ranked 1 ahead of the adapters")
-    models.add_argument("--zipf-alpha", type=float, default=1.0, metavar="ALPHA",
-                        help="the model of rank k is drawn with probability proportional to k**-ALPHA; 0 is uniform "
-                        "(default: %(default)s)")
+    models.add_argument(
+        "--include-base", action="store_true", help="also send requests to --base-model, ranked 1 ahead of the adapters"
+    )
+    models.add_argument(
+        "--zipf-alpha",
+        type=float,
+        default=1.0,
+        metavar="ALPHA",
+        help="the model of rank k is drawn with probability proportional to k**-ALPHA; 0 is uniform "
+        "(default: %(default)s)",
+    )
     load = parser.add_argument_group("load (each run ends after --requests and/or --duration)")
     loop = load.add_mutually_exclusive_group()
-    loop.add_argument("--concurrency", type=int, metavar="C",
-                      help="closed loop: C workers, each sending its next request when its last one ends "
-                      "(default: 1)")
-    loop.add_argument("--rate", type=float, metavar="R",
-                      help="open loop: Poisson arrivals at R requests/s, whatever the server's speed")
-    load.add_argument("--max-in-flight", type=int, default=1000, metavar="M",
-                      help="open loop: arrivals wait while M requests are unanswered (default: %(default)s)")
-    load.add_argument("--requests", type=int, metavar="N",
-                      help="measured requests to send, after the warmup (default: 100 unless --duration is given)")
-    load.add_argument("--duration", type=float, metavar="S",
-                      help="stop sending S seconds after the start (warmup included); answers in flight are awaited")
-    load.add_argument("--warmup", type=int, default=0, metavar="K",
-                      help="the first K requests are sent but left out of the summary (default: 0)")
-    load.add_argument("--timeout", type=float, default=120.0, metavar="S",
-                      help="seconds a request may take from send to its last byte (default: %(default)s)")
+    loop.add_argument(
+        "--concurrency",
+        type=int,
+        metavar="C",
+        help="closed loop: C workers, each sending its next request when its last one ends (default: 1)",
+    )
+    loop.add_argument(
+        "--rate",
+        type=float,
+        metavar="R",
+        help="open loop: Poisson arrivals at R requests/s, whatever the server's speed",
+    )
+    load.add_argument(
+        "--max-in-flight",
+        type=int,
+        default=1000,
+        metavar="M",
+        help="open loop: arrivals wait while M requests are unanswered (default: %(default)s)",
+    )
+    load.add_argument(
+        "--requests",
+        type=int,
+        metavar="N",
+        help="measured requests to send, after the warmup (default: 100 unless --duration is given)",
+    )
+    load.add_argument(
+        "--duration",
+        type=float,
+        metavar="S",
+        help="stop sending S seconds after the start (warmup included); answers in flight are awaited",
+    )
+    load.add_argument(
+        "--warmup",
+        type=int,
+        default=0,
+        metavar="K",
+        help="the first K requests are sent but left out of the summary (default: 0)",
+    )
+    load.add_argument(
+        "--timeout",
+        type=float,
+        default=120.0,
+        metavar="S",
+        help="seconds a request may take from send to its last byte (default: %(default)s)",
+    )
     shape = parser.add_argument_group("request shape (LEN: N, LO:HI uniform inclusive, or normal:MEAN:STD)")
-    shape.add_argument("--prompt-tokens", type=_length_arg, default=LengthSpec.parse("128"), metavar="LEN",
-                       help="prompt length in words drawn from a list of one-token English words (default: 128)")
-    shape.add_argument("--output-tokens", type=_length_arg, default=LengthSpec.parse("128"), metavar="LEN",
-                       help="max_tokens of each request; the model may stop earlier at EOS (default: 128)")
+    shape.add_argument(
+        "--prompt-tokens",
+        type=_length_arg,
+        default=LengthSpec.parse("128"),
+        metavar="LEN",
+        help="prompt length in words drawn from a list of one-token English words (default: 128)",
+    )
+    shape.add_argument(
+        "--output-tokens",
+        type=_length_arg,
+        default=LengthSpec.parse("128"),
+        metavar="LEN",
+        help="max_tokens of each request; the model may stop earlier at EOS (default: 128)",
+    )
     shape.add_argument("--seed", type=int, default=0, help="seeds models, lengths, prompts and arrivals (default: 0)")
     out = parser.add_argument_group("output")
     out.add_argument("--label", default="", help="the run's name in --json, --plot and --compare")
     out.add_argument("--json", type=Path, metavar="PATH", help="write {label, config, summary, records} as JSON")
-    out.add_argument("--plot", type=Path, metavar="PATH.png",
-                     help="draw latency CDF, TTFT histogram and latency over time (needs matplotlib)")
-    out.add_argument("--compare", type=Path, nargs="+", metavar="RUN.json",
-                     help="send nothing: print the summaries of these --json files side by side, "
-                     "with ratios to the first")
+    out.add_argument(
+        "--plot",
+        type=Path,
+        metavar="PATH.png",
+        help="draw latency CDF, TTFT histogram and latency over time (needs matplotlib)",
+    )
+    out.add_argument(
+        "--compare",
+        type=Path,
+        nargs="+",
+        metavar="RUN.json",
+        help="send nothing: print the summaries of these --json files side by side, with ratios to the first",
+    )
     return parser
 
 
@@ -694,11 +809,15 @@ def main(argv: list[str] | None = None) -> int:
         if path is not None and not path.parent.is_dir():
             parser.error(f"{flag}: folder {path.parent} does not exist")
     mode = f"rate {config.rate:g} req/s" if config.open_loop else f"concurrency {config.concurrency}"
-    bound = " and ".join(filter(None, [config.requests and f"{config.requests} requests",
-                                       config.duration and f"{config.duration:g} s"]))
+    bound = " and ".join(
+        filter(None, [config.requests and f"{config.requests} requests", config.duration and f"{config.duration:g} s"])
+    )
     path = "/v1/chat/completions" if config.endpoint == "chat" else "/v1/completions"
-    print(f"loadgen: {config.url} {path}, {len(config.model_names())} models, {mode}, "
-          f"up to {bound}, plus {config.warmup} warmup", file=sys.stderr)
+    print(
+        f"loadgen: {config.url} {path}, {len(config.model_names())} models, {mode}, "
+        f"up to {bound}, plus {config.warmup} warmup",
+        file=sys.stderr,
+    )
     result = asyncio.run(run_load(config))
     print(format_summary(result.summary, config.label))
     if args.json:
