@@ -125,6 +125,7 @@ class VllmEngine:
                             index=choice.index,
                             text=choice.text,
                             token_count=len(choice.token_ids),
+                            token_ids=list(choice.token_ids),
                             logprobs=self._logprobs(choice) if want_logprobs else None,
                             finish_reason=choice.finish_reason,
                         )

@@ -55,6 +55,7 @@ class ChoiceDelta:
     token_count: int
     logprobs: list[TokenLogprob] | None = None
     finish_reason: str | None = None
+    token_ids: list[int] = field(default_factory=list)
 
 
 @dataclass(slots=True)

@@ -39,6 +39,12 @@ class Job:
     options: SamplingOptions
     record: RequestRecord
     admission: Admission
+    return_token_ids: bool = False  # vLLM's extension: each choice also carries its token ids
+
+    def with_ids(self, choice: dict, token_ids: list[int]) -> dict:
+        if self.return_token_ids:
+            choice["token_ids"] = token_ids
+        return choice
 
 
 @dataclass
@@ -56,6 +62,7 @@ class ChoiceResult:
     index: int
     text: str = ""
     token_count: int = 0
+    token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] | None = None
     finish_reason: str | None = None
 
@@ -229,6 +236,7 @@ def _nothing() -> None:
 def _accumulate(result: ChoiceResult, choice: ChoiceDelta) -> None:
     result.text += choice.text
     result.token_count += choice.token_count
+    result.token_ids += choice.token_ids
     if choice.logprobs is not None:
         result.logprobs = (result.logprobs or []) + choice.logprobs
     if choice.finish_reason is not None:

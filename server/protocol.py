@@ -54,6 +54,7 @@ class _Sampling(_Request):
     # vLLM's extensions, accepted so that load tools written for vLLM's server work unchanged.
     min_tokens: int = Field(0, ge=0)
     ignore_eos: bool = False
+    return_token_ids: bool = False
 
     @field_validator("stop")
     @classmethod

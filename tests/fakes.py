@@ -87,7 +87,10 @@ class FakeEngine:
                     last = i == len(words) - 1
                     yield GenerationStep(
                         len(prompt_token_ids),
-                        [ChoiceDelta(c, word, 1, logprobs(word), finish if last else None) for c in range(options.n)],
+                        [
+                            ChoiceDelta(c, word, 1, logprobs(word), finish if last else None, [100 + i])
+                            for c in range(options.n)
+                        ],
                         finished=last,
                     )
             else:

@@ -23,9 +23,14 @@ def _app():
     state = Path(tempfile.mkdtemp(prefix="fuzz-"))
     config = Settings(served_model_name="base", state_dir=state, max_cpu_loras=3, max_loras=2)
     registry = Registry(
-        FakeEngine(), base_name="base", base_adapter=fake_spec("__base__", 1), max_resident=2,
-        catalog=Catalog(state / "catalog.sqlite3"), store=AdapterStore(state / "adapters"),
-        rules=AdapterRules(TINY_BASE, 64, 1 << 20), slot_wait_seconds=0.1,
+        FakeEngine(),
+        base_name="base",
+        base_adapter=fake_spec("__base__", 1),
+        max_resident=2,
+        catalog=Catalog(state / "catalog.sqlite3"),
+        store=AdapterStore(state / "adapters"),
+        rules=AdapterRules(TINY_BASE, 64, 1 << 20),
+        slot_wait_seconds=0.1,
     )
     app = build_app(config, registry._engine, registry)
     app.state.ready = True
@@ -36,8 +41,12 @@ schema = schemathesis.openapi.from_asgi("/openapi.json", _app())
 
 
 @schema.parametrize()
-@settings(max_examples=40, deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@settings(
+    max_examples=40,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
 def test_no_input_gives_a_server_error(case):
     response = case.call()
     assert response.status_code < 500, (case.method, case.path, case.body, response.text)

@@ -44,7 +44,7 @@ async def create_chat_completion(
         ignore_eos=body.ignore_eos,
     )
     admission = generator.admit(entry, principal)
-    job = Job(new_request_id("chatcmpl"), body.model, [prompt], options, record, admission)
+    job = Job(new_request_id("chatcmpl"), body.model, [prompt], options, record, admission, body.return_token_ids)
     top = body.top_logprobs or 0
     if body.stream:
         return sse_response(_stream(generator, job, body.include_usage, top), admission.release)
@@ -56,12 +56,15 @@ async def create_chat_completion(
             "created": int(time.time()),
             "model": job.model,
             "choices": [
-                {
-                    "index": choice.index,
-                    "message": {"role": "assistant", "content": choice.text},
-                    "logprobs": _logprobs(choice.logprobs, top),
-                    "finish_reason": choice.finish_reason,
-                }
+                job.with_ids(
+                    {
+                        "index": choice.index,
+                        "message": {"role": "assistant", "content": choice.text},
+                        "logprobs": _logprobs(choice.logprobs, top),
+                        "finish_reason": choice.finish_reason,
+                    },
+                    choice.token_ids,
+                )
                 for choice in outcome.choices
             ],
             "usage": outcome.usage.as_dict(),
@@ -93,12 +96,15 @@ async def _stream(generator: Generator, job: Job, include_usage: bool, top: int)
             usage.completion_tokens += delta.token_count
             yield chunk(
                 [
-                    {
-                        "index": delta.index,
-                        "delta": {"content": delta.text} if delta.text else {},
-                        "logprobs": _logprobs(delta.logprobs, top),
-                        "finish_reason": delta.finish_reason,
-                    }
+                    job.with_ids(
+                        {
+                            "index": delta.index,
+                            "delta": {"content": delta.text} if delta.text else {},
+                            "logprobs": _logprobs(delta.logprobs, top),
+                            "finish_reason": delta.finish_reason,
+                        },
+                        delta.token_ids,
+                    )
                 ]
             )
         if step.finished:

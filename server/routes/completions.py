@@ -44,7 +44,7 @@ async def create_completion(
         ignore_eos=body.ignore_eos,
     )
     admission = generator.admit(entry, principal)
-    job = Job(new_request_id("cmpl"), body.model, prompts, options, record, admission)
+    job = Job(new_request_id("cmpl"), body.model, prompts, options, record, admission, body.return_token_ids)
     if body.stream:
         return sse_response(_stream(generator, job, body.include_usage), admission.release)
     outcome = await unless_disconnected(request, generator.complete(job))
@@ -55,12 +55,15 @@ async def create_completion(
             "created": int(time.time()),
             "model": job.model,
             "choices": [
-                {
-                    "index": choice.index,
-                    "text": choice.text,
-                    "logprobs": _logprobs(choice.logprobs, 0),
-                    "finish_reason": choice.finish_reason,
-                }
+                job.with_ids(
+                    {
+                        "index": choice.index,
+                        "text": choice.text,
+                        "logprobs": _logprobs(choice.logprobs, 0),
+                        "finish_reason": choice.finish_reason,
+                    },
+                    choice.token_ids,
+                )
                 for choice in outcome.choices
             ],
             "usage": outcome.usage.as_dict(),
@@ -84,12 +87,15 @@ async def _stream(generator: Generator, job: Job, include_usage: bool) -> AsyncI
                 "created": created,
                 "model": job.model,
                 "choices": [
-                    {
-                        "index": index,
-                        "text": delta.text,
-                        "logprobs": _logprobs(delta.logprobs, offset),
-                        "finish_reason": delta.finish_reason,
-                    }
+                    job.with_ids(
+                        {
+                            "index": index,
+                            "text": delta.text,
+                            "logprobs": _logprobs(delta.logprobs, offset),
+                            "finish_reason": delta.finish_reason,
+                        },
+                        delta.token_ids,
+                    )
                 ],
             }
         if step.finished:

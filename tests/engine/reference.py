@@ -23,7 +23,11 @@ class PeftReference:
         self._cached = cache(self._generate)
 
     def completion(self, adapter: str | None, prompt: str, max_tokens: int) -> str:
-        return self._cached(adapter, tuple(self.tokenizer.encode(prompt)), max_tokens)
+        return self.tokenizer.decode(self.completion_ids(adapter, prompt, max_tokens), skip_special_tokens=True)
+
+    def completion_ids(self, adapter: str | None, prompt: str, max_tokens: int) -> list[int]:
+        """The generated token ids, the stop token (EOS) included, as vLLM reports them."""
+        return list(self._cached(adapter, tuple(self.tokenizer.encode(prompt)), max_tokens))
 
     def chat(self, adapter: str | None, messages: tuple[tuple[str, str], ...], max_tokens: int) -> str:
         text = self.tokenizer.apply_chat_template(
@@ -31,9 +35,10 @@ class PeftReference:
             add_generation_prompt=True,
             tokenize=False,
         )
-        return self._cached(adapter, tuple(self.tokenizer.encode(text, add_special_tokens=False)), max_tokens)
+        ids = self._cached(adapter, tuple(self.tokenizer.encode(text, add_special_tokens=False)), max_tokens)
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
-    def _generate(self, adapter: str | None, prompt_ids: tuple[int, ...], max_tokens: int) -> str:
+    def _generate(self, adapter: str | None, prompt_ids: tuple[int, ...], max_tokens: int) -> tuple[int, ...]:
         inputs = torch.tensor([prompt_ids])
         kwargs = {
             "max_new_tokens": max_tokens,
@@ -48,4 +53,4 @@ class PeftReference:
             else:
                 self.model.set_adapter(adapter)
                 output = self.model.generate(inputs, **kwargs)
-        return self.tokenizer.decode(output[0, len(prompt_ids) :], skip_special_tokens=True)
+        return tuple(output[0, len(prompt_ids) :].tolist())

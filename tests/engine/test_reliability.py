@@ -73,7 +73,11 @@ async def test_engine_death_makes_the_gateway_exit_non_zero_and_loses_nothing(de
             deadline = time.monotonic() + 30
             while first.process.poll() is None and time.monotonic() < deadline:
                 try:
-                    answers.append(client.post("/v1/completions", json={"model": "demo", "prompt": "x", "max_tokens": 2}).status_code)
+                    answers.append(
+                        client.post(
+                            "/v1/completions", json={"model": "demo", "prompt": "x", "max_tokens": 2}
+                        ).status_code
+                    )
                 except httpx.HTTPError:
                     pass
                 time.sleep(0.1)
@@ -84,7 +88,10 @@ async def test_engine_death_makes_the_gateway_exit_non_zero_and_loses_nothing(de
     second = start_gateway(args, tmp_path / "second.log", base_name="demo")
     try:
         with httpx.Client(base_url=second.url, timeout=60) as client:
-            reply = client.post("/v1/chat/completions", json={"model": "survivor", "messages": [{"role": "user", "content": DEMO_PROMPT}], "temperature": 0})
+            reply = client.post(
+                "/v1/chat/completions",
+                json={"model": "survivor", "messages": [{"role": "user", "content": DEMO_PROMPT}], "temperature": 0},
+            )
             assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["content"] == demo.answers["poet"]
     finally:
         stop_gateway(second)

@@ -7,7 +7,7 @@ import stat
 import pytest
 
 from tests.adapter_files import bad_adapters, make_adapter, tarball
-from tests.conftest import ADMIN_KEY, full_gateway
+from tests.conftest import full_gateway
 
 
 def files_of(folder):

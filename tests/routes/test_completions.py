@@ -212,3 +212,11 @@ async def test_engine_dying_mid_stream_ends_with_an_error_event(gateway, monkeyp
     chunks = sse_payloads(response.text)
     assert chunks[0]["choices"][0]["text"] == "alpha-0 "
     assert chunks[-1]["error"]["code"] == "engine_unavailable"
+
+
+async def test_return_token_ids_extension(gateway):
+    plain = await gateway.client.post("/v1/completions", json={"model": "alpha", "prompt": "hi", "max_tokens": 2})
+    assert "token_ids" not in plain.json()["choices"][0]
+    payload = {"model": "alpha", "prompt": "hi", "max_tokens": 2, "return_token_ids": True, "stream": True}
+    chunks = sse_payloads((await gateway.client.post("/v1/completions", json=payload)).text)
+    assert [c["choices"][0]["token_ids"] for c in chunks] == [[100], [101]]

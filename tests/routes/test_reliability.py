@@ -9,7 +9,9 @@ async def test_requests_beyond_the_in_flight_bound_get_503_with_retry_after(tmp_
     async with full_gateway(tmp_path / "state", max_in_flight=2) as gw:
         gw.engine.release = asyncio.Event()
         payload = {"model": "base", "prompt": "x", "max_tokens": 1}
-        running = [asyncio.create_task(gw.client.post("/v1/completions", json=payload, headers=gw.admin)) for _ in range(2)]
+        running = [
+            asyncio.create_task(gw.client.post("/v1/completions", json=payload, headers=gw.admin)) for _ in range(2)
+        ]
         await asyncio.sleep(0.05)
         refused = await gw.client.post("/v1/completions", json=payload, headers=gw.admin)
         assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
@@ -30,8 +32,9 @@ async def test_huge_bodies_are_413_before_they_are_read(tmp_path):
             for _ in range(10):
                 yield b" " * 1024
 
-        streamed = await gw.client.post("/v1/completions", content=chunked(),
-                                        headers=gw.admin | {"content-type": "application/json"})
+        streamed = await gw.client.post(
+            "/v1/completions", content=chunked(), headers=gw.admin | {"content-type": "application/json"}
+        )
         assert streamed.status_code == 413
         assert gw.engine.generated == []
 
@@ -39,16 +42,21 @@ async def test_huge_bodies_are_413_before_they_are_read(tmp_path):
 async def test_odd_unicode_and_vllm_extensions(tmp_path):
     async with full_gateway(tmp_path / "state") as gw:
         for prompt in ["\u0000nul", "\ud7ff\ue000", "👩‍👩‍👧 ｆｕｌｌ", "\u202eright-to-left"]:
-            response = await gw.client.post("/v1/completions", json={"model": "base", "prompt": prompt, "max_tokens": 1},
-                                            headers=gw.admin)
+            response = await gw.client.post(
+                "/v1/completions", json={"model": "base", "prompt": prompt, "max_tokens": 1}, headers=gw.admin
+            )
             assert response.status_code == 200, prompt
-        await gw.client.post("/v1/completions", json={"model": "base", "prompt": "x", "max_tokens": 3,
-                                                      "min_tokens": 2, "ignore_eos": True}, headers=gw.admin)
+        await gw.client.post(
+            "/v1/completions",
+            json={"model": "base", "prompt": "x", "max_tokens": 3, "min_tokens": 2, "ignore_eos": True},
+            headers=gw.admin,
+        )
         options = gw.engine.generated[-1][2]
         assert (options.min_tokens, options.ignore_eos) == (2, True)
         lone_surrogate = b'{"model": "base", "prompt": "\\udc00", "max_tokens": 1}'
-        response = await gw.client.post("/v1/completions", content=lone_surrogate,
-                                        headers=gw.admin | {"content-type": "application/json"})
+        response = await gw.client.post(
+            "/v1/completions", content=lone_surrogate, headers=gw.admin | {"content-type": "application/json"}
+        )
         assert response.status_code in (200, 400)
 
 
