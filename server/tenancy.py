@@ -119,7 +119,7 @@ class Tenants:
         return usage.in_flight if usage else 0
 
     def admit(self, name: str) -> Callable[[], None]:
-        """Count one request against the tenant's limits; returns its (idempotent) release."""
+        """Count one request against the tenant's limits; returns what gives it back."""
         limits = self.limits(name)
         usage = self._usage.setdefault(name, _Usage(tokens=max(1.0, limits.requests_per_second)))
         now = time.monotonic()
@@ -133,12 +133,8 @@ class Tenants:
             raise RateLimited(f"at most {limits.requests_per_second:g} requests per second for this key's tenant", wait)
         usage.tokens -= 1.0
         usage.in_flight += 1
-        released = False
 
-        def release() -> None:
-            nonlocal released
-            if not released:
-                released = True
-                usage.in_flight -= 1
+        def release() -> None:  # called once, by the generator's admission
+            usage.in_flight -= 1
 
         return release

@@ -76,6 +76,26 @@ def rewrite_tensors(folder: Path, change) -> None:
     save_file(tensors, str(folder / "adapter_model.safetensors"))
 
 
+BAD_CASES = [
+    "missing-config",
+    "bad-json",
+    "not-lora",
+    "rank-too-high",
+    "unknown-target",
+    "pickled",
+    "wrong-shape",
+    "rank-disagrees",
+    "foreign-tensor",
+    "nan",
+    "inf",
+    "truncated",
+    "not-safetensors",
+    "symlink-inside",
+    "symlinked-folder",
+    "missing-folder",
+]
+
+
 def bad_adapters(root: Path, base: BaseModelInfo = TINY_BASE, max_rank: int = 16) -> dict[str, tuple[Path, str]]:
     """One adapter per refusal: case -> (folder, a phrase its error message must contain)."""
     cases: dict[str, tuple[Path, str]] = {}

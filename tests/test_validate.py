@@ -4,7 +4,7 @@ import pytest
 
 from adapters.store import TooLarge, copy_folder
 from adapters.validate import InvalidAdapter, validate_adapter
-from tests.adapter_files import TINY_BASE, bad_adapters, make_adapter
+from tests.adapter_files import BAD_CASES, TINY_BASE, bad_adapters, make_adapter
 
 
 def stage_and_validate(source, tmp_path, max_bytes=10_000_000):
@@ -43,31 +43,11 @@ def corpus(tmp_path_factory):
     return bad_adapters(tmp_path_factory.mktemp("bad"))
 
 
-CASES = [
-    "missing-config",
-    "bad-json",
-    "not-lora",
-    "rank-too-high",
-    "unknown-target",
-    "pickled",
-    "wrong-shape",
-    "rank-disagrees",
-    "foreign-tensor",
-    "nan",
-    "inf",
-    "truncated",
-    "not-safetensors",
-    "symlink-inside",
-    "symlinked-folder",
-    "missing-folder",
-]
-
-
 def test_the_corpus_covers_every_case(corpus):
-    assert sorted(corpus) == sorted(CASES)
+    assert sorted(corpus) == sorted(BAD_CASES)
 
 
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", BAD_CASES)
 def test_each_bad_adapter_is_refused_with_a_reason(corpus, case, tmp_path):
     folder, phrase = corpus[case]
     with pytest.raises(InvalidAdapter) as refused:

@@ -6,7 +6,7 @@ import stat
 
 import pytest
 
-from tests.adapter_files import bad_adapters, make_adapter, tarball
+from tests.adapter_files import BAD_CASES, bad_adapters, make_adapter, tarball
 from tests.conftest import full_gateway
 
 
@@ -49,27 +49,7 @@ async def test_register_from_path_copies_into_the_store(full, tmp_path):
     assert (await complete(full, "support")).json()["choices"][0]["text"] == "support-0 support-1 "
 
 
-@pytest.mark.parametrize(
-    "case",
-    [
-        "missing-config",
-        "bad-json",
-        "not-lora",
-        "rank-too-high",
-        "unknown-target",
-        "pickled",
-        "wrong-shape",
-        "rank-disagrees",
-        "foreign-tensor",
-        "nan",
-        "inf",
-        "truncated",
-        "not-safetensors",
-        "symlink-inside",
-        "symlinked-folder",
-        "missing-folder",
-    ],
-)
+@pytest.mark.parametrize("case", BAD_CASES)
 async def test_bad_adapters_are_refused_and_leave_nothing(full, tmp_path, case):
     folder, phrase = bad_adapters(tmp_path / "bad", max_rank=64)[case]
     store = tmp_path / "state" / "adapters"
