@@ -1,4 +1,8 @@
-"""Typed FastAPI dependencies: what routes receive instead of importing globals."""
+"""Typed FastAPI dependencies: what routes receive instead of importing globals.
+
+All are `async def`: FastAPI runs a plain `def` dependency in a worker thread, and those thread
+hops were a visible share of each request's CPU time in the profile.
+"""
 
 from __future__ import annotations
 
@@ -14,35 +18,43 @@ from server.observe import RequestRecord, request_record
 from server.tenancy import Tenants
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_registry(request: Request) -> Registry:
+async def get_registry(request: Request) -> Registry:
     return request.app.state.registry
 
 
-def get_generator(request: Request) -> Generator:
+async def get_generator(request: Request) -> Generator:
     return request.app.state.generator
 
 
-def get_keyring(request: Request) -> KeyRing:
+async def get_keyring(request: Request) -> KeyRing:
     return request.app.state.keyring
 
 
-def get_tenants(request: Request) -> Tenants:
+async def get_tenants(request: Request) -> Tenants:
     return request.app.state.tenants
 
 
-def get_principal(request: Request) -> Principal:
-    """Who is calling, from `Authorization: Bearer KEY`; 401 without a valid key."""
+def _principal(request: Request) -> Principal:
     principal = request.app.state.keyring.authenticate(request.headers.get("authorization"))
     request_record(request).tenant = principal.tenant
     return principal
 
 
-def require_admin(request: Request) -> Principal:
-    principal = get_principal(request)
+async def get_principal(request: Request) -> Principal:
+    """Who is calling, from `Authorization: Bearer KEY`; 401 without a valid key."""
+    return _principal(request)
+
+
+async def get_record(request: Request) -> RequestRecord:
+    return request_record(request)
+
+
+async def require_admin(request: Request) -> Principal:
+    principal = _principal(request)
     if not principal.admin:
         raise AdminOnly(f"{request.method} {request.url.path}")
     return principal
@@ -51,7 +63,7 @@ def require_admin(request: Request) -> Principal:
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 RegistryDep = Annotated[Registry, Depends(get_registry)]
 GeneratorDep = Annotated[Generator, Depends(get_generator)]
-RecordDep = Annotated[RequestRecord, Depends(request_record)]
+RecordDep = Annotated[RequestRecord, Depends(get_record)]
 KeyRingDep = Annotated[KeyRing, Depends(get_keyring)]
 TenantsDep = Annotated[Tenants, Depends(get_tenants)]
 PrincipalDep = Annotated[Principal, Depends(get_principal)]

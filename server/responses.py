@@ -55,8 +55,13 @@ def sse_response(
         _sse_body(events),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        background=BackgroundTask(finally_) if finally_ else None,
+        background=BackgroundTask(_run_now, finally_) if finally_ else None,
     )
+
+
+async def _run_now(function: Callable[[], None]) -> None:
+    # A plain function given to BackgroundTask would run in a worker thread.
+    function()
 
 
 async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
