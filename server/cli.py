@@ -136,9 +136,9 @@ def serve(settings: Settings) -> int:
         preload[name] = Path(path)
     if settings.adapter_dir is not None and not settings.adapter_dir.is_dir():
         return _fail(f"--adapter-dir: {settings.adapter_dir} is not a folder")
-    if len(preload) > settings.max_cpu_loras - 1:
+    if len(preload) > settings.max_cpu_loras:
         return _fail(
-            f"--lora-modules names {len(preload)} adapters; --max-cpu-loras allows {settings.max_cpu_loras - 1}"
+            f"--lora-modules names {len(preload)} adapters; --max-cpu-loras allows {settings.max_cpu_loras}"
         )
 
     from server.app import build_app
@@ -158,7 +158,7 @@ def serve(settings: Settings) -> int:
             engine,
             base_name=settings.base_name,
             base_adapter=zero_spec,
-            max_resident=settings.max_cpu_loras - 1,
+            max_resident=settings.max_cpu_loras,
             catalog=Catalog(settings.state_dir / "catalog.sqlite3"),
             store=AdapterStore(settings.state_dir / "adapters"),
             rules=rules,

@@ -37,8 +37,9 @@ class Settings(BaseSettings):
     lora_modules: Annotated[dict[str, str], NoDecode] = Field(
         default_factory=dict, description="adapters to serve at start, as NAME=PATH pairs"
     )
-    max_loras: int = Field(4, ge=1, description="distinct adapters in one batch (base model counts as one)")
-    max_cpu_loras: int = Field(16, ge=2, description="adapters resident in the engine at once, base model's included")
+    # Both as in vLLM; the engine gets one more of each for the base model's zero adapter.
+    max_loras: int = Field(4, ge=1, description="distinct adapters in one batch, besides base-model requests")
+    max_cpu_loras: int = Field(16, ge=1, description="adapters resident in the engine at once")
     max_lora_rank: int = Field(64, description="largest adapter rank accepted")
     max_model_len: int | None = Field(
         None, ge=16, description="context length in tokens (default: the model's, capped at 4096)"

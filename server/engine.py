@@ -56,8 +56,9 @@ class VllmEngine:
             model=model_path,
             served_model_name=settings.base_name,
             enable_lora=True,
-            max_loras=settings.max_loras,
-            max_cpu_loras=settings.max_cpu_loras,
+            # One more slot, and one more cached adapter, for the base model's zero adapter.
+            max_loras=settings.max_loras + 1,
+            max_cpu_loras=settings.max_cpu_loras + 1,
             max_lora_rank=settings.max_lora_rank,
             max_model_len=max_model_len,
             max_num_seqs=settings.max_num_seqs,

@@ -74,14 +74,14 @@ async def full_gateway(state_dir: Path, engine: FakeEngine | None = None, **over
         served_model_name="base",
         state_dir=state_dir,
         admin_key=ADMIN_KEY,
-        **({"max_cpu_loras": 3, "max_loras": 2} | overrides),
+        **({"max_cpu_loras": 2, "max_loras": 2} | overrides),
     )
     engine = engine or FakeEngine()
     registry = Registry(
         engine,
         base_name="base",
         base_adapter=fake_spec("__base__", 1),
-        max_resident=settings.max_cpu_loras - 1,
+        max_resident=settings.max_cpu_loras,
         catalog=Catalog(state_dir / "catalog.sqlite3"),
         store=AdapterStore(state_dir / "adapters"),
         rules=AdapterRules(TINY_BASE, settings.max_lora_rank, settings.max_adapter_bytes),

@@ -67,7 +67,7 @@ async def observed_gateway(tmp_path, *, adapters: list[str], max_resident: int, 
     """The FakeEngine app with its registry's events counted, as cli.serve wires them."""
     settings = Settings(
         served_model_name="base",
-        max_cpu_loras=max_resident + 1,
+        max_cpu_loras=max_resident,
         max_loras=1,
         state_dir=tmp_path,
         metrics_adapter_labels=labels,

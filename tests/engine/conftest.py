@@ -83,7 +83,7 @@ def demo(tmp_path_factory) -> DemoModel:
 def gateway(demo, tmp_path_factory) -> Iterator[RunningGateway]:
     state = tmp_path_factory.mktemp("state")
     running = start_gateway(
-        ["--demo-dir", str(demo.root), "--state-dir", str(state), "--max-loras", "2", "--max-cpu-loras", "8"],
+        ["--demo-dir", str(demo.root), "--state-dir", str(state), "--max-loras", "1", "--max-cpu-loras", "8"],
         state / "gateway.log",
         base_name="demo",
     )

@@ -164,7 +164,7 @@ async def test_restart_serves_the_same_adapters(tmp_path):
 
 
 async def test_lru_eviction_skips_pinned_and_busy(tmp_path):
-    async with full_gateway(tmp_path / "state", max_cpu_loras=3) as gw:  # two resident besides the base
+    async with full_gateway(tmp_path / "state", max_cpu_loras=2) as gw:  # two resident besides the base
         for i in range(4):
             source = make_adapter(tmp_path / f"src{i}", seed=i)
             await gw.client.post("/v1/adapters", json={"name": f"a{i}", "path": str(source)}, headers=gw.admin)
