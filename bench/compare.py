@@ -1,12 +1,14 @@
 """python -m bench.compare: the gateway against vLLM's own server and against the bare engine.
 
-On one demo model and the same adapters, one system after the other, each with the same engine
-limits: vLLM's OpenAI server, the gateway, and the floor (vLLM's AsyncLLM in-process, no HTTP:
-bench/floor.py). Each gets the same load rounds from bench.loadgen (same seed, same requests), then
-a probe of base-model answers in mixed batches. Also measured: routing cost with 10 and 10,000
-adapters registered (bench/routing.py, no engine), and the time from registering an adapter to
-its first token. Prints a table with ratios and the targets; writes JSON, per-run records and
-PNG plots into --out. Every process it starts is stopped at the end, on errors and on Ctrl-C too.
+On one demo model and the same adapters, each with the same engine limits: vLLM's OpenAI server,
+the gateway, and the floor (vLLM's AsyncLLM in-process, no HTTP: bench/floor.py). Each gets the
+same load rounds from bench.loadgen (same seed, same requests); by default a workload's systems
+stay up together and their rounds alternate (bench/sessions.py), so background load hits them
+alike. Then a probe of base-model answers in mixed batches (bench/probe.py). Also measured:
+routing cost with 10 and 10,000 adapters registered (bench/routing.py, no engine), and the time
+from registering an adapter to its first token (bench/cold.py). Prints a table with ratios and the
+targets (bench/report.py); writes JSON, per-round records, logs and PNG plots into --out. Every
+process it starts is stopped at the end, on errors and on Ctrl-C or SIGTERM too.
 """
 
 from __future__ import annotations
@@ -188,8 +190,6 @@ class Comparison:
     def prepare(self) -> None:
         for folder in (self.out, self.out / "runs", self.out / "logs", self.args.plots, self.work):
             folder.mkdir(parents=True, exist_ok=True)
-        if self.out.parent == DEFAULT_RESULTS and not (DEFAULT_RESULTS / ".gitignore").exists():
-            (DEFAULT_RESULTS / ".gitignore").write_text("# bench.compare's results; not for the repository\n*\n")
         demo = (self.args.demo_dir or self.work / "demo").resolve()
         if not (demo / "demo.json").is_file():
             log(f"building the demo model into {demo}")

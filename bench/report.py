@@ -315,7 +315,8 @@ def plot_profile(top: list[dict[str, Any]], title: str, path: Path) -> None:
     rows = top[:15][::-1]
     fig, axes = plt.subplots(figsize=(11, 0.4 * len(rows) + 1.5))
     axes.barh([row["function"] for row in rows], [row["inclusive_pct"] for row in rows], color="tab:blue")
-    axes.set(title=title, xlabel="% of the gateway process's samples (inclusive)")
+    axes.set_title(title, fontsize=10, loc="right")
+    axes.set_xlabel("% of the gateway process's samples holding the GIL (inclusive)")
     axes.grid(alpha=0.3, axis="x")
     fig.tight_layout()
     fig.savefig(path, format="png", dpi=100)

@@ -54,7 +54,8 @@ def test_workloads_flag_checks_names(capsys):
 
 def test_skip_flags_and_bad_counts(capsys):
     args = parse("--skip-vllm", "--skip-floor", "--no-probe", "--profile")
-    assert args.skip_vllm and args.skip_floor and args.no_probe and args.profile
+    assert args.skip_vllm and args.skip_floor and args.no_probe and args.profile and args.interleave
+    assert not parse("--no-interleave").interleave
     with pytest.raises(SystemExit):
         parse("--requests", "0")
     with pytest.raises(SystemExit):
@@ -273,6 +274,34 @@ async def test_floor_answers_commands(tmp_path):
     assert run["label"] == "floor-a-r1" and run["summary"]["requests"] == 6 and set(run["cpu_s"]) == {"frontend", "engine"}
     # The probe keeps each request's last output (the fake streams deltas, so the last word).
     assert orjson.loads((tmp_path / "probe.json").read_bytes()) == {"base": ["w1 ", "w1 "], "lora0": ["w1 ", "w1 "]}
+
+
+def test_floor_session_reads_answers_and_notices_errors(tmp_path):
+    """The command channel: answers among other output, an error answer, and a process that dies."""
+    from types import SimpleNamespace
+
+    from bench.sessions import FloorSession
+
+    script = (
+        "import sys\n"
+        "print('vllm says hello'); print('@floor ready', flush=True)\n"
+        "for line in sys.stdin:\n"
+        "    if 'fail' in line: print('@floor error ValueError: no', flush=True)\n"
+        "    elif 'quit' in line: sys.exit(3)\n"
+        "    else: print('noise'); print('@floor done', flush=True)\n"
+    )
+    pool = ProcessPool()
+    session = FloorSession(SimpleNamespace(pool=pool), workload=None, base_name="base", prompt_ids=[])
+    session.launched = pool.start("floor", [sys.executable, "-c", script], tmp_path / "floor.log", pipes=True)
+    try:
+        session._expect("ready", 10)
+        session._send({"cmd": "round"}, 10)
+        with pytest.raises(RuntimeError, match="the floor failed: ValueError: no"):
+            session._send({"cmd": "fail"}, 10)
+        with pytest.raises(RuntimeError, match="the floor exited with 3"):
+            session._send({"cmd": "quit"}, 10)
+    finally:
+        pool.stop_all()
 
 
 # -- py-spy stacks --------------------------------------------------------------------------------
