@@ -25,8 +25,11 @@ async def create_completion(
     entry = await generator.resolve(body.model, principal)
     prompts = []
     for prompt in body.prompts():
-        ids = generator.engine.encode(prompt) if isinstance(prompt, str) else prompt
-        generator.check_token_ids(ids)
+        if isinstance(prompt, str):
+            ids = generator.engine.encode(prompt)
+        else:  # only ids the caller gave can be out of the vocabulary; the tokenizer's cannot
+            ids = prompt
+            generator.check_token_ids(ids)
         generator.check_fits(ids, body.max_tokens, "prompt")
         prompts.append(ids)
     options = SamplingOptions(
