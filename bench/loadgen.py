@@ -20,7 +20,7 @@ import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -466,7 +466,7 @@ async def run_load(config: LoadConfig, *, transport: httpx.AsyncBaseTransport | 
         headers["Authorization"] = f"Bearer {config.api_key}"
     base_url = re.sub(r"/v1/?$", "", config.url.rstrip("/"))
     planner = RequestPlanner(config)
-    started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    started_at = datetime.now(UTC).isoformat(timespec="seconds")
     async with httpx.AsyncClient(
         base_url=base_url,
         headers=headers,
@@ -602,7 +602,7 @@ def format_comparison(runs: list[tuple[str, dict[str, Any]]]) -> str:
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
 
     def render(row: list[str]) -> str:
-        return "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+        return "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=False)))
 
     return "\n".join([render(header), *(render(row) for row in rows)])
 

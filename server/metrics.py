@@ -49,22 +49,31 @@ class AdapterLabels:
 
 
 class RegistryMetrics:
-    """RegistryEvents that count adapter loads, load seconds and evictions."""
+    """RegistryEvents that count adapter loads, load seconds, reloads and evictions."""
 
     def __init__(self, labels: AdapterLabels, registry: CollectorRegistry):
         self._labels = labels
         self.loads = Counter(
-            PREFIX + "adapter_loads", "Adapters loaded into the engine", ["adapter"], registry=registry
+            PREFIX + "adapter_loads",
+            "Adapters loaded into the engine through add_lora (at registration, or first use after a restart)",
+            ["adapter"],
+            registry=registry,
+        )
+        self.reloads = Counter(
+            PREFIX + "adapter_reloads",
+            "Requests sent for an adapter out of the engine's cache, which the engine reloads from the store",
+            ["adapter"],
+            registry=registry,
         )
         self.load_seconds = Histogram(
             PREFIX + "adapter_load_seconds",
-            "Time to load an adapter into the engine, eviction of another included",
+            "Time of an add_lora load of an adapter into the engine",
             buckets=LOAD_BUCKETS,
             registry=registry,
         )
         self.evictions = Counter(
             PREFIX + "adapter_evictions",
-            "Adapters evicted from the engine to make room for another",
+            "Adapters that dropped out of the engine's LRU cache to make room for another",
             ["adapter"],
             registry=registry,
         )
@@ -72,6 +81,9 @@ class RegistryMetrics:
     def adapter_loaded(self, name: str, seconds: float) -> None:
         self.loads.labels(self._labels.label(name, claim=True)).inc()
         self.load_seconds.observe(seconds)
+
+    def adapter_reloaded(self, name: str) -> None:
+        self.reloads.labels(self._labels.label(name, claim=True)).inc()
 
     def adapter_evicted(self, name: str) -> None:
         self.evictions.labels(self._labels.label(name, claim=True)).inc()
@@ -123,7 +135,7 @@ class GatewayMetrics:
         )
         self.adapters_resident = Gauge(
             PREFIX + "adapters_resident",
-            "Adapters resident in the engine (the base model's zero adapter not counted)",
+            "Adapters in the engine's LRU cache as the registry tracks it (the base model's zero adapter not counted)",
             registry=registry,
         )
         self.adapters_registered = Gauge(

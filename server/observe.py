@@ -62,6 +62,8 @@ class RegistryEvents(Protocol):
 
     def adapter_loaded(self, name: str, seconds: float) -> None: ...
 
+    def adapter_reloaded(self, name: str) -> None: ...
+
     def adapter_evicted(self, name: str) -> None: ...
 
 
@@ -69,6 +71,9 @@ class NoEvents:
     """RegistryEvents that go nowhere."""
 
     def adapter_loaded(self, name: str, seconds: float) -> None:
+        pass
+
+    def adapter_reloaded(self, name: str) -> None:
         pass
 
     def adapter_evicted(self, name: str) -> None:

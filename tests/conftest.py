@@ -26,7 +26,7 @@ class FakeGateway:
 async def gateway(tmp_path) -> AsyncIterator[FakeGateway]:
     """The whole app over a FakeEngine, serving base model 'base' and adapters 'alpha' and 'beta'."""
     settings = Settings(served_model_name="base", max_cpu_loras=3, max_loras=2, state_dir=tmp_path)
-    engine = FakeEngine()
+    engine = FakeEngine(cache_size=3)  # two adapters and the zero adapter, as the real engine gets
     registry = Registry(
         engine,
         base_name="base",
@@ -76,7 +76,7 @@ async def full_gateway(state_dir: Path, engine: FakeEngine | None = None, **over
         admin_key=ADMIN_KEY,
         **({"max_cpu_loras": 2, "max_loras": 2} | overrides),
     )
-    engine = engine or FakeEngine()
+    engine = engine or FakeEngine(cache_size=settings.max_cpu_loras + 1)
     registry = Registry(
         engine,
         base_name="base",
@@ -85,7 +85,6 @@ async def full_gateway(state_dir: Path, engine: FakeEngine | None = None, **over
         catalog=Catalog(state_dir / "catalog.sqlite3"),
         store=AdapterStore(state_dir / "adapters"),
         rules=AdapterRules(TINY_BASE, settings.max_lora_rank, settings.max_adapter_bytes),
-        slot_wait_seconds=0.5,
     )
     app = build_app(settings, engine, registry)
     async with app.router.lifespan_context(app):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,12 +25,20 @@ def fake_spec(name: str, rank: int = 8) -> AdapterSpec:
 
 
 class FakeEngine:
-    """Answers `"<adapter> " + words` one word per step; records every call."""
+    """Answers `"<adapter> " + words` one word per step; records every call.
+
+    Its adapter cache works as vLLM's worker's: least recently used out first once it holds
+    `cache_size` adapters; a request for an adapter it does not hold loads it from its path
+    (`reloaded`); add_adapter on one it holds only refreshes its place.
+    """
 
     vocab_size = 300
 
-    def __init__(self, max_model_len: int = 64):
+    def __init__(self, max_model_len: int = 64, cache_size: int = 1000):
         self._max_model_len = max_model_len
+        self.cache_size = cache_size
+        self.cache: OrderedDict[int, str] = OrderedDict()  # adapter id -> name, oldest first
+        self.reloaded: list[int] = []
         self.healthy = True
         self.generated: list[tuple[str, list[int], SamplingOptions, AdapterHandle]] = []
         self.added: list[int] = []
@@ -65,6 +74,9 @@ class FakeEngine:
         if not self.healthy:
             raise EngineDead("dead")
         self.generated.append((request_id, prompt_token_ids, options, adapter))
+        if adapter.adapter_id not in self.cache:
+            self.reloaded.append(adapter.adapter_id)
+        self._cache(adapter)
         self.running += 1
         try:
             if self.release is not None:
@@ -116,9 +128,17 @@ class FakeEngine:
         if self.refuse_all or adapter.path in self.refuse_paths:
             raise AdapterLoadFailed("refused")
         self.added.append(adapter.adapter_id)
+        self._cache(adapter)
+
+    def _cache(self, adapter: AdapterHandle) -> None:
+        self.cache[adapter.adapter_id] = adapter.name
+        self.cache.move_to_end(adapter.adapter_id)
+        while len(self.cache) > self.cache_size:
+            self.cache.popitem(last=False)
 
     async def remove_adapter(self, adapter_id: int) -> None:
         self.removed.append(adapter_id)
+        self.cache.pop(adapter_id, None)
 
     async def shutdown(self) -> None:
         self.shut_down = True

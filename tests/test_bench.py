@@ -216,7 +216,7 @@ async def test_open_loop_sends_poisson_arrivals_at_the_rate(fake):
     assert len(fake.models) == sent
     starts = [r.scheduled_s for r in result.records]
     assert starts == sorted(starts) and starts[-1] < 1.0
-    gaps = [b - a for a, b in zip([0.0, *starts], starts)]
+    gaps = [b - a for a, b in zip([0.0, *starts], starts, strict=False)]
     assert 0.015 < sum(gaps) / len(gaps) < 0.04 and max(gaps) > 2 * min(gaps)
     assert fake.max_in_flight >= 3
     assert result.summary["start_lag_p99_ms"] < 250

@@ -30,7 +30,6 @@ def _app():
         catalog=Catalog(state / "catalog.sqlite3"),
         store=AdapterStore(state / "adapters"),
         rules=AdapterRules(TINY_BASE, 64, 1 << 20),
-        slot_wait_seconds=0.1,
     )
     app = build_app(config, registry._engine, registry)
     app.state.ready = True

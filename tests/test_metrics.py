@@ -72,7 +72,7 @@ async def observed_gateway(tmp_path, *, adapters: list[str], max_resident: int, 
         state_dir=tmp_path,
         metrics_adapter_labels=labels,
     )
-    engine = FakeEngine()
+    engine = FakeEngine(cache_size=max_resident + 1)
     metrics = GatewayMetrics("base", settings.metrics_adapter_labels)
     registry = Registry(
         engine,
@@ -238,14 +238,17 @@ async def test_unknown_names_do_not_use_up_the_bound(tmp_path):
 
 async def test_loads_and_evictions_are_counted(tmp_path):
     async with observed_gateway(tmp_path, adapters=["alpha", "beta"], max_resident=1, labels=5) as gw:
-        # Registering beta evicted alpha; this request loads alpha back and evicts beta.
+        # Registering beta pushed alpha out of the cache; this request has the engine reload alpha,
+        # which pushes beta out.
         assert (await gw.client.post("/v1/completions", json=complete("alpha"))).status_code == 200
+        assert gw.engine.reloaded == [gw.registry.find("", "alpha").adapter_id]
         samples = await scrape(gw.client)
-    assert value(samples, "lora_gateway_adapter_loads_total", adapter="alpha") == 2
+    assert value(samples, "lora_gateway_adapter_loads_total", adapter="alpha") == 1
     assert value(samples, "lora_gateway_adapter_loads_total", adapter="beta") == 1
+    assert value(samples, "lora_gateway_adapter_reloads_total", adapter="alpha") == 1
     assert value(samples, "lora_gateway_adapter_evictions_total", adapter="alpha") == 1
     assert value(samples, "lora_gateway_adapter_evictions_total", adapter="beta") == 1
-    assert value(samples, "lora_gateway_adapter_load_seconds_count") == 3
+    assert value(samples, "lora_gateway_adapter_load_seconds_count") == 2
     assert value(samples, "lora_gateway_adapters_resident") == 1
     assert value(samples, "lora_gateway_adapters_registered") == 2
 

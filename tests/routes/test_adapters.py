@@ -8,6 +8,7 @@ import pytest
 
 from tests.adapter_files import BAD_CASES, bad_adapters, make_adapter, tarball
 from tests.conftest import full_gateway
+from tests.fakes import FakeEngine
 
 
 def files_of(folder):
@@ -163,39 +164,74 @@ async def test_restart_serves_the_same_adapters(tmp_path):
         assert entry.resident and second.engine.added[-1] == entry.adapter_id
 
 
-async def test_lru_eviction_skips_pinned_and_busy(tmp_path):
-    async with full_gateway(tmp_path / "state", max_cpu_loras=2) as gw:  # two resident besides the base
+async def test_the_engine_cache_drops_least_recently_used_never_pinned(tmp_path):
+    async with full_gateway(tmp_path / "state", max_cpu_loras=2) as gw:  # the engine caches 2 + the zero adapter
         for i in range(4):
             source = make_adapter(tmp_path / f"src{i}", seed=i)
             await gw.client.post("/v1/adapters", json={"name": f"a{i}", "path": str(source)}, headers=gw.admin)
-        assert gw.registry.resident_count == 2
         ids = {f"a{i}": gw.registry.find("", f"a{i}").adapter_id for i in range(4)}
+        assert gw.registry.resident_count == 2 and set(gw.engine.cache) >= {ids["a2"], ids["a3"]}
         await gw.client.post("/v1/adapters/a0/pin", headers=gw.admin)
-        gw.engine.removed.clear()
-        assert (await complete(gw, "a0")).status_code == 200  # a0 reloads; pinned from now on
-        assert (await complete(gw, "a1")).status_code == 200
-        assert (await complete(gw, "a2")).status_code == 200  # evicts a1, never the pinned a0
-        assert ids["a1"] in gw.engine.removed and ids["a0"] not in gw.engine.removed
-        # a request in flight keeps its adapter resident
+        assert (await complete(gw, "a0")).status_code == 200  # reloaded by the engine, no add_lora
+        assert gw.engine.reloaded == [ids["a0"]]
+        for name in ["a1", "a2", "a3", "a1", "a2", "a3"]:  # a0 is the oldest after each of these
+            assert (await complete(gw, name)).status_code == 200
+            assert ids["a0"] in gw.engine.cache, name
+        # The registry's mirror agrees with the engine's cache.
+        cached = {entry.adapter_id for entry in gw.registry.entries() if entry.resident}
+        assert cached | {gw.registry.base.adapter_id} == set(gw.engine.cache)
+        await gw.client.post("/v1/adapters/a0/unpin", headers=gw.admin)
+        for name in ["a1", "a2"]:
+            assert (await complete(gw, name)).status_code == 200
+        assert ids["a0"] not in gw.engine.cache  # unpinned, it goes like any other
+
+
+async def test_no_request_waits_for_a_cache_slot(tmp_path):
+    # Four adapters busy at once with room for two: vLLM's scheduler holds the requests, and its
+    # worker reloads each adapter from the store when a batch needs it.
+    async with full_gateway(tmp_path / "state", max_cpu_loras=2) as gw:
+        for i in range(4):
+            source = make_adapter(tmp_path / f"src{i}", seed=i)
+            await gw.client.post("/v1/adapters", json={"name": f"b{i}", "path": str(source)}, headers=gw.admin)
+        await gw.client.post("/v1/adapters/b0/pin", headers=gw.admin)
         gw.engine.release = asyncio.Event()
-        busy = asyncio.create_task(complete(gw, "a2"))
+        busy = [asyncio.create_task(complete(gw, f"b{i}")) for i in range(4)]
         await asyncio.sleep(0.05)
-        refused = await complete(gw, "a3")  # a0 pinned, a2 busy: no slot
-        assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+        assert gw.engine.running == 4  # all four reached the engine; none waits in the gateway
         gw.engine.release.set()
-        assert (await busy).status_code == 200
-        assert ids["a2"] not in gw.engine.removed[-1:]
+        answers = await asyncio.gather(*busy)
+        assert [r.status_code for r in answers] == [200] * 4
+        assert [r.json()["choices"][0]["text"].split("-")[0] for r in answers] == [f"b{i}" for i in range(4)]
 
 
-async def test_concurrent_cold_requests_load_once(full, tmp_path):
-    source = make_adapter(tmp_path / "src")
-    await full.client.post("/v1/adapters", json={"name": "cold", "path": str(source)}, headers=full.admin)
-    entry = full.registry.find("", "cold")
-    await full.registry._unload(entry)  # make it cold
-    loads_before = full.engine.added.count(entry.adapter_id)
-    responses = await asyncio.gather(*(complete(full, "cold") for _ in range(8)))
-    assert all(r.status_code == 200 for r in responses)
-    assert full.engine.added.count(entry.adapter_id) == loads_before + 1
+async def test_concurrent_first_requests_after_a_restart_load_once(tmp_path):
+    state = tmp_path / "state"
+    async with full_gateway(state) as first:
+        source = make_adapter(tmp_path / "src")
+        await first.client.post("/v1/adapters", json={"name": "cold", "path": str(source)}, headers=first.admin)
+    async with full_gateway(state) as second:
+        entry = second.registry.find("", "cold")
+        assert not entry.accepted and entry.adapter_id not in second.engine.added
+        responses = await asyncio.gather(*(complete(second, "cold") for _ in range(8)))
+        assert all(r.status_code == 200 for r in responses)
+        # add_lora checked the stored files once, before any request reached a batch.
+        assert second.engine.added.count(entry.adapter_id) == 1 and second.engine.reloaded == []
+
+
+async def test_stored_files_the_engine_refuses_after_a_restart_get_a_4xx(tmp_path):
+    state = tmp_path / "state"
+    async with full_gateway(state) as first:
+        source = make_adapter(tmp_path / "src")
+        await first.client.post("/v1/adapters", json={"name": "hurt", "path": str(source)}, headers=first.admin)
+    engine = FakeEngine(cache_size=3)
+    async with full_gateway(state, engine=engine) as second:
+        engine.refuse_all = True  # as add_lora refuses a damaged file
+        refused = await complete(second, "hurt")
+        assert refused.status_code == 400 and refused.json()["error"]["code"] == "invalid_adapter"
+        assert str(state) not in refused.text
+        assert engine.generated == []  # it never reached a batch
+        engine.refuse_all = False
+        assert (await complete(second, "hurt")).status_code == 200
 
 
 async def test_replace_is_atomic_and_old_requests_finish_on_the_old_version(full, tmp_path):
