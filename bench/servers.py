@@ -19,6 +19,8 @@ from pathlib import Path
 
 import httpx
 
+from server.engine_wait import ENV as ENGINE_WAIT_ENV
+
 VENV_BIN = Path(sys.executable).parent
 STOP_SECONDS = 45.0  # the gateway drains first; an idle one exits within a second or two
 
@@ -80,10 +82,12 @@ class ProcessPool:
         """Start `argv` in a new session, output to `log_path`; with `pipes`, stdin and stdout are
         pipes to talk over, and only stderr goes to the log."""
         log = log_path.open("wb")
+        # The gateway's engine-wait plugin acts on this variable; no system inherits it from here.
+        inherited = {key: value for key, value in os.environ.items() if key != ENGINE_WAIT_ENV}
         try:
             process = subprocess.Popen(
                 argv, stdout=subprocess.PIPE if pipes else log, stderr=log if pipes else subprocess.STDOUT,
-                stdin=subprocess.PIPE if pipes else subprocess.DEVNULL, env={**os.environ, **(env or {})},
+                stdin=subprocess.PIPE if pipes else subprocess.DEVNULL, env={**inherited, **(env or {})},
                 start_new_session=True, cwd=cwd)
         finally:
             log.close()

@@ -53,6 +53,18 @@ class Settings(BaseSettings):
         "on CPU a share of one NUMA node)",
     )
     max_num_seqs: int = Field(64, ge=1, description="sequences the engine batches at once")
+    engine_spin_us: int = Field(
+        200,
+        ge=0,
+        le=1_000_000,
+        description="how long the engine's processes spin (sched_yield) waiting for each other's next message",
+    )
+    engine_nap_us: int = Field(
+        50,
+        ge=0,
+        le=100_000,
+        description="after that spin, how long they sleep between looks; 0 spins as vLLM ships (costs a core)",
+    )
     host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0 for every interface)")
     port: int = Field(8000, ge=0, le=65535, description="port to listen on")
     demo_dir: Path = Field(

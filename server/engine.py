@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from vllm.sampling_params import RequestOutputKind, SamplingParams
 from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.exceptions import EngineDeadError
 
+from server import engine_wait
 from server.config import Settings
 from server.engine_protocol import (
     AdapterHandle,
@@ -68,6 +70,8 @@ class VllmEngine:
             generation_config="vllm",
         )
         logger.info("starting engine for %s (max_model_len %d)", settings.base_name, max_model_len)
+        # Read by server.engine_wait in the engine's processes, which inherit this environment.
+        os.environ[engine_wait.ENV] = engine_wait.encode(settings.engine_spin_us, settings.engine_nap_us)
         llm = AsyncLLM.from_engine_args(args)
         tokenizer = AutoTokenizer.from_pretrained(model_path)
         return cls(llm, tokenizer, max_model_len)
