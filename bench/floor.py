@@ -53,12 +53,9 @@ def start_engine(model: str, served_name: str, limits: dict[str, Any]) -> Any:
     from vllm.v1.engine.async_llm import AsyncLLM
 
     from server import engine_wait
-    from server.config import Settings
 
     # The engine's processes wait for each other as the gateway's do (server/engine_wait.py).
-    defaults = Settings.model_fields
-    os.environ[engine_wait.ENV] = engine_wait.encode(
-        defaults["engine_spin_us"].default, defaults["engine_nap_us"].default)
+    os.environ[engine_wait.ENV] = engine_wait.encode(*engine_wait.defaults())
 
     args = AsyncEngineArgs(
         model=model,

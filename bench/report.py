@@ -6,9 +6,9 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-SYSTEMS = ("vllm", "gateway", "gateway-alt", "floor")
-SYSTEM_TITLES = {"vllm": "vLLM server", "gateway": "gateway", "gateway-alt": "gateway (--also-gateway)",
-                 "floor": "floor (AsyncLLM)"}
+SYSTEMS = ("vllm", "vllm-wait", "gateway", "gateway-alt", "floor")
+SYSTEM_TITLES = {"vllm": "vLLM server", "vllm-wait": "vLLM server + engine wait", "gateway": "gateway",
+                 "gateway-alt": "gateway (--also-gateway)", "floor": "floor (AsyncLLM)"}
 
 # (column title, summary key, higher is better)
 COLUMNS = (
@@ -19,7 +19,8 @@ COLUMNS = (
     ("TTFT p50 ms", "ttft_p50_ms", False),
     ("TTFT p99 ms", "ttft_p99_ms", False),
 )
-RATIO_PAIRS = (("gateway", "vllm", "gateway/vLLM"), ("gateway", "floor", "gateway/floor"),
+RATIO_PAIRS = (("gateway", "vllm", "gateway/vLLM"), ("gateway", "vllm-wait", "gateway/vLLM+wait"),
+               ("gateway", "floor", "gateway/floor"),
                ("gateway-alt", "gateway", "also/gateway"), ("gateway-alt", "floor", "also/floor"))
 
 THROUGHPUT_VS_VLLM = 1.25  # gateway req/s at least 1.25x vLLM's server
@@ -230,7 +231,7 @@ def _pyplot() -> Any:
     return plt
 
 
-COLORS = {"vllm": "tab:orange", "gateway": "tab:blue", "gateway-alt": "tab:purple", "floor": "tab:green"}
+COLORS = {"vllm": "tab:orange", "vllm-wait": "tab:red", "gateway": "tab:blue", "gateway-alt": "tab:purple", "floor": "tab:green"}
 
 
 def plot_latency(workload: dict[str, Any], records: dict[str, list[dict[str, Any]]], path: Path) -> None:

@@ -29,6 +29,8 @@ from bench.cold import cold_loads
 from bench.floor import PROTOCOL
 from bench.loadgen import LoadConfig, run_load, write_json
 from bench.servers import VENV_BIN, Launched, ProcessPool, cpu_seconds, free_port, gateway_argv, vllm_argv, wait_ready
+from server import engine_wait
+from server.engine_wait import ENV as ENGINE_WAIT_ENV
 
 
 class Context(Protocol):
@@ -82,8 +84,20 @@ def register_adapters(url: str, adapters: dict[str, Path], timeout: float = 120.
             "median_s": round(ordered[len(ordered) // 2], 3) if ordered else None}
 
 
+def system_env(system: str) -> dict[str, str]:
+    """Environment variables a server system starts with, besides this process's own."""
+    if not system.startswith("vllm"):
+        return {}  # the gateway sets its engine's wait itself
+    # Lets POST /v1/load_lora_adapter time a cold load, as the gateway's admin API does.
+    env = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
+    if system == "vllm-wait":  # the gateway's vLLM plugin, installed in this environment, acts on it
+        env[ENGINE_WAIT_ENV] = engine_wait.encode(*engine_wait.defaults())
+    return env
+
+
 class ServerSession:
-    """vLLM's server ("vllm") or the gateway ("gateway", or "gateway-alt" from --also-gateway)."""
+    """vLLM's server ("vllm"; "vllm-wait" with the gateway's engine wait) or the gateway ("gateway", or
+    "gateway-alt" from --also-gateway)."""
 
     def __init__(self, ctx: Context, system: str, workload: Any, base_name: str):
         self.ctx, self.system, self.workload, self.base_name = ctx, system, workload, base_name
@@ -101,10 +115,9 @@ class ServerSession:
         port = free_port()
         logs = ctx.out / "logs" / f"{self.system}-{workload.key}.log"
         cwd = ctx.args.also_gateway if self.system == "gateway-alt" else None
-        if self.system == "vllm":
+        if self.system.startswith("vllm"):
             argv = vllm_argv(ctx.base, adapters, limits, port, self.base_name)
-            # Lets POST /v1/load_lora_adapter time a cold load, as the gateway's admin API does.
-            env, ready_path = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}, "/health"
+            env, ready_path = system_env(self.system), "/health"
         else:
             state = ctx.work / f"state-{self.system}-{workload.key}"
             shutil.rmtree(state, ignore_errors=True)
@@ -112,11 +125,11 @@ class ServerSession:
             # From the other tree: `python -m server` there, whose folder comes first on sys.path.
             command = [str(VENV_BIN / "python"), "-m", "server"] if cwd else None
             argv = gateway_argv(ctx.base, preload, limits, port, state, self.base_name, command)
-            env, ready_path = {}, "/ready"
+            env, ready_path = system_env(self.system), "/ready"
         self.data.update(argv=argv, log=str(logs), source_sha256=source_digest(cwd))
         self.launched = ctx.pool.start(self.system, argv, logs, env=env, url=f"http://127.0.0.1:{port}", cwd=cwd)
         self.data["startup_s"] = round(wait_ready(self.launched, ready_path, ctx.args.start_timeout), 2)
-        if self.system != "vllm" and workload.register_via_api:
+        if not self.system.startswith("vllm") and workload.register_via_api:
             self.data["registration"] = register_adapters(self.url, adapters)
             log(f"{self.system}: registered {len(adapters)} adapters in {self.data['registration']['total_s']:.1f} s")
 
@@ -147,7 +160,7 @@ class ServerSession:
             self.data["probe"] = ctx.judge(asyncio.run(probe_server(self.url, ctx.probe_models(self.workload))))
         if cold:
             paths = ctx.adapter_paths([f"cold{i}" for i in range(ctx.args.cold_loads)])
-            self.data["cold_load"] = asyncio.run(cold_loads(self.url, paths, vllm=self.system == "vllm"))
+            self.data["cold_load"] = asyncio.run(cold_loads(self.url, paths, vllm=self.system.startswith("vllm")))
             log(f"{self.system} cold load: {report.format_cold(self.data['cold_load'])}")
         if ctx.args.profile and self.system.startswith("gateway"):
             self.data["profile"] = self.profile_round()

@@ -342,3 +342,23 @@ def test_stopping_a_process_stops_its_children(tmp_path):
     status = subprocess.run(["ps", "-o", "stat=", "-p", str(child)], capture_output=True, text=True).stdout.strip()
     assert status in ("", "Z"), f"child {child} still running: {status}"
     assert not os.path.exists(f"/proc/{child}") or status == "Z"
+
+
+def test_only_the_vllm_wait_system_gets_the_engine_wait(tmp_path, monkeypatch):
+    from bench.sessions import system_env
+    from server.engine_wait import ENV
+
+    assert ENV not in system_env("vllm") and ENV not in system_env("gateway")
+    assert system_env("vllm-wait")[ENV] == "200:50"
+    # A variable left in the caller's environment reaches no system the pool starts.
+    monkeypatch.setenv(ENV, "1:1")
+    pool = ProcessPool()
+    out = tmp_path / "env.txt"
+    script = f"import os; open({str(out)!r}, 'w').write(os.environ.get({ENV!r}, 'unset'))"
+    launched = pool.start("env", [sys.executable, "-c", script], tmp_path / "env.log")
+    launched.process.wait(timeout=30)
+    assert out.read_text() == "unset"
+    launched = pool.start("env", [sys.executable, "-c", script], tmp_path / "env.log", env=system_env("vllm-wait"))
+    launched.process.wait(timeout=30)
+    assert out.read_text() == "200:50"
+    pool.stop_all()
