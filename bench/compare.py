@@ -35,7 +35,6 @@ from bench.servers import VENV_BIN, EngineLimits, ProcessPool, default_max_model
 from bench.sessions import FloorSession, ServerSession, log, source_digest
 
 BASE_NAME = "base"
-ENGINE_GIB = 4.5  # resident memory of one system at these limits (API process, engine core, worker)
 DEFAULT_RESULTS = Path("bench/results")
 ZIPF_ALPHA = 1.0
 
@@ -51,6 +50,9 @@ class Workload:
     max_loras: int
     max_cpu_loras: int
     register_via_api: bool  # the gateway gets them through POST /v1/adapters, not --lora-modules
+    # Peak resident memory of one system (API process, engine core, worker), seen here. In b, vLLM's
+    # worker grows to ~6 GiB as it keeps reloading adapters, in vLLM's server and the gateway alike.
+    engine_gib: float = 4.5
 
     def names(self) -> list[str]:
         return [f"lora{i}" for i in range(self.adapters)]
@@ -60,8 +62,19 @@ def workloads_for(args: argparse.Namespace) -> dict[str, Workload]:
     return {
         "a": Workload("a", "base model + 3 adapters", 3, True, max_loras=4, max_cpu_loras=8, register_via_api=False),
         "b": Workload("b", f"{args.many_adapters} registered adapters", args.many_adapters, False,
-                      max_loras=4, max_cpu_loras=8, register_via_api=True),
+                      max_loras=4, max_cpu_loras=8, register_via_api=True, engine_gib=7.0),
     }
+
+
+def split_for_memory(systems: list[str], engine_gib: float, available_gib: float,
+                     reserve_gib: float = 2.0) -> list[list[str]]:
+    """Consecutive groups of `systems`, each small enough to run at once in `available_gib`."""
+    per_group = max(1, int((available_gib - reserve_gib) // engine_gib))
+    groups = [systems[i:i + per_group] for i in range(0, len(systems), per_group)]
+    if len(groups) > 1:
+        log(f"{available_gib:.1f} GiB free, ~{engine_gib:g} GiB per system: interleaving "
+            + " then ".join("+".join(group) for group in groups))
+    return groups
 
 
 # -- arguments --------------------------------------------------------------------------------------
@@ -252,15 +265,13 @@ class Comparison:
                    and not (s == "floor" and self.args.skip_floor)
                    and not (s == "gateway-alt" and self.args.also_gateway is None)]
         cold_workload = selected[-1] if selected and self.args.cold_loads else None
-        interleave = self.args.interleave and len(systems) > 1 and self.memory_allows(len(systems))
-        self.results["interleaved"] = interleave
         for key in selected:
             workload = workloads[key]
+            groups = self.interleave_groups(systems, workload)
             entry = self.results["workloads"][key] = {
                 "key": key, "title": workload.title, "settings": self.workload_settings(workload) | {
-                    "interleaved": interleave}, "systems": {}}
+                    "interleaved": [group for group in groups if len(group) > 1]}, "systems": {}}
             self.records[key] = {}
-            groups = [systems] if interleave else [[system] for system in systems]
             for group in groups:
                 for system, data in self.run_group(group, workload, entry, cold=key == cold_workload).items():
                     self.finish_system(data)
@@ -284,18 +295,17 @@ class Comparison:
                 "zipf_alpha": ZIPF_ALPHA, "prompt_words": self.args.prompt_tokens,
                 "output_tokens": self.args.output_tokens, "limits": asdict(self.limits(workload))}
 
-    def memory_allows(self, systems: int) -> bool:
-        """--interleave keeps every system's engine up at once (~4.5 GiB each with these limits)."""
+    def interleave_groups(self, systems: list[str], workload: Workload) -> list[list[str]]:
+        """Systems that run side by side: all of them with --interleave if memory allows, else as many
+        as fit together, in SYSTEMS order (vLLM's server and the gateway first); one by one without."""
+        if not self.args.interleave:
+            return [[system] for system in systems]
         try:
             meminfo = Path("/proc/meminfo").read_text().split()
             available_gib = int(meminfo[meminfo.index("MemAvailable:") + 1]) / 2**20
         except (OSError, ValueError, IndexError):
-            return True
-        needed = ENGINE_GIB * systems + 2
-        if available_gib < needed:
-            log(f"--interleave needs ~{needed:.0f} GiB free, {available_gib:.1f} GiB is: running systems one by one")
-            return False
-        return True
+            return [systems]
+        return split_for_memory(systems, workload.engine_gib, available_gib)
 
     def new_session(self, system: str, workload: Workload) -> ServerSession | FloorSession:
         if system == "floor":

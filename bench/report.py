@@ -6,7 +6,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-SYSTEMS = ("vllm", "vllm-wait", "gateway", "gateway-alt", "floor")
+SYSTEMS = ("vllm", "gateway", "vllm-wait", "gateway-alt", "floor")  # the first two share a group
 SYSTEM_TITLES = {"vllm": "vLLM server", "vllm-wait": "vLLM server + engine wait", "gateway": "gateway",
                  "gateway-alt": "gateway (--also-gateway)", "floor": "floor (AsyncLLM)"}
 

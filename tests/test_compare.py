@@ -362,3 +362,13 @@ def test_only_the_vllm_wait_system_gets_the_engine_wait(tmp_path, monkeypatch):
     launched.process.wait(timeout=30)
     assert out.read_text() == "200:50"
     pool.stop_all()
+
+
+def test_systems_interleave_in_groups_that_fit_in_memory():
+    from bench.compare import split_for_memory
+
+    systems = ["vllm", "gateway", "vllm-wait", "floor"]
+    assert split_for_memory(systems, 4.5, 22.0) == [systems]
+    assert split_for_memory(systems, 7.0, 23.5) == [["vllm", "gateway", "vllm-wait"], ["floor"]]
+    assert split_for_memory(systems, 7.0, 20.0) == [["vllm", "gateway"], ["vllm-wait", "floor"]]
+    assert split_for_memory(systems, 7.0, 5.0) == [[s] for s in systems]
