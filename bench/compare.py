@@ -50,9 +50,10 @@ class Workload:
     max_loras: int
     max_cpu_loras: int
     register_via_api: bool  # the gateway gets them through POST /v1/adapters, not --lora-modules
-    # Peak resident memory of one system (API process, engine core, worker), seen here. In b, vLLM's
-    # worker grows to ~6 GiB as it keeps reloading adapters, in vLLM's server and the gateway alike.
-    engine_gib: float = 4.5
+    # Peak resident memory of one system (API process, engine core, worker), seen here: vLLM's worker
+    # grows past 5 GiB over a run, in vLLM's server, the floor and the gateway alike (OOM-killed once
+    # four systems ran side by side at the 4.5 GiB assumed before).
+    engine_gib: float = 6.5
 
     def names(self) -> list[str]:
         return [f"lora{i}" for i in range(self.adapters)]
