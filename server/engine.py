@@ -1,4 +1,4 @@
-"""The vLLM engine behind the gateway. This is the only module that imports vllm."""
+"""The vLLM engine behind the gateway. The only module that imports vllm, besides the plugin server/engine_wait.py."""
 
 from __future__ import annotations
 
