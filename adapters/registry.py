@@ -298,8 +298,9 @@ class Registry:
         else:
             # The engine loads it from the store inside the step that needs it.
             await self._make_room()
+            if not entry.resident:  # another request may have counted it while a pin was touched
+                self.events.adapter_reloaded(entry.qualified_name)
             self._cached(entry)
-            self.events.adapter_reloaded(entry.qualified_name)
         entry.in_flight += 1
         entry.request_count += 1
         entry.last_used = time.time()

@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
         "change apart from the rest of the gateway")
     add("--interleave", action=argparse.BooleanOptionalAction, default=True,
         help="keep every system of a workload up and alternate their rounds (order rotating), so that a busy "
-        "neighbour hits them alike; needs ~4.5 GiB of memory per system, else they run one by one. "
+        "neighbour hits them alike; when not all fit in memory (~6.5-7 GiB each), in groups that do. "
         "--no-interleave runs each system's rounds, then stops it, then the next (default: interleave)")
     add("--also-gateway", type=Path, default=None, metavar="SRC",
         help="also run the gateway from this source tree (a copy of the repository with a change in server/ or "

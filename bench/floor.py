@@ -3,9 +3,9 @@
 `python -m bench.floor --spec SPEC.json` starts one engine with the engine arguments
 `server/engine.py` uses (enable_lora, max_loras, max_cpu_loras, max_lora_rank, max_model_len,
 max_num_seqs, dtype, gpu_memory_utilization, generation_config "vllm") at the limits vLLM's server
-gets, and with the gateway's default engine wait (server/engine_wait.py). (The gateway hands its engine one more LoRA slot and one more cached adapter for its base
-model's zero adapter; the floor sends base requests without a LoRA, as vLLM's server does, so it
-needs neither.) Then it runs the rounds bench.compare sends on stdin the way bench.loadgen runs
+gets, and with the gateway's default engine wait (server/engine_wait.py). (The gateway hands its
+engine one more LoRA slot and one more cached adapter for its base model's zero adapter; the
+floor sends base requests without a LoRA, as vLLM's server does, so it needs neither.) Then it runs the rounds bench.compare sends on stdin the way bench.loadgen runs
 them: the same RequestPlanner (same models, prompts and lengths for the same seed), the same
 closed loop of --concurrency workers, the same warmup, and the same measurements:
 

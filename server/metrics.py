@@ -53,17 +53,20 @@ class RegistryMetrics:
 
     def __init__(self, labels: AdapterLabels, registry: CollectorRegistry):
         self._labels = labels
-        self.loads = Counter(
-            PREFIX + "adapter_loads",
+
+        def per_adapter(name: str, text: str) -> Counter:
+            return Counter(PREFIX + name, text, ["adapter"], registry=registry)
+
+        self.loads = per_adapter(
+            "adapter_loads",
             "Adapters loaded into the engine through add_lora (at registration, or first use after a restart)",
-            ["adapter"],
-            registry=registry,
         )
-        self.reloads = Counter(
-            PREFIX + "adapter_reloads",
+        self.reloads = per_adapter(
+            "adapter_reloads",
             "Requests sent for an adapter out of the engine's cache, which the engine reloads from the store",
-            ["adapter"],
-            registry=registry,
+        )
+        self.evictions = per_adapter(
+            "adapter_evictions", "Adapters that dropped out of the engine's LRU cache to make room for another"
         )
         self.load_seconds = Histogram(
             PREFIX + "adapter_load_seconds",
@@ -71,22 +74,19 @@ class RegistryMetrics:
             buckets=LOAD_BUCKETS,
             registry=registry,
         )
-        self.evictions = Counter(
-            PREFIX + "adapter_evictions",
-            "Adapters that dropped out of the engine's LRU cache to make room for another",
-            ["adapter"],
-            registry=registry,
-        )
+
+    def _count(self, counter: Counter, name: str) -> None:
+        counter.labels(self._labels.label(name, claim=True)).inc()
 
     def adapter_loaded(self, name: str, seconds: float) -> None:
-        self.loads.labels(self._labels.label(name, claim=True)).inc()
+        self._count(self.loads, name)
         self.load_seconds.observe(seconds)
 
     def adapter_reloaded(self, name: str) -> None:
-        self.reloads.labels(self._labels.label(name, claim=True)).inc()
+        self._count(self.reloads, name)
 
     def adapter_evicted(self, name: str) -> None:
-        self.evictions.labels(self._labels.label(name, claim=True)).inc()
+        self._count(self.evictions, name)
 
 
 class GatewayMetrics:
