@@ -125,9 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--plots", type=Path, default=None, metavar="DIR", help="where the PNG plots go (default: --out)")
     add("--skip-vllm", action="store_true", help="leave out vLLM's own server")
     add("--skip-floor", action="store_true", help="leave out the floor (in-process AsyncLLM)")
-    add("--vllm-with-wait", action="store_true",
-        help="also run vLLM's server with the gateway's engine wait (server/engine_wait.py), to tell that "
-        "change apart from the rest of the gateway")
+    add("--vllm-with-plugins", action="store_true",
+        help="also run vLLM's server with the gateway's engine plugins (server/engine_wait.py, "
+        "server/engine_lora.py), to tell them apart from the rest of the gateway")
     add("--interleave", action=argparse.BooleanOptionalAction, default=True,
         help="keep every system of a workload up and alternate their rounds (order rotating), so that a busy "
         "neighbour hits them alike; when not all fit in memory (~6.5-7 GiB each), in groups that do. "
@@ -262,7 +262,7 @@ class Comparison:
         selected = [key for key in ("a", "b") if key in self.args.workloads]
         workloads = workloads_for(self.args)
         systems = [s for s in report.SYSTEMS if not (s == "vllm" and self.args.skip_vllm)
-                   and not (s == "vllm-wait" and not self.args.vllm_with_wait)
+                   and not (s == "vllm-plugins" and not self.args.vllm_with_plugins)
                    and not (s == "floor" and self.args.skip_floor)
                    and not (s == "gateway-alt" and self.args.also_gateway is None)]
         cold_workload = selected[-1] if selected and self.args.cold_loads else None

@@ -3,7 +3,8 @@
 `python -m bench.floor --spec SPEC.json` starts one engine with the engine arguments
 `server/engine.py` uses (enable_lora, max_loras, max_cpu_loras, max_lora_rank, max_model_len,
 max_num_seqs, dtype, gpu_memory_utilization, generation_config "vllm") at the limits vLLM's server
-gets, and with the gateway's default engine wait (server/engine_wait.py). (The gateway hands its
+gets, and with the gateway's engine plugins at their defaults (server/engine_wait.py,
+server/engine_lora.py). (The gateway hands its
 engine one more LoRA slot and one more cached adapter for its base model's zero adapter; the
 floor sends base requests without a LoRA, as vLLM's server does, so it needs neither.) Then it runs the rounds bench.compare sends on stdin the way bench.loadgen runs
 them: the same RequestPlanner (same models, prompts and lengths for the same seed), the same
@@ -52,10 +53,10 @@ def start_engine(model: str, served_name: str, limits: dict[str, Any]) -> Any:
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    from server import engine_wait
+    from server.config import Settings
 
-    # The engine's processes wait for each other as the gateway's do (server/engine_wait.py).
-    os.environ[engine_wait.ENV] = engine_wait.encode(*engine_wait.defaults())
+    # The gateway's engine plugins at their defaults (server/engine_wait.py, server/engine_lora.py).
+    os.environ.update(Settings().engine_plugin_env())
 
     args = AsyncEngineArgs(
         model=model,

@@ -6,8 +6,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-SYSTEMS = ("vllm", "gateway", "vllm-wait", "gateway-alt", "floor")  # the first two share a group
-SYSTEM_TITLES = {"vllm": "vLLM server", "vllm-wait": "vLLM server + engine wait", "gateway": "gateway",
+SYSTEMS = ("vllm", "gateway", "vllm-plugins", "gateway-alt", "floor")  # the first two share a group
+SYSTEM_TITLES = {"vllm": "vLLM server", "vllm-plugins": "vLLM server + gateway plugins", "gateway": "gateway",
                  "gateway-alt": "gateway (--also-gateway)", "floor": "floor (AsyncLLM)"}
 
 # (column title, summary key, higher is better)
@@ -19,7 +19,7 @@ COLUMNS = (
     ("TTFT p50 ms", "ttft_p50_ms", False),
     ("TTFT p99 ms", "ttft_p99_ms", False),
 )
-RATIO_PAIRS = (("gateway", "vllm", "gateway/vLLM"), ("gateway", "vllm-wait", "gateway/vLLM+wait"),
+RATIO_PAIRS = (("gateway", "vllm", "gateway/vLLM"), ("gateway", "vllm-plugins", "gateway/vLLM+plugins"),
                ("gateway", "floor", "gateway/floor"),
                ("gateway-alt", "gateway", "also/gateway"), ("gateway-alt", "floor", "also/floor"))
 
@@ -231,7 +231,7 @@ def _pyplot() -> Any:
     return plt
 
 
-COLORS = {"vllm": "tab:orange", "vllm-wait": "tab:red", "gateway": "tab:blue", "gateway-alt": "tab:purple", "floor": "tab:green"}
+COLORS = {"vllm": "tab:orange", "vllm-plugins": "tab:red", "gateway": "tab:blue", "gateway-alt": "tab:purple", "floor": "tab:green"}
 
 
 def plot_latency(workload: dict[str, Any], records: dict[str, list[dict[str, Any]]], path: Path) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import httpx
 
-from server.engine_wait import ENV as ENGINE_WAIT_ENV
+from server.config import Settings
 
 VENV_BIN = Path(sys.executable).parent
 STOP_SECONDS = 45.0  # the gateway drains first; an idle one exits within a second or two
@@ -82,8 +82,9 @@ class ProcessPool:
         """Start `argv` in a new session, output to `log_path`; with `pipes`, stdin and stdout are
         pipes to talk over, and only stderr goes to the log."""
         log = log_path.open("wb")
-        # The gateway's engine-wait plugin acts on this variable; no system inherits it from here.
-        inherited = {key: value for key, value in os.environ.items() if key != ENGINE_WAIT_ENV}
+        # The gateway's engine plugins act on these variables; no system inherits them from here.
+        plugin_vars = Settings.model_construct().engine_plugin_env().keys()
+        inherited = {key: value for key, value in os.environ.items() if key not in plugin_vars}
         try:
             process = subprocess.Popen(
                 argv, stdout=subprocess.PIPE if pipes else log, stderr=log if pipes else subprocess.STDOUT,

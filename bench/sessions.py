@@ -29,8 +29,7 @@ from bench.cold import cold_loads
 from bench.floor import PROTOCOL
 from bench.loadgen import LoadConfig, run_load, write_json
 from bench.servers import VENV_BIN, Launched, ProcessPool, cpu_seconds, free_port, gateway_argv, vllm_argv, wait_ready
-from server import engine_wait
-from server.engine_wait import ENV as ENGINE_WAIT_ENV
+from server.config import Settings
 
 
 class Context(Protocol):
@@ -87,16 +86,16 @@ def register_adapters(url: str, adapters: dict[str, Path], timeout: float = 120.
 def system_env(system: str) -> dict[str, str]:
     """Environment variables a server system starts with, besides this process's own."""
     if not system.startswith("vllm"):
-        return {}  # the gateway sets its engine's wait itself
+        return {}  # the gateway sets its engine's plugins itself
     # Lets POST /v1/load_lora_adapter time a cold load, as the gateway's admin API does.
     env = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
-    if system == "vllm-wait":  # the gateway's vLLM plugin, installed in this environment, acts on it
-        env[ENGINE_WAIT_ENV] = engine_wait.encode(*engine_wait.defaults())
+    if system == "vllm-plugins":  # the gateway's vLLM plugins, installed in this environment, act on it
+        env.update(Settings().engine_plugin_env())
     return env
 
 
 class ServerSession:
-    """vLLM's server ("vllm"; "vllm-wait" with the gateway's engine wait) or the gateway ("gateway", or
+    """vLLM's server ("vllm"; "vllm-plugins" with the gateway's engine plugins) or the gateway ("gateway", or
     "gateway-alt" from --also-gateway)."""
 
     def __init__(self, ctx: Context, system: str, workload: Any, base_name: str):

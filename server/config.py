@@ -65,6 +65,11 @@ class Settings(BaseSettings):
         le=100_000,
         description="after that spin, how long they sleep between looks; 0 spins as vLLM ships (costs a core)",
     )
+    lora_ops: str = Field(
+        "grouped",
+        description="how the engine applies adapters on the CPU: grouped (by adapter, server/engine_lora.py) "
+        "or vllm (vLLM's per-token ops)",
+    )
     host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0 for every interface)")
     port: int = Field(8000, ge=0, le=65535, description="port to listen on")
     demo_dir: Path = Field(
@@ -125,6 +130,13 @@ class Settings(BaseSettings):
         # compose passes an unset variable as an empty string
         return None if value == "" else value
 
+    @field_validator("lora_ops")
+    @classmethod
+    def _lora_ops_known(cls, value: str) -> str:
+        if value not in {"grouped", "vllm"}:
+            raise ValueError("--lora-ops must be grouped or vllm")
+        return value
+
     @field_validator("log_format")
     @classmethod
     def _format_known(cls, value: str) -> str:
@@ -137,6 +149,15 @@ class Settings(BaseSettings):
         if self.max_cpu_loras < self.max_loras:
             raise ValueError("--max-cpu-loras must be at least --max-loras")
         return self
+
+    def engine_plugin_env(self) -> dict[str, str]:
+        """What the gateway's vLLM plugins read in its engine's processes, which inherit it."""
+        from server import engine_lora, engine_wait
+
+        return {
+            engine_wait.ENV: engine_wait.encode(self.engine_spin_us, self.engine_nap_us),
+            engine_lora.ENV: "1" if self.lora_ops == "grouped" else "0",
+        }
 
     @property
     def base_name(self) -> str:

@@ -1,4 +1,5 @@
-"""The vLLM engine behind the gateway. The only module that imports vllm, besides the plugin server/engine_wait.py."""
+"""The vLLM engine behind the gateway. The only module that imports vllm, besides its plugins
+server/engine_wait.py and server/engine_lora.py."""
 
 from __future__ import annotations
 
@@ -18,7 +19,6 @@ from vllm.sampling_params import RequestOutputKind, SamplingParams
 from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.exceptions import EngineDeadError
 
-from server import engine_wait
 from server.config import Settings
 from server.engine_protocol import (
     AdapterHandle,
@@ -70,8 +70,7 @@ class VllmEngine:
             generation_config="vllm",
         )
         logger.info("starting engine for %s (max_model_len %d)", settings.base_name, max_model_len)
-        # Read by server.engine_wait in the engine's processes, which inherit this environment.
-        os.environ[engine_wait.ENV] = engine_wait.encode(settings.engine_spin_us, settings.engine_nap_us)
+        os.environ.update(settings.engine_plugin_env())  # server/engine_wait.py, server/engine_lora.py
         llm = AsyncLLM.from_engine_args(args)
         tokenizer = AutoTokenizer.from_pretrained(model_path)
         return cls(llm, tokenizer, max_model_len)

@@ -26,14 +26,6 @@ ENV = "LORA_GATEWAY_ENGINE_WAIT"  # "<spin µs>:<nap µs>"
 SUPPORTED_VLLM = ("0.32.",)
 
 
-def defaults() -> tuple[int, int]:
-    """The gateway's default spin and nap, in µs."""
-    from server.config import Settings
-
-    fields = Settings.model_fields
-    return fields["engine_spin_us"].default, fields["engine_nap_us"].default
-
-
 def encode(spin_us: int, nap_us: int) -> str:
     return f"{spin_us}:{nap_us}"
 

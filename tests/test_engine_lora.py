@@ -1,0 +1,150 @@
+"""server.engine_lora: the vLLM plugin that applies LoRA per adapter group instead of per token."""
+
+from __future__ import annotations
+
+import random
+from importlib.metadata import entry_points
+
+import pytest
+import torch
+from vllm.lora.layers.utils import LoRAMapping
+from vllm.lora.punica_wrapper.punica_base import PunicaWrapperBase
+from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+from server import engine_lora
+
+MAX_LORAS, RANK = 4, 8
+# (input size, output slices) of the demo model's layers: qkv, o, gate_up, down
+LAYERS = ((256, (256, 128, 128)), (256, (256,)), (256, (512, 512)), (512, (256,)))
+
+
+def wrapper(slot_ids: list[int | None], token_ids: list[int]) -> PunicaWrapperCPU:
+    """vLLM's CPU wrapper after a step's mapping: token_ids are adapter ids, 0 for none."""
+    punica = PunicaWrapperCPU(4096, 64, "cpu")
+    mapping = LoRAMapping(token_ids, tuple(token_ids), is_prefill=True)
+    punica.update_metadata(mapping, slot_ids, MAX_LORAS, 733)
+    return punica
+
+
+def step_tokens(seed: int, adapter_ids: list[int]) -> list[int]:
+    """A mixed step: decodes (one token) and prefills (many), each of a random adapter or none."""
+    rng = random.Random(seed)
+    tokens: list[int] = []
+    for _ in range(24):
+        tokens += [rng.choice([*adapter_ids, 0])] * (1 if rng.random() < 0.5 else rng.randint(5, 40))
+    return tokens
+
+
+def weights(in_size: int, slices: tuple[int, ...], free_slots: tuple[int, ...] = ()) -> tuple:
+    lora_a = tuple(torch.randn(MAX_LORAS, 1, RANK, in_size) * 0.1 for _ in slices)
+    lora_b = tuple(torch.randn(MAX_LORAS, 1, size, RANK) * 0.1 for size in slices)
+    for tensor in lora_a + lora_b:
+        for slot in free_slots:
+            tensor[slot] = 0  # as vLLM leaves a slot no adapter holds
+    return lora_a, lora_b
+
+
+def vllm_add_lora_linear(punica, y, x, lora_a, lora_b, scale, slices):
+    """vLLM's own PunicaWrapperCPU.add_lora_linear, from its unpatched parts: the per-token ops.
+
+    (The real-engine tests start engines in this process, which patch the class itself.)
+    """
+    buffer = tuple(torch.zeros(x.size(0), RANK) for _ in slices)
+    punica.add_shrink(buffer, x, lora_a, scale)
+    punica.add_expand(y, buffer, lora_b, slices, add_inputs=True)
+
+
+def grouped(punica: PunicaWrapperCPU) -> PunicaWrapperCPU:
+    punica._gateway_groups = engine_lora.token_groups(punica.token_lora_indices)
+    return punica
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_same_sums_as_vllms_ops_where_those_are_right(seed):
+    # With the last slot free, vLLM's ops give tokens without an adapter nothing, as they should.
+    torch.manual_seed(seed)
+    slot_ids = [7, 8, 9, None]
+    tokens = step_tokens(seed, [7, 8, 9])
+    stock, ours = wrapper(slot_ids, tokens), grouped(wrapper(slot_ids, tokens))
+    for in_size, slices in LAYERS:
+        lora_a, lora_b = weights(in_size, slices, free_slots=(3,))
+        x = torch.randn(len(tokens), in_size)
+        y = torch.randn(len(tokens), sum(slices))
+        expected, got = y.clone(), y.clone()
+        vllm_add_lora_linear(stock, expected, x, lora_a, lora_b, 0.5, slices)
+        engine_lora.add_lora_linear(ours, got, x, lora_a, lora_b, 0.5, slices)
+        assert not torch.equal(expected, y)  # adapters did change the output
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_tokens_without_an_adapter_stay_untouched_when_every_slot_is_taken():
+    torch.manual_seed(3)
+    slot_ids = [5, 6, 7, 8]
+    tokens = step_tokens(3, [5, 6, 7, 8])
+    no_adapter = torch.tensor(tokens) == 0
+    in_size, slices = LAYERS[0]
+    lora_a, lora_b = weights(in_size, slices)
+    x, y = torch.randn(len(tokens), in_size), torch.randn(len(tokens), sum(slices))
+    stock, got = y.clone(), y.clone()
+    vllm_add_lora_linear(wrapper(slot_ids, tokens), stock, x, lora_a, lora_b, 1.0, slices)
+    engine_lora.add_lora_linear(grouped(wrapper(slot_ids, tokens)), got, x, lora_a, lora_b, 1.0, slices)
+    assert torch.equal(got[no_adapter], y[no_adapter])
+    assert not torch.equal(got[~no_adapter], y[~no_adapter])
+    # vLLM's own ops read slot -1 as the last slot: the bleed this plugin ends.
+    assert not torch.allclose(stock[no_adapter], y[no_adapter])
+
+
+def test_a_step_without_adapters_costs_nothing():
+    tokens = [0] * 30
+    punica = grouped(wrapper([1, None, None, None], tokens))
+    assert punica._gateway_groups == []
+    in_size, slices = LAYERS[1]
+    lora_a, lora_b = weights(in_size, slices)
+    y = torch.randn(len(tokens), sum(slices))
+    before = y.clone()
+    engine_lora.add_lora_linear(punica, y, torch.randn(len(tokens), in_size), lora_a, lora_b, 1.0, slices)
+    assert torch.equal(y, before)
+
+
+def test_groups_are_slices_when_contiguous():
+    groups = engine_lora.token_groups(torch.tensor([2, 2, 2, -1, 0, 1, 0]))
+    assert [slot for slot, _ in groups] == [0, 1, 2]
+    assert groups[2][1] == slice(0, 3) and groups[1][1] == slice(5, 6)
+    assert groups[0][1].tolist() == [4, 6]
+
+
+def test_registers_only_when_asked_and_once(monkeypatch):
+    def shipped(*args, **kwargs):
+        raise AssertionError("vLLM's ops ran")
+
+    monkeypatch.setattr(PunicaWrapperCPU, "add_lora_linear", shipped)
+    monkeypatch.setattr(PunicaWrapperCPU, "update_metadata", PunicaWrapperBase.update_metadata)
+    monkeypatch.setattr(PunicaWrapperCPU, "_gateway_grouped", False, raising=False)
+    monkeypatch.delenv(engine_lora.ENV, raising=False)
+    engine_lora.register()
+    assert PunicaWrapperCPU.add_lora_linear is shipped
+    monkeypatch.setenv(engine_lora.ENV, "1")
+    engine_lora.register()
+    update = PunicaWrapperCPU.update_metadata
+    engine_lora.register()
+    assert PunicaWrapperCPU.add_lora_linear is engine_lora.add_lora_linear
+    assert PunicaWrapperCPU.update_metadata is update  # not wrapped twice
+    # After a mapping, the groups follow it.
+    punica = wrapper([4, None, None, None], [4, 4, 0])
+    assert punica._gateway_groups == [(0, slice(0, 2))]
+
+
+def test_the_entry_point_is_installed():
+    plugins = {ep.name: ep.value for ep in entry_points(group="vllm.general_plugins")}
+    assert plugins.get("lora_gateway_engine_lora") == "server.engine_lora:register"
+
+
+def test_the_setting_reaches_the_engines_environment():
+    from pydantic import ValidationError
+
+    from server.config import Settings
+
+    assert Settings().engine_plugin_env()[engine_lora.ENV] == "1"
+    assert Settings(lora_ops="vllm").engine_plugin_env()[engine_lora.ENV] == "0"
+    with pytest.raises(ValidationError, match="--lora-ops must be grouped or vllm"):
+        Settings(lora_ops="fast")
