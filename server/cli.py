@@ -149,8 +149,10 @@ def serve(settings: Settings) -> int:
     engine_died: list[bool] = []
     work_dir = Path(tempfile.mkdtemp(prefix="lora-gateway-"))
     try:
-        zero_path = write_zero_adapter(base, work_dir / ZERO_ADAPTER_NAME, model_path)
-        zero_spec = validate_adapter(zero_path, base, max_rank=settings.max_lora_rank)
+        zero_spec = None
+        if settings.base_uses_zero_adapter:
+            zero_path = write_zero_adapter(base, work_dir / ZERO_ADAPTER_NAME, model_path)
+            zero_spec = validate_adapter(zero_path, base, max_rank=settings.max_lora_rank)
         engine = VllmEngine.start(settings, model_path)
         settings.state_dir.mkdir(parents=True, exist_ok=True)
         metrics = GatewayMetrics(settings.base_name, settings.metrics_adapter_labels)

@@ -37,7 +37,7 @@ class Settings(BaseSettings):
     lora_modules: Annotated[dict[str, str], NoDecode] = Field(
         default_factory=dict, description="adapters to serve at start, as NAME=PATH pairs"
     )
-    # Both as in vLLM; the engine gets one more of each for the base model's zero adapter.
+    # Both as in vLLM; with --lora-ops vllm the engine gets one more of each for the base model's zero adapter.
     max_loras: int = Field(4, ge=1, description="distinct adapters in one batch, besides base-model requests")
     max_cpu_loras: int = Field(16, ge=1, description="adapters resident in the engine at once")
     max_lora_rank: int = Field(64, description="largest adapter rank accepted")
@@ -158,6 +158,12 @@ class Settings(BaseSettings):
             engine_wait.ENV: engine_wait.encode(self.engine_spin_us, self.engine_nap_us),
             engine_lora.ENV: "1" if self.lora_ops == "grouped" else "0",
         }
+
+    @property
+    def base_uses_zero_adapter(self) -> bool:
+        """vLLM's own LoRA ops read "no adapter" as the last slot's adapter (the bleed); a base
+        request then runs through an all-zero adapter instead. The grouped ops give it none."""
+        return self.lora_ops == "vllm"
 
     @property
     def base_name(self) -> str:

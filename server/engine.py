@@ -54,13 +54,14 @@ class VllmEngine:
     @classmethod
     def start(cls, settings: Settings, model_path: str) -> VllmEngine:
         max_model_len = settings.max_model_len or default_max_model_len(model_path)
+        zero_adapter = int(settings.base_uses_zero_adapter)
         args = AsyncEngineArgs(
             model=model_path,
             served_model_name=settings.base_name,
             enable_lora=True,
-            # One more slot, and one more cached adapter, for the base model's zero adapter.
-            max_loras=settings.max_loras + 1,
-            max_cpu_loras=settings.max_cpu_loras + 1,
+            # With a zero adapter for base requests: one more slot, and one more cached adapter, for it.
+            max_loras=settings.max_loras + zero_adapter,
+            max_cpu_loras=settings.max_cpu_loras + zero_adapter,
             max_lora_rank=settings.max_lora_rank,
             max_model_len=max_model_len,
             max_num_seqs=settings.max_num_seqs,
@@ -100,7 +101,7 @@ class VllmEngine:
         request_id: str,
         prompt_token_ids: list[int],
         options: SamplingOptions,
-        adapter: AdapterHandle,
+        adapter: AdapterHandle | None,
     ) -> AsyncIterator[GenerationStep]:
         params = SamplingParams(
             n=options.n,
@@ -116,7 +117,7 @@ class VllmEngine:
             ignore_eos=options.ignore_eos,
             output_kind=RequestOutputKind.DELTA if options.stream else RequestOutputKind.FINAL_ONLY,
         )
-        lora = LoRARequest(adapter.name, adapter.adapter_id, adapter.path)
+        lora = LoRARequest(adapter.name, adapter.adapter_id, adapter.path) if adapter is not None else None
         want_logprobs = options.logprobs is not None
         try:
             async for output in self._llm.generate(

@@ -7,10 +7,11 @@ that copies tens of megabytes per layer, and it is most of the worker's time: 27
 busy samples in a workload-b run (docs/benchmarks.md). It also reads the slot index -1, which
 means "no adapter", as Python's last slot: the bleed the README describes.
 
-This plugin replaces `PunicaWrapperCPU.add_lora_linear`. When the batch's mapping changes, it
-groups the step's tokens by adapter slot (at most --max-loras groups); each layer then runs two
-matrix products per group and slice: `y[rows] += (x[rows] @ A[slot].T * scale) @ B[slot].T`.
-Tokens with slot -1 get no LoRA at all, and a batch without adapters costs nothing.
+This plugin replaces `PunicaWrapperCPU.add_lora_linear` and `add_lora_logits` (the lm_head's,
+which runs in every step once LoRA is enabled). When the batch's mapping changes, it groups the
+step's tokens, and its sampled rows, by adapter slot (at most --max-loras groups); each layer
+then runs two matrix products per group and slice: `y[rows] += (x[rows] @ A[slot].T * scale) @
+B[slot].T`. Rows with slot -1 get no LoRA at all, and a step without adapters costs nothing.
 
 vLLM loads general plugins in every process it starts, its own server included. This one does
 nothing unless ENV is set, which only `VllmEngine.start` does, for the processes of its own
@@ -59,30 +60,58 @@ def add_lora_linear(
     groups = getattr(self, "_gateway_groups", None)
     if groups is None:  # no mapping seen yet: group now
         groups = self._gateway_groups = token_groups(self.token_lora_indices)
+    products, offset = [], 0
+    for lora_a, lora_b, size in zip(lora_a_stacked, lora_b_stacked, output_slices, strict=True):
+        products.append((lora_a, lora_b, offset, size))
+        offset += size
+    _add_products(y, x, groups, products, scale)
+
+
+def add_lora_logits(
+    self: Any,
+    y: Any,
+    x: Any,
+    lora_a_stacked: Any,
+    lora_b_stacked: Any,
+    scale: float,
+    *,
+    buffer: Any = None,
+    **kwargs: Any,
+) -> None:
+    """The lm_head's LoRA: the same products over the sampled rows, grouped by their slots."""
+    groups = getattr(self, "_gateway_sampler_groups", None)
+    if groups is None:
+        groups = self._gateway_sampler_groups = token_groups(self.sampler_indices)
+    # An adapter's vocabulary rows and the logits may be padded differently, as vLLM allows.
+    size = min(lora_b_stacked.shape[2], y.shape[-1])
+    _add_products(y, x, groups, [(lora_a_stacked, lora_b_stacked, 0, size)], scale)
+
+
+def _add_products(y: Any, x: Any, groups: list[tuple[int, Any]], products: list[tuple], scale: float) -> None:
+    """For each (slot, rows): y[rows, offset:offset+size] += x[rows] @ A[slot].T * scale @ B[slot, :size].T."""
     if not groups:
         return
     y2 = y.view(-1, y.shape[-1])
     x2 = x.view(-1, x.shape[-1])
     for slot, rows in groups:
         xs = x2[rows]  # a view for a slice of rows, a copy for scattered ones
-        offset = 0
-        for lora_a, lora_b, size in zip(lora_a_stacked, lora_b_stacked, output_slices, strict=True):
+        for lora_a, lora_b, offset, size in products:
             hidden = xs @ lora_a[slot, 0].t()
             if scale != 1.0:
                 hidden *= scale
-            delta = (hidden @ lora_b[slot, 0].t()).to(y2.dtype)
+            delta = (hidden @ lora_b[slot, 0, :size].t()).to(y2.dtype)
             target = y2[:, offset : offset + size]
             if isinstance(rows, slice):
                 target[rows] += delta
             else:
                 target.index_add_(0, rows, delta)
-            offset += size
 
 
 def make_update_metadata(original: Any) -> Any:
     def update_metadata(self: Any, *args: Any, **kwargs: Any) -> None:
         original(self, *args, **kwargs)
         self._gateway_groups = token_groups(self.token_lora_indices)
+        self._gateway_sampler_groups = token_groups(self.sampler_indices)
 
     return update_metadata
 
@@ -104,5 +133,6 @@ def register() -> None:
         return  # vLLM may load plugins more than once in a process
     PunicaWrapperCPU.update_metadata = make_update_metadata(PunicaWrapperCPU.update_metadata)
     PunicaWrapperCPU.add_lora_linear = add_lora_linear
+    PunicaWrapperCPU.add_lora_logits = add_lora_logits
     PunicaWrapperCPU._gateway_grouped = True
     logger.info("LoRA products grouped by adapter slot")

@@ -100,7 +100,7 @@ class Engine(Protocol):
         request_id: str,
         prompt_token_ids: list[int],
         options: SamplingOptions,
-        adapter: AdapterHandle,
+        adapter: AdapterHandle | None,
     ) -> AsyncIterator[GenerationStep]: ...
 
     async def add_adapter(self, adapter: AdapterHandle) -> None: ...

@@ -64,8 +64,13 @@ class FullGateway:
 
 
 @asynccontextmanager
-async def full_gateway(state_dir: Path, engine: FakeEngine | None = None, **overrides) -> AsyncIterator[FullGateway]:
-    """Build (or rebuild, on the same state_dir) the whole gateway around a FakeEngine."""
+async def full_gateway(
+    state_dir: Path, engine: FakeEngine | None = None, zero_adapter: bool = True, **overrides
+) -> AsyncIterator[FullGateway]:
+    """Build (or rebuild, on the same state_dir) the whole gateway around a FakeEngine.
+
+    zero_adapter: base requests run through a zero adapter (--lora-ops vllm), or carry none.
+    """
     from adapters.registry import AdapterRules
     from adapters.store import AdapterStore
     from tests.adapter_files import TINY_BASE
@@ -74,13 +79,14 @@ async def full_gateway(state_dir: Path, engine: FakeEngine | None = None, **over
         served_model_name="base",
         state_dir=state_dir,
         admin_key=ADMIN_KEY,
+        lora_ops="vllm" if zero_adapter else "grouped",
         **({"max_cpu_loras": 2, "max_loras": 2} | overrides),
     )
-    engine = engine or FakeEngine(cache_size=settings.max_cpu_loras + 1)
+    engine = engine or FakeEngine(cache_size=settings.max_cpu_loras + zero_adapter)
     registry = Registry(
         engine,
         base_name="base",
-        base_adapter=fake_spec("__base__", 1),
+        base_adapter=fake_spec("__base__", 1) if zero_adapter else None,
         max_resident=settings.max_cpu_loras,
         catalog=Catalog(state_dir / "catalog.sqlite3"),
         store=AdapterStore(state_dir / "adapters"),

@@ -33,6 +33,7 @@ class FakeEngine:
     """
 
     vocab_size = 300
+    BASE_WORD = "base-model"  # what a request without an adapter says
 
     def __init__(self, max_model_len: int = 64, cache_size: int = 1000):
         self._max_model_len = max_model_len
@@ -40,7 +41,7 @@ class FakeEngine:
         self.cache: OrderedDict[int, str] = OrderedDict()  # adapter id -> name, oldest first
         self.reloaded: list[int] = []
         self.healthy = True
-        self.generated: list[tuple[str, list[int], SamplingOptions, AdapterHandle]] = []
+        self.generated: list[tuple[str, list[int], SamplingOptions, AdapterHandle | None]] = []
         self.added: list[int] = []
         self.removed: list[int] = []
         self.refuse_paths: set[str] = set()
@@ -69,19 +70,20 @@ class FakeEngine:
         return [f"{base}-{i} " for i in range(max_tokens)]
 
     async def generate(
-        self, request_id: str, prompt_token_ids: list[int], options: SamplingOptions, adapter: AdapterHandle
+        self, request_id: str, prompt_token_ids: list[int], options: SamplingOptions, adapter: AdapterHandle | None
     ) -> AsyncIterator[GenerationStep]:
         if not self.healthy:
             raise EngineDead("dead")
         self.generated.append((request_id, prompt_token_ids, options, adapter))
-        if adapter.adapter_id not in self.cache:
-            self.reloaded.append(adapter.adapter_id)
-        self._cache(adapter)
+        if adapter is not None:
+            if adapter.adapter_id not in self.cache:
+                self.reloaded.append(adapter.adapter_id)
+            self._cache(adapter)
         self.running += 1
         try:
             if self.release is not None:
                 await self.release.wait()
-            words = self.words(adapter.name, options.max_tokens)
+            words = self.words(adapter.name if adapter is not None else self.BASE_WORD, options.max_tokens)
             for i, word in enumerate(words):
                 if any(stop in word for stop in options.stop):
                     words = words[:i]

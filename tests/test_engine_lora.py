@@ -8,6 +8,7 @@ from importlib.metadata import entry_points
 import pytest
 import torch
 from vllm.lora.layers.utils import LoRAMapping
+from vllm.lora.ops.torch_ops import bgmv_expand, bgmv_shrink
 from vllm.lora.punica_wrapper.punica_base import PunicaWrapperBase
 from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
@@ -18,10 +19,10 @@ MAX_LORAS, RANK = 4, 8
 LAYERS = ((256, (256, 128, 128)), (256, (256,)), (256, (512, 512)), (512, (256,)))
 
 
-def wrapper(slot_ids: list[int | None], token_ids: list[int]) -> PunicaWrapperCPU:
-    """vLLM's CPU wrapper after a step's mapping: token_ids are adapter ids, 0 for none."""
+def wrapper(slot_ids: list[int | None], token_ids: list[int], sampled_ids: list[int] | None = None) -> PunicaWrapperCPU:
+    """vLLM's CPU wrapper after a step's mapping: adapter ids per token and sampled row, 0 for none."""
     punica = PunicaWrapperCPU(4096, 64, "cpu")
-    mapping = LoRAMapping(token_ids, tuple(token_ids), is_prefill=True)
+    mapping = LoRAMapping(token_ids, tuple(sampled_ids or token_ids), is_prefill=True)
     punica.update_metadata(mapping, slot_ids, MAX_LORAS, 733)
     return punica
 
@@ -54,8 +55,16 @@ def vllm_add_lora_linear(punica, y, x, lora_a, lora_b, scale, slices):
     punica.add_expand(y, buffer, lora_b, slices, add_inputs=True)
 
 
+def vllm_add_lora_logits(punica, y, x, lora_a, lora_b, scale):
+    """vLLM's own PunicaWrapperCPU.add_lora_logits."""
+    buffer = torch.zeros(x.size(0), RANK)
+    bgmv_shrink(x, lora_a, buffer, punica.sampler_indices, scale)
+    bgmv_expand(buffer, lora_b, y, punica.sampler_indices, add_inputs=True)
+
+
 def grouped(punica: PunicaWrapperCPU) -> PunicaWrapperCPU:
     punica._gateway_groups = engine_lora.token_groups(punica.token_lora_indices)
+    punica._gateway_sampler_groups = engine_lora.token_groups(punica.sampler_indices)
     return punica
 
 
@@ -75,6 +84,26 @@ def test_same_sums_as_vllms_ops_where_those_are_right(seed):
         engine_lora.add_lora_linear(ours, got, x, lora_a, lora_b, 0.5, slices)
         assert not torch.equal(expected, y)  # adapters did change the output
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("slot_ids", [[7, 8, 9, None], [7, 8, 9, 6]])
+def test_the_lm_heads_lora_per_sampled_row(slot_ids):
+    torch.manual_seed(4)
+    sampled = [random.Random(4).choice([7, 8, 9, 0]) for _ in range(20)] + [0, 7]
+    punica = grouped(wrapper(slot_ids, sampled, sampled))
+    lora_a = torch.randn(MAX_LORAS, 1, RANK, 256) * 0.1
+    lora_b = torch.randn(MAX_LORAS, 1, 736, RANK) * 0.1  # vocabulary rows padded past the logits' 733
+    if slot_ids[-1] is None:
+        lora_a[3] = lora_b[3] = 0
+    x, y = torch.randn(len(sampled), 256), torch.randn(len(sampled), 733)
+    expected, got = y.clone(), y.clone()
+    vllm_add_lora_logits(punica, expected, x, lora_a, lora_b, 1.0)
+    engine_lora.add_lora_logits(punica, got, x, lora_a, lora_b, 1.0)
+    no_adapter = torch.tensor(sampled) == 0
+    torch.testing.assert_close(got[~no_adapter], expected[~no_adapter], rtol=1e-5, atol=1e-5)
+    assert torch.equal(got[no_adapter], y[no_adapter])
+    # vLLM's agrees on rows without an adapter only while the last slot is free.
+    assert torch.allclose(expected[no_adapter], y[no_adapter]) == (slot_ids[-1] is None)
 
 
 def test_tokens_without_an_adapter_stay_untouched_when_every_slot_is_taken():
@@ -118,6 +147,7 @@ def test_registers_only_when_asked_and_once(monkeypatch):
         raise AssertionError("vLLM's ops ran")
 
     monkeypatch.setattr(PunicaWrapperCPU, "add_lora_linear", shipped)
+    monkeypatch.setattr(PunicaWrapperCPU, "add_lora_logits", shipped)
     monkeypatch.setattr(PunicaWrapperCPU, "update_metadata", PunicaWrapperBase.update_metadata)
     monkeypatch.setattr(PunicaWrapperCPU, "_gateway_grouped", False, raising=False)
     monkeypatch.delenv(engine_lora.ENV, raising=False)
@@ -128,10 +158,12 @@ def test_registers_only_when_asked_and_once(monkeypatch):
     update = PunicaWrapperCPU.update_metadata
     engine_lora.register()
     assert PunicaWrapperCPU.add_lora_linear is engine_lora.add_lora_linear
+    assert PunicaWrapperCPU.add_lora_logits is engine_lora.add_lora_logits
     assert PunicaWrapperCPU.update_metadata is update  # not wrapped twice
     # After a mapping, the groups follow it.
     punica = wrapper([4, None, None, None], [4, 4, 0])
     assert punica._gateway_groups == [(0, slice(0, 2))]
+    assert punica._gateway_sampler_groups == [(0, slice(0, 2))]
 
 
 def test_the_entry_point_is_installed():

@@ -9,6 +9,7 @@ import openai
 import pytest
 
 from server.demo import BASE_ANSWER, DEMO_PROMPT
+from tests.engine.conftest import start_gateway, stop_gateway
 from tests.engine.reference import PeftReference
 
 pytestmark = pytest.mark.engine
@@ -24,7 +25,22 @@ def reference(demo) -> PeftReference:
 
 @pytest.fixture
 def client(gateway) -> openai.AsyncOpenAI:
+    return openai_client(gateway)
+
+
+def openai_client(gateway) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=f"{gateway.url}/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def vllm_ops_gateway(demo, tmp_path_factory):
+    """A second gateway on vLLM's own LoRA ops (--lora-ops vllm): base requests run through the zero adapter."""
+    state = tmp_path_factory.mktemp("state-vllm-ops")
+    args = ["--demo-dir", str(demo.root), "--state-dir", str(state), "--max-loras", "1", "--max-cpu-loras", "8"]
+    running = start_gateway([*args, "--lora-ops", "vllm"], state / "gateway.log", base_name="demo")
+    running.adapters = dict(demo.adapters)
+    yield running
+    stop_gateway(running)
 
 
 def models(gateway) -> list[str]:
@@ -83,8 +99,13 @@ async def test_each_model_alone_matches_peft(gateway, client, reference, stream)
             assert await chat(client, model, prompt, stream) == expected(reference, adapter, "chat", prompt)
 
 
-async def test_base_parity_in_mixed_batches(gateway, client, reference):
-    """Base and adapter requests in flight together: no adapter may bleed into another row."""
+@pytest.mark.parametrize("lora_ops", ["grouped", "vllm"])
+async def test_base_parity_in_mixed_batches(request, lora_ops, reference):
+    """Base and adapter requests in flight together, the one --max-loras slot taken: no adapter may
+    bleed into another row, with the grouped LoRA ops (base rows get none) or with vLLM's (base rows
+    run through the zero adapter)."""
+    gateway = request.getfixturevalue("gateway" if lora_ops == "grouped" else "vllm_ops_gateway")
+    client = openai_client(gateway)
     cases = list(itertools.product(models(gateway), PROMPTS, ["completions", "chat"], [False, True]))
     calls = [
         (complete if endpoint == "completions" else chat)(client, model, prompt, stream)

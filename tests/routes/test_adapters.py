@@ -164,8 +164,10 @@ async def test_restart_serves_the_same_adapters(tmp_path):
         assert entry.resident and second.engine.added[-1] == entry.adapter_id
 
 
-async def test_the_engine_cache_drops_least_recently_used_never_pinned(tmp_path):
-    async with full_gateway(tmp_path / "state", max_cpu_loras=2) as gw:  # the engine caches 2 + the zero adapter
+@pytest.mark.parametrize("zero_adapter", [True, False])
+async def test_the_engine_cache_drops_least_recently_used_never_pinned(tmp_path, zero_adapter):
+    # The engine caches 2, plus the zero adapter when base requests run through one.
+    async with full_gateway(tmp_path / "state", zero_adapter=zero_adapter, max_cpu_loras=2) as gw:
         for i in range(4):
             source = make_adapter(tmp_path / f"src{i}", seed=i)
             await gw.client.post("/v1/adapters", json={"name": f"a{i}", "path": str(source)}, headers=gw.admin)
@@ -179,11 +181,27 @@ async def test_the_engine_cache_drops_least_recently_used_never_pinned(tmp_path)
             assert ids["a0"] in gw.engine.cache, name
         # The registry's mirror agrees with the engine's cache.
         cached = {entry.adapter_id for entry in gw.registry.entries() if entry.resident}
-        assert cached | {gw.registry.base.adapter_id} == set(gw.engine.cache)
+        assert cached | ({gw.registry.base.adapter_id} if zero_adapter else set()) == set(gw.engine.cache)
         await gw.client.post("/v1/adapters/a0/unpin", headers=gw.admin)
         for name in ["a1", "a2"]:
             assert (await complete(gw, name)).status_code == 200
         assert ids["a0"] not in gw.engine.cache  # unpinned, it goes like any other
+
+
+@pytest.mark.parametrize("zero_adapter", [True, False])
+async def test_base_requests_and_the_zero_adapter(tmp_path, zero_adapter):
+    async with full_gateway(tmp_path / "state", zero_adapter=zero_adapter, max_cpu_loras=2) as gw:
+        source = make_adapter(tmp_path / "src", seed=1)
+        await gw.client.post("/v1/adapters", json={"name": "c1", "path": str(source)}, headers=gw.admin)
+        assert (await complete(gw, "base")).status_code == 200
+        adapter = gw.engine.generated[-1][3]
+        base_id = gw.registry.base.adapter_id
+        if zero_adapter:  # loaded at start, pinned, and every base request runs through it
+            assert adapter.adapter_id == base_id and base_id in gw.engine.cache and gw.engine.added[0] == base_id
+        else:  # no adapter at all: it takes no cache entry and no batch slot
+            assert adapter is None and base_id not in gw.engine.added and base_id not in gw.engine.cache
+            assert gw.engine.cache_size == 2
+        assert gw.registry.resident_count == 1 and gw.registry.base.request_count == 1
 
 
 async def test_no_request_waits_for_a_cache_slot(tmp_path):
