@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import httpx
+import aiohttp
 import orjson
 
 # Common English words that most BPE tokenizers (Llama, Qwen, GPT) encode as one token each
@@ -329,7 +329,7 @@ def _error_message(body: bytes) -> str:
 
 
 async def _send(
-    client: httpx.AsyncClient,
+    client: aiohttp.ClientSession,
     config: LoadConfig,
     planned: PlannedRequest,
     run_t0: float,
@@ -344,16 +344,16 @@ async def _send(
     finished: float | None = None
     try:
         async with asyncio.timeout(config.timeout):
-            async with client.stream("POST", path, content=orjson.dumps(body)) as response:
-                record.status = response.status_code
-                if response.status_code != 200:
-                    record.error_kind = str(response.status_code)
-                    record.error = f"HTTP {response.status_code}: {_error_message(await response.aread())}"
+            async with client.post(path, data=orjson.dumps(body)) as response:
+                record.status = response.status
+                if response.status != 200:
+                    record.error_kind = str(response.status)
+                    record.error = f"HTTP {response.status}: {_error_message(await response.read())}"
                 else:
                     finished = await _read_stream(response, record, sent, config.endpoint == "chat")
-    except (TimeoutError, httpx.TimeoutException):
+    except TimeoutError:
         record.error_kind, record.error = "timeout", f"no complete answer within --timeout {config.timeout:g} s"
-    except httpx.HTTPError as exc:
+    except aiohttp.ClientError as exc:
         record.error_kind, record.error = "connection", f"{type(exc).__name__}: {exc}"
     except (ValueError, TypeError, AttributeError, KeyError) as exc:  # one odd answer must not end the run
         record.error_kind, record.error = "protocol", f"unreadable answer: {type(exc).__name__}: {exc}"
@@ -362,23 +362,25 @@ async def _send(
     return record
 
 
-async def _read_stream(response: httpx.Response, record: RequestRecord, sent: float, chat: bool) -> float | None:
+async def _read_stream(
+    response: aiohttp.ClientResponse, record: RequestRecord, sent: float, chat: bool
+) -> float | None:
     """Parse the SSE stream into `record`; return when `data: [DONE]` arrived."""
     done_at: float | None = None
     last_content: float | None = None
     content_chunks = 0
     # Read to the end even after [DONE]: a half-read response cannot go back to the pool.
-    async for line in response.aiter_lines():
-        if done_at is not None or not line.startswith("data:"):
+    async for line in response.content:
+        if done_at is not None or not line.startswith(b"data:"):
             continue
         data = line[5:].strip()
-        if data == "[DONE]":
+        if data == b"[DONE]":
             done_at = time.perf_counter()
             continue
         try:
             payload = orjson.loads(data)
         except orjson.JSONDecodeError:
-            record.error_kind, record.error = "protocol", f"an SSE event is not JSON: {data[:80]!r}"
+            record.error_kind, record.error = "protocol", f"an SSE event is not JSON: {data[:80].decode(errors='replace')!r}"
             continue
         if not isinstance(payload, dict):
             continue
@@ -407,7 +409,7 @@ async def _read_stream(response: httpx.Response, record: RequestRecord, sent: fl
 
 
 async def _closed_loop(
-    client: httpx.AsyncClient, config: LoadConfig, planner: RequestPlanner, run_t0: float
+    client: aiohttp.ClientSession, config: LoadConfig, planner: RequestPlanner, run_t0: float
 ) -> list[RequestRecord]:
     records: list[RequestRecord] = []
     deadline = None if config.duration is None else run_t0 + config.duration
@@ -424,7 +426,7 @@ async def _closed_loop(
 
 
 async def _open_loop(
-    client: httpx.AsyncClient, config: LoadConfig, planner: RequestPlanner, run_t0: float
+    client: aiohttp.ClientSession, config: LoadConfig, planner: RequestPlanner, run_t0: float
 ) -> list[RequestRecord]:
     # A separate generator, so that request i is the same request in open and closed runs.
     arrivals = random.Random(f"arrivals:{config.seed}")
@@ -454,11 +456,12 @@ async def _open_loop(
     return list(await asyncio.gather(*tasks))
 
 
-async def run_load(config: LoadConfig, *, transport: httpx.AsyncBaseTransport | None = None) -> RunResult:
+async def run_load(config: LoadConfig) -> RunResult:
     """Run the load `config` describes and summarize it.
 
-    `transport` replaces the network, e.g. `httpx.ASGITransport(app)`; that transport hands over a
-    response only once its body is complete, so TTFT and ITL mean nothing through it.
+    The client is aiohttp: with 32 connections httpx spent two thirds of this process's time in its
+    connection pool (py-spy, docs/benchmarks.md), CPU that the server under test then lacks on a
+    small machine.
     """
     pool_size = config.max_in_flight if config.open_loop else (config.concurrency or 1)
     headers = {"Content-Type": "application/json"}
@@ -467,12 +470,11 @@ async def run_load(config: LoadConfig, *, transport: httpx.AsyncBaseTransport | 
     base_url = re.sub(r"/v1/?$", "", config.url.rstrip("/"))
     planner = RequestPlanner(config)
     started_at = datetime.now(UTC).isoformat(timespec="seconds")
-    async with httpx.AsyncClient(
+    async with aiohttp.ClientSession(
         base_url=base_url,
         headers=headers,
-        timeout=httpx.Timeout(config.timeout),
-        limits=httpx.Limits(max_connections=pool_size, max_keepalive_connections=pool_size),
-        transport=transport,
+        connector=aiohttp.TCPConnector(limit=pool_size),
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=config.timeout),  # asyncio.timeout bounds each request
     ) as client:
         run_t0 = time.perf_counter()
         loop = _open_loop if config.open_loop else _closed_loop
