@@ -20,6 +20,7 @@ class FakeGateway:
     client: httpx.AsyncClient
     engine: FakeEngine
     registry: Registry
+    app: object = None
 
 
 @pytest.fixture
@@ -40,7 +41,7 @@ async def gateway(tmp_path) -> AsyncIterator[FakeGateway]:
         await registry.register(SHARED, "beta", fake_spec("beta", 16), load=True)
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
-            yield FakeGateway(client, engine, registry)
+            yield FakeGateway(client, engine, registry, app)
 
 
 ADMIN_KEY = "admin-secret-key"

@@ -13,7 +13,7 @@ from server.engine_protocol import SamplingOptions, TokenLogprob
 from server.errors import InvalidRequest
 from server.generation import Generator, Job, Usage, new_request_id
 from server.protocol import ChatCompletionRequest
-from server.responses import JSONResponse, sse_response, unless_disconnected
+from server.responses import DONE, JSONResponse, sse_response, unless_disconnected
 
 router = APIRouter()
 
@@ -72,7 +72,9 @@ async def create_chat_completion(
     )
 
 
-async def _stream(generator: Generator, job: Job, include_usage: bool, top: int) -> AsyncIterator[dict[str, Any]]:
+async def _stream(generator: Generator, job: Job, include_usage: bool, top: int) -> AsyncIterator[list[Any]]:
+    """A batch of chunks per engine step; the first also opens each choice with its role, and the
+    job's last also carries the usage and DONE."""
     created = int(time.time())
     usage = Usage()
 
@@ -85,32 +87,42 @@ async def _stream(generator: Generator, job: Job, include_usage: bool, top: int)
             "choices": choices,
         }
 
-    yield chunk(
-        [
-            {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
-            for i in range(job.options.n)
-        ]
-    )
+    batch: list[Any] = [
+        chunk(
+            [
+                {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+                for i in range(job.options.n)
+            ]
+        )
+    ]
+    unfinished = len(job.prompts)
     async for _, step in generator.stream(job):
         for delta in step.choices:
             usage.completion_tokens += delta.token_count
-            yield chunk(
-                [
-                    job.with_ids(
-                        {
-                            "index": delta.index,
-                            "delta": {"content": delta.text} if delta.text else {},
-                            "logprobs": _logprobs(delta.logprobs, top),
-                            "finish_reason": delta.finish_reason,
-                        },
-                        delta.token_ids,
-                    )
-                ]
+            batch.append(
+                chunk(
+                    [
+                        job.with_ids(
+                            {
+                                "index": delta.index,
+                                "delta": {"content": delta.text} if delta.text else {},
+                                "logprobs": _logprobs(delta.logprobs, top),
+                                "finish_reason": delta.finish_reason,
+                            },
+                            delta.token_ids,
+                        )
+                    ]
+                )
             )
         if step.finished:
             usage.prompt_tokens += step.prompt_tokens
-    if include_usage:
-        yield chunk([]) | {"usage": usage.as_dict()}
+            unfinished -= 1
+        if unfinished == 0:
+            if include_usage:
+                batch.append(chunk([]) | {"usage": usage.as_dict()})
+            batch.append(DONE)
+        yield batch
+        batch = []
 
 
 def _logprobs(entries: list[TokenLogprob] | None, top: int) -> dict[str, list[Any]] | None:

@@ -12,7 +12,7 @@ from server.deps import GeneratorDep, PrincipalDep, RecordDep
 from server.engine_protocol import SamplingOptions, TokenLogprob
 from server.generation import Generator, Job, Usage, new_request_id
 from server.protocol import CompletionRequest
-from server.responses import JSONResponse, sse_response, unless_disconnected
+from server.responses import DONE, JSONResponse, sse_response, unless_disconnected
 
 router = APIRouter()
 
@@ -74,44 +74,55 @@ async def create_completion(
     )
 
 
-async def _stream(generator: Generator, job: Job, include_usage: bool) -> AsyncIterator[dict[str, Any]]:
+async def _stream(generator: Generator, job: Job, include_usage: bool) -> AsyncIterator[list[Any]]:
+    """A batch of chunks per engine step; the job's last step also carries the usage and DONE."""
     created = int(time.time())
     usage = Usage()
     text_offsets: dict[int, int] = {}
+    unfinished = len(job.prompts)
     async for prompt_index, step in generator.stream(job):
+        batch: list[Any] = []
         for delta in step.choices:
             index = prompt_index * job.options.n + delta.index
             offset = text_offsets.get(index, 0)
             text_offsets[index] = offset + len(delta.text)
             usage.completion_tokens += delta.token_count
-            yield {
-                "id": job.request_id,
-                "object": "text_completion",
-                "created": created,
-                "model": job.model,
-                "choices": [
-                    job.with_ids(
-                        {
-                            "index": index,
-                            "text": delta.text,
-                            "logprobs": _logprobs(delta.logprobs, offset),
-                            "finish_reason": delta.finish_reason,
-                        },
-                        delta.token_ids,
-                    )
-                ],
-            }
+            batch.append(
+                {
+                    "id": job.request_id,
+                    "object": "text_completion",
+                    "created": created,
+                    "model": job.model,
+                    "choices": [
+                        job.with_ids(
+                            {
+                                "index": index,
+                                "text": delta.text,
+                                "logprobs": _logprobs(delta.logprobs, offset),
+                                "finish_reason": delta.finish_reason,
+                            },
+                            delta.token_ids,
+                        )
+                    ],
+                }
+            )
         if step.finished:
             usage.prompt_tokens += step.prompt_tokens
-    if include_usage:
-        yield {
-            "id": job.request_id,
-            "object": "text_completion",
-            "created": created,
-            "model": job.model,
-            "choices": [],
-            "usage": usage.as_dict(),
-        }
+            unfinished -= 1
+        if unfinished == 0:
+            if include_usage:
+                batch.append(
+                    {
+                        "id": job.request_id,
+                        "object": "text_completion",
+                        "created": created,
+                        "model": job.model,
+                        "choices": [],
+                        "usage": usage.as_dict(),
+                    }
+                )
+            batch.append(DONE)
+        yield batch
 
 
 def _logprobs(entries: list[TokenLogprob] | None, offset: int) -> dict[str, list[Any]] | None:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
@@ -104,6 +105,52 @@ async def test_stream_ends_with_done_and_reports_usage(gateway):
         "total_tokens": 7,
     }
     assert gateway.engine.generated[-1][2].stream
+
+
+async def asgi_writes(app, path: str, payload: dict) -> list[bytes]:
+    """The body writes a streamed response makes, each a send on the socket under a real server."""
+    body = json.dumps(payload).encode()
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        "client": ("127.0.0.1", 5000),
+        "server": ("gateway", 80),
+    }
+    requests = [{"type": "http.request", "body": body, "more_body": False}]
+    messages = []
+
+    async def receive():
+        if requests:
+            return requests.pop()
+        await asyncio.Event().wait()  # the client stays
+
+    async def send(message):
+        messages.append(message)
+
+    await app(scope, receive, send)
+    return [m["body"] for m in messages if m["type"] == "http.response.body" and m.get("body")]
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+async def test_a_stream_writes_once_per_engine_step(gateway, path):
+    payload = {"model": "alpha", "max_tokens": 3, "stream": True, "stream_options": {"include_usage": True}}
+    payload |= {"prompt": "hey"} if path == "/v1/completions" else {"messages": [{"role": "user", "content": "hey"}]}
+    writes = await asgi_writes(gateway.app, path, payload)
+    assert len(writes) == 3  # the fake engine's three steps
+    # The last step's write carries the finish, the usage and DONE; chat's first also the role.
+    last = [event for event in writes[-1].split(b"\n\n") if event]
+    assert len(last) == 3 and b'"finish_reason":"length"' in last[0] and b'"usage"' in last[1]
+    assert last[2] == b"data: [DONE]"
+    if path != "/v1/completions":
+        assert writes[0].count(b"data: ") == 2 and b'"role":"assistant"' in writes[0]
 
 
 async def test_unknown_model_is_404_and_lists_nothing(gateway):
