@@ -60,7 +60,7 @@ class Settings(BaseSettings):
         description="how long the engine's processes spin (sched_yield) waiting for each other's next message",
     )
     engine_nap_us: int = Field(
-        50,
+        500,
         ge=0,
         le=100_000,
         description="after that spin, how long they sleep between looks; 0 spins as vLLM ships (costs a core)",

@@ -11,6 +11,7 @@ import orjson
 from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
+from starlette.types import Send
 
 from server.errors import ClientClosed, GatewayError, error_body, error_payload
 
@@ -52,6 +53,24 @@ async def _sse_body(batches: AsyncIterator[list[Any]]) -> AsyncIterator[bytes]:
         yield DONE
 
 
+class SSEResponse(StreamingResponse):
+    """A StreamingResponse whose last write also ends the HTTP body.
+
+    Starlette ends a stream with one more, empty, body message: one more send on the socket.
+    The chunk that ends in DONE is the stream's last, so it goes with more_body False.
+    """
+
+    async def stream_response(self, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        ended = False
+        async for chunk in self.body_iterator:  # to its end: the generator's cleanup runs there
+            last = chunk.endswith(DONE)
+            await send({"type": "http.response.body", "body": chunk, "more_body": not last})
+            ended = ended or last
+        if not ended:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
 def sse_response(batches: AsyncIterator[list[Any]], finally_: Callable[[], None] | None = None) -> StreamingResponse:
     """Stream `batches`: lists of event payloads written at once, the last one ending in DONE.
 
@@ -59,7 +78,7 @@ def sse_response(batches: AsyncIterator[list[Any]], finally_: Callable[[], None]
     gateway's profile; events that are ready together (the last tokens, the usage, DONE) go in one.
     `finally_` also runs when the client left before the stream began.
     """
-    return StreamingResponse(
+    return SSEResponse(
         _sse_body(batches),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},

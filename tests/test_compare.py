@@ -351,7 +351,7 @@ def test_only_the_vllm_plugins_system_gets_the_engine_plugins(tmp_path, monkeypa
 
     for system in ("vllm", "gateway"):
         assert ENV not in system_env(system) and LORA_ENV not in system_env(system)
-    assert system_env("vllm-plugins")[ENV] == "200:50" and system_env("vllm-plugins")[LORA_ENV] == "1"
+    assert system_env("vllm-plugins")[ENV] == "200:500" and system_env("vllm-plugins")[LORA_ENV] == "1"
     # A variable left in the caller's environment reaches no system the pool starts.
     monkeypatch.setenv(ENV, "1:1")
     pool = ProcessPool()
@@ -362,7 +362,7 @@ def test_only_the_vllm_plugins_system_gets_the_engine_plugins(tmp_path, monkeypa
     assert out.read_text() == "unset"
     launched = pool.start("env", [sys.executable, "-c", script], tmp_path / "env.log", env=system_env("vllm-plugins"))
     launched.process.wait(timeout=30)
-    assert out.read_text() == "200:50"
+    assert out.read_text() == "200:500"
     pool.stop_all()
 
 

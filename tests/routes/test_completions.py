@@ -107,8 +107,8 @@ async def test_stream_ends_with_done_and_reports_usage(gateway):
     assert gateway.engine.generated[-1][2].stream
 
 
-async def asgi_writes(app, path: str, payload: dict) -> list[bytes]:
-    """The body writes a streamed response makes, each a send on the socket under a real server."""
+async def asgi_messages(app, path: str, payload: dict) -> list[dict]:
+    """What the app sends for one request; each body message is a send on the socket under uvicorn."""
     body = json.dumps(payload).encode()
     scope = {
         "type": "http",
@@ -136,15 +136,18 @@ async def asgi_writes(app, path: str, payload: dict) -> list[bytes]:
         messages.append(message)
 
     await app(scope, receive, send)
-    return [m["body"] for m in messages if m["type"] == "http.response.body" and m.get("body")]
+    return messages
 
 
 @pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
 async def test_a_stream_writes_once_per_engine_step(gateway, path):
     payload = {"model": "alpha", "max_tokens": 3, "stream": True, "stream_options": {"include_usage": True}}
     payload |= {"prompt": "hey"} if path == "/v1/completions" else {"messages": [{"role": "user", "content": "hey"}]}
-    writes = await asgi_writes(gateway.app, path, payload)
-    assert len(writes) == 3  # the fake engine's three steps
+    messages = await asgi_messages(gateway.app, path, payload)
+    bodies = [m for m in messages if m["type"] == "http.response.body"]
+    writes = [m["body"] for m in bodies]
+    assert len(writes) == 3  # the fake engine's three steps, and the last one ends the body
+    assert [m["more_body"] for m in bodies] == [True, True, False]
     # The last step's write carries the finish, the usage and DONE; chat's first also the role.
     last = [event for event in writes[-1].split(b"\n\n") if event]
     assert len(last) == 3 and b'"finish_reason":"length"' in last[0] and b'"usage"' in last[1]
