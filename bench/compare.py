@@ -261,7 +261,7 @@ class Comparison:
         self.prepare()
         selected = [key for key in ("a", "b") if key in self.args.workloads]
         workloads = workloads_for(self.args)
-        systems = [s for s in report.SYSTEMS if not (s == "vllm" and self.args.skip_vllm)
+        systems = [s for s in report.RUN_ORDER if not (s == "vllm" and self.args.skip_vllm)
                    and not (s == "vllm-plugins" and not self.args.vllm_with_plugins)
                    and not (s == "floor" and self.args.skip_floor)
                    and not (s == "gateway-alt" and self.args.also_gateway is None)]
@@ -298,7 +298,7 @@ class Comparison:
 
     def interleave_groups(self, systems: list[str], workload: Workload) -> list[list[str]]:
         """Systems that run side by side: all of them with --interleave if memory allows, else as many
-        as fit together, in SYSTEMS order (vLLM's server and the gateway first); one by one without."""
+        as fit together, in RUN_ORDER (vLLM's server, the gateway and the floor first); one by one without."""
         if not self.args.interleave:
             return [[system] for system in systems]
         try:

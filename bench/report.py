@@ -6,7 +6,10 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-SYSTEMS = ("vllm", "gateway", "vllm-plugins", "gateway-alt", "floor")  # the first two share a group
+SYSTEMS = ("vllm", "gateway", "vllm-plugins", "gateway-alt", "floor")  # the tables' order
+# The order systems start and group in: the three the targets compare come first, so that they
+# alternate side by side even when memory leaves room for only three.
+RUN_ORDER = ("vllm", "gateway", "floor", "vllm-plugins", "gateway-alt")
 SYSTEM_TITLES = {"vllm": "vLLM server", "vllm-plugins": "vLLM server + gateway plugins", "gateway": "gateway",
                  "gateway-alt": "gateway (--also-gateway)", "floor": "floor (AsyncLLM)"}
 

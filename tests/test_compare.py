@@ -374,3 +374,10 @@ def test_systems_interleave_in_groups_that_fit_in_memory():
     assert split_for_memory(systems, 7.0, 23.5) == [["vllm", "gateway", "vllm-plugins"], ["floor"]]
     assert split_for_memory(systems, 7.0, 20.0) == [["vllm", "gateway"], ["vllm-plugins", "floor"]]
     assert split_for_memory(systems, 7.0, 5.0) == [[s] for s in systems]
+
+
+def test_the_systems_the_targets_compare_start_together():
+    from bench.compare import split_for_memory
+
+    assert set(report.RUN_ORDER) == set(report.SYSTEMS)
+    assert split_for_memory(list(report.RUN_ORDER[:4]), 6.5, 22.8)[0] == ["vllm", "gateway", "floor"]

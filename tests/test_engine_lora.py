@@ -180,3 +180,13 @@ def test_the_setting_reaches_the_engines_environment():
     assert Settings(lora_ops="vllm").engine_plugin_env()[engine_lora.ENV] == "0"
     with pytest.raises(ValidationError, match="--lora-ops must be grouped or vllm"):
         Settings(lora_ops="fast")
+
+
+def test_the_microbenchmark_agrees_and_times_both(capsys):
+    from bench import lora_ops
+
+    lora_ops.main(["--sequences", "6", "--repeats", "1"])
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
+    assert [row[0] for row in rows] == ["qkv", "o", "gate_up", "down"]
+    for row in rows:
+        assert float(row[1]) > 0 and float(row[2]) > 0 and float(row[4]) < 1e-4
