@@ -144,7 +144,12 @@ def serve(settings: Settings) -> int:
     from server.app import build_app
     from server.engine import VllmEngine
     from server.metrics import GatewayMetrics
-    from server.serving import serve_app
+    from server.serving import bind_listener, serve_app
+
+    try:
+        listener = bind_listener(settings.host, settings.port)
+    except OSError as exc:
+        return _fail(f"--host/--port: cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}")
 
     engine_died: list[bool] = []
     work_dir = Path(tempfile.mkdtemp(prefix="lora-gateway-"))
@@ -174,8 +179,9 @@ def serve(settings: Settings) -> int:
             os.kill(os.getpid(), signal.SIGTERM)
 
         app.state.on_engine_death = on_engine_death
-        serve_app(app, settings)
+        serve_app(app, settings, listener)
     finally:
+        listener.close()
         shutil.rmtree(work_dir, ignore_errors=True)
     if engine_died:
         logger.error("exiting with status %d: the inference engine died", ENGINE_DIED_EXIT)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
 import time
 from types import FrameType
 
@@ -65,8 +66,25 @@ class DrainingServer(uvicorn.Server):
         return await super().on_tick(counter)
 
 
-def serve_app(app: FastAPI, settings: Settings) -> None:
-    """Serve until a signal, then drain; returns once the lifespan has shut down."""
+def bind_listener(host: str, port: int) -> socket.socket:
+    """The server's socket, bound now: before the engine starts, so that a port in use fails fast,
+    and so that none of the ports vLLM's processes pick for themselves can take it meanwhile."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def serve_app(app: FastAPI, settings: Settings, sock: socket.socket | None = None) -> None:
+    """Serve until a signal, then drain; returns once the lifespan has shut down.
+
+    `sock` is a socket from bind_listener; without one, uvicorn binds --host and --port itself.
+    """
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -76,4 +94,4 @@ def serve_app(app: FastAPI, settings: Settings) -> None:
         access_log=False,  # the telemetry middleware logs each request once
         timeout_graceful_shutdown=SHUTDOWN_GRACE_SECONDS,
     )
-    DrainingServer(config, app, settings.drain_seconds).run()
+    DrainingServer(config, app, settings.drain_seconds).run(sockets=[sock] if sock is not None else None)

@@ -196,3 +196,38 @@ def test_every_line_the_server_logs_is_json(start_server):
     requests = [entry for entry in entries if entry["logger"] == "lora_gateway.requests"]
     assert [(entry["path"], entry["status"]) for entry in requests] == [("/v1/completions", 200)]
     assert any(entry["logger"].startswith("uvicorn") for entry in entries)
+
+
+def test_a_port_in_use_fails_fast_before_the_engine_starts(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    config = {"hidden_size": 64, "num_attention_heads": 1, "intermediate_size": 128, "num_hidden_layers": 1}
+    (model / "config.json").write_text(json.dumps(config))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        started = time.monotonic()
+        result = subprocess.run(
+            [sys.executable, "-m", "server", "serve", "--model", str(model), "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=ROOT,
+            env={**os.environ, "LORA_GATEWAY_STATE_DIR": str(tmp_path / "state")},
+        )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert f"--host/--port: cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "starting engine" not in result.stdout + result.stderr and time.monotonic() - started < 60
+
+
+def test_the_listener_is_bound_before_serving():
+    from server.serving import bind_listener
+
+    sock = bind_listener("127.0.0.1", 0)
+    try:
+        port = sock.getsockname()[1]
+        with socket.socket() as other, pytest.raises(OSError):
+            other.bind(("127.0.0.1", port))
+    finally:
+        sock.close()

@@ -42,6 +42,18 @@ class RunningGateway:
 
 
 def start_gateway(args: list[str], log_path: Path, base_name: str, env: dict[str, str] | None = None) -> RunningGateway:
+    """Start a gateway on a free port; once more on another port if that one was taken meanwhile."""
+    try:
+        return _start_gateway(args, log_path, base_name, env)
+    except PortTaken:
+        return _start_gateway(args, log_path, base_name, env)
+
+
+class PortTaken(RuntimeError):
+    """Another process bound the free port between free_port() and the gateway's bind."""
+
+
+def _start_gateway(args: list[str], log_path: Path, base_name: str, env: dict[str, str] | None) -> RunningGateway:
     port = free_port()
     log = log_path.open("w")
     process = subprocess.Popen(
@@ -54,6 +66,8 @@ def start_gateway(args: list[str], log_path: Path, base_name: str, env: dict[str
     deadline = time.monotonic() + STARTUP_SECONDS
     while time.monotonic() < deadline:
         if process.poll() is not None:
+            if process.returncode == 2 and "cannot listen on" in gateway.log_tail():
+                raise PortTaken(gateway.log_tail())
             raise RuntimeError(f"gateway exited with {process.returncode}:\n{gateway.log_tail()}")
         try:
             if httpx.get(f"{gateway.url}/ready", timeout=2).status_code == 200:
