@@ -134,7 +134,9 @@ async def test_counts_tokens_and_latencies_from_the_stream(fake):
     assert Counter(fake.models) == Counter(r.model for r in result.records)
     assert all(r.ok and r.status == 200 and r.tokens_from_usage for r in result.records)
     assert all(r.output_tokens == 5 and r.usage_prompt_tokens == 7 and len(r.itl_s) == 4 for r in result.records)
-    assert all(r.ttft_s >= 0.035 and r.latency_s >= r.ttft_s + 4 * 0.01 for r in result.records)
+    # The fake sleeps 0.03 s, then 0.01 s before each token: lower bounds, whatever the machine's load
+    # (a late first chunk can arrive with the next, so the gap between TTFT and the end is no bound).
+    assert all(r.ttft_s >= 0.035 and r.latency_s >= 0.075 for r in result.records)
     summary = result.summary
     assert (summary["requests"], summary["succeeded"], summary["errors"], summary["output_tokens"]) == (6, 6, 0, 30)
     # lower bounds only: the fake sleeps at least this long, and a busy machine only adds time
