@@ -296,7 +296,8 @@ class Registry:
             if current is None:
                 raise ModelNotFound(entry.name)
             entry = current
-        if entry is self.base and self.base_adapter is None:
+        bare = entry is self.base and self.base_adapter is None  # a base request without an adapter
+        if bare:
             pass
         elif entry.resident:
             self._resident.move_to_end(entry.adapter_id)
@@ -314,7 +315,7 @@ class Registry:
         entry.request_count += 1
         entry.last_used = time.time()
         try:
-            yield None if entry is self.base and self.base_adapter is None else entry.handle
+            yield None if bare else entry.handle
         finally:
             entry.in_flight -= 1
             if entry.in_flight == 0 and entry.retired:

@@ -6,11 +6,13 @@ import os
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 ENV_PREFIX = "LORA_GATEWAY_"
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+# Settings that take one of a few words, and those words.
+CHOICES = {"log_format": ("json", "text"), "lora_ops": ("grouped", "vllm")}
 
 
 def _default_cache_dir() -> Path:
@@ -130,18 +132,12 @@ class Settings(BaseSettings):
         # compose passes an unset variable as an empty string
         return None if value == "" else value
 
-    @field_validator("lora_ops")
+    @field_validator(*CHOICES)
     @classmethod
-    def _lora_ops_known(cls, value: str) -> str:
-        if value not in {"grouped", "vllm"}:
-            raise ValueError("--lora-ops must be grouped or vllm")
-        return value
-
-    @field_validator("log_format")
-    @classmethod
-    def _format_known(cls, value: str) -> str:
-        if value not in {"json", "text"}:
-            raise ValueError("--log-format must be json or text")
+    def _one_of_its_choices(cls, value: str, info: ValidationInfo) -> str:
+        allowed = CHOICES[info.field_name]
+        if value not in allowed:
+            raise ValueError(f"--{info.field_name.replace('_', '-')} must be {' or '.join(allowed)}")
         return value
 
     @model_validator(mode="after")

@@ -199,10 +199,12 @@ class Generator:
         outcome.usage.completion_tokens = sum(c.token_count for c in outcome.choices)
         return outcome
 
-    async def stream(self, job: Job) -> AsyncIterator[tuple[int, GenerationStep]]:
-        """Steps of every prompt as they come: (prompt index, step)."""
-        async for item in self._steps(job):
-            yield item
+    async def stream(self, job: Job) -> AsyncIterator[tuple[int, GenerationStep, bool]]:
+        """Steps of every prompt as they come: (prompt index, step, whether it ends the job)."""
+        unfinished = len(job.prompts)
+        async for prompt_index, step in self._steps(job):
+            unfinished -= step.finished
+            yield prompt_index, step, unfinished == 0
 
     async def _steps(self, job: Job) -> AsyncIterator[tuple[int, GenerationStep]]:
         try:

@@ -95,8 +95,7 @@ async def _stream(generator: Generator, job: Job, include_usage: bool, top: int)
             ]
         )
     ]
-    unfinished = len(job.prompts)
-    async for _, step in generator.stream(job):
+    async for _, step, last in generator.stream(job):
         for delta in step.choices:
             usage.completion_tokens += delta.token_count
             batch.append(
@@ -116,8 +115,7 @@ async def _stream(generator: Generator, job: Job, include_usage: bool, top: int)
             )
         if step.finished:
             usage.prompt_tokens += step.prompt_tokens
-            unfinished -= 1
-        if unfinished == 0:
+        if last:
             if include_usage:
                 batch.append(chunk([]) | {"usage": usage.as_dict()})
             batch.append(DONE)

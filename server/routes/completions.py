@@ -79,8 +79,7 @@ async def _stream(generator: Generator, job: Job, include_usage: bool) -> AsyncI
     created = int(time.time())
     usage = Usage()
     text_offsets: dict[int, int] = {}
-    unfinished = len(job.prompts)
-    async for prompt_index, step in generator.stream(job):
+    async for prompt_index, step, last in generator.stream(job):
         batch: list[Any] = []
         for delta in step.choices:
             index = prompt_index * job.options.n + delta.index
@@ -108,8 +107,7 @@ async def _stream(generator: Generator, job: Job, include_usage: bool) -> AsyncI
             )
         if step.finished:
             usage.prompt_tokens += step.prompt_tokens
-            unfinished -= 1
-        if unfinished == 0:
+        if last:
             if include_usage:
                 batch.append(
                     {
