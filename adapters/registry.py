@@ -29,34 +29,19 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Protocol
 
 from adapters.base_model import BaseModelInfo
-from adapters.catalog import SHARED, AdapterRow, Catalog
-from adapters.spec import AdapterSpec
+from adapters.database import AdapterRow, Database
+from adapters.engine import AdapterEngine, AdapterHandle, AdapterLoadFailed
+from adapters.errors import AdapterNotFound, AdapterRejected, InvalidAdapterName
+from adapters.events import NoEvents, RegistryEvents
+from adapters.spec import SHARED, AdapterSpec
 from adapters.store import AdapterStore
-from adapters.validate import NAME_PATTERN, validate_adapter
-from server.engine_protocol import AdapterHandle, AdapterLoadFailed
-from server.errors import InvalidRequest, ModelNotFound
-from server.observe import NoEvents, RegistryEvents
+from adapters.validate import check_name, validate_adapter
 
 logger = logging.getLogger(__name__)
 
 Key = tuple[str, str]  # (owner, name)
-
-
-class AdapterEngine(Protocol):
-    """The part of the engine the registry drives."""
-
-    async def add_adapter(self, adapter: AdapterHandle) -> None: ...
-
-    async def remove_adapter(self, adapter_id: int) -> None: ...
-
-
-class AdapterRejected(InvalidRequest):
-    """The engine refused the adapter's files."""
-
-    code = "invalid_adapter"
 
 
 @dataclass
@@ -116,7 +101,7 @@ class Registry:
         base_name: str,
         base_adapter: AdapterSpec | None,
         max_resident: int,
-        catalog: Catalog | None = None,
+        catalog: Database | None = None,
         store: AdapterStore | None = None,
         rules: AdapterRules | None = None,
         events: RegistryEvents | None = None,
@@ -132,7 +117,7 @@ class Registry:
         self.max_resident = max_resident
         self._ids = itertools.count(1)
         # With a zero adapter, base requests run through it (pinned, one more cache entry, so that
-        # the others get max_resident); without, they carry no adapter (server/engine_lora.py).
+        # the others get max_resident); without, they carry no adapter (server/engine/lora_ops.py).
         self.base_adapter = base_adapter
         self.base = AdapterEntry(SHARED, base_name, base_adapter, next(self._ids), pinned=True)  # type: ignore[arg-type]
         self._capacity = max_resident + (base_adapter is not None)
@@ -194,7 +179,7 @@ class Registry:
             owner, sep, name = model.partition("/")
             entry = self._entries.get((owner, name)) if sep else self._entries.get((SHARED, model))
         if entry is None:
-            raise ModelNotFound(model)
+            raise AdapterNotFound(model)
         return entry
 
     @property
@@ -220,14 +205,9 @@ class Registry:
         return await self.register(owner, name, replace(spec, path=path), load=True)
 
     def check_new_name(self, name: str) -> None:
-        if not NAME_PATTERN.match(name):
-            raise InvalidRequest(
-                "adapter names are 1-64 characters of letters, digits, '.', '_' or '-', "
-                "starting with a letter or digit",
-                param="name",
-            )
+        check_name(name)
         if name == self.base_name:
-            raise InvalidRequest(f"'{name}' is the base model's name", param="name")
+            raise InvalidAdapterName(f"'{name}' is the base model's name", param="name")
 
     async def register(self, owner: str, name: str, spec: AdapterSpec, *, load: bool = False) -> AdapterEntry:
         """Add or replace owner's `name`. A replaced version finishes its requests, then unloads.
@@ -294,7 +274,7 @@ class Registry:
             # Replaced since it was resolved: new requests get the new version.
             current = self._entries.get(entry.key)
             if current is None:
-                raise ModelNotFound(entry.name)
+                raise AdapterNotFound(entry.name)
             entry = current
         bare = entry is self.base and self.base_adapter is None  # a base request without an adapter
         if bare:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+SHARED = ""  # the owner of adapters every tenant sees
+
 
 @dataclass(frozen=True)
 class AdapterSpec:

@@ -16,16 +16,10 @@ import uuid
 from collections.abc import Iterable
 from pathlib import Path
 
-from adapters.validate import ALLOWED_FILES, InvalidAdapter
+from adapters.errors import AdapterTooLarge, InvalidAdapter
+from adapters.validate import ALLOWED_FILES
 
 _CHUNK = 1 << 20
-
-
-class TooLarge(InvalidAdapter):
-    """The adapter's files exceed the size limit."""
-
-    status_code = 413
-    code = "adapter_too_large"
 
 
 class AdapterStore:
@@ -95,7 +89,7 @@ def copy_folder(source: Path, staging: Path, max_bytes: int) -> None:
         _check_member_name(entry.name)
         total += entry.stat(follow_symlinks=False).st_size
         if total > max_bytes:
-            raise TooLarge(f"the adapter is over the {max_bytes}-byte limit")
+            raise AdapterTooLarge(f"the adapter is over the {max_bytes}-byte limit")
         flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)
         fd = os.open(os.path.join(source, entry.name), flags)
         with os.fdopen(fd, "rb") as reader, open(staging / entry.name, "wb") as writer:
@@ -129,7 +123,7 @@ def extract_tarball(stream: io.BufferedIOBase, staging: Path, max_bytes: int) ->
                     raise InvalidAdapter(f"the archive holds '{name}' twice")
                 total += member.size
                 if total > max_bytes:
-                    raise TooLarge(f"the adapter is over the {max_bytes}-byte limit")
+                    raise AdapterTooLarge(f"the adapter is over the {max_bytes}-byte limit")
                 reader = archive.extractfile(member)
                 assert reader is not None
                 with open(staging / name, "wb") as writer:
@@ -154,6 +148,6 @@ def _copy_limited(reader, writer, limit: int) -> int:
     while chunk := reader.read(_CHUNK):
         written += len(chunk)
         if written > limit:
-            raise TooLarge("the adapter is over the size limit")
+            raise AdapterTooLarge("the adapter is over the size limit")
         writer.write(chunk)
     return written

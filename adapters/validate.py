@@ -14,8 +14,8 @@ import struct
 from pathlib import Path
 
 from adapters.base_model import BaseModelInfo
+from adapters.errors import InvalidAdapter, InvalidAdapterName
 from adapters.spec import AdapterSpec
-from server.errors import InvalidRequest
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -26,15 +26,9 @@ _TENSOR_NAME = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn
 _FLOAT_DTYPES = {"F32": ("f", 4), "F16": ("e", 2), "BF16": (None, 2), "F64": ("d", 8)}
 
 
-class InvalidAdapter(InvalidRequest):
-    """The adapter's files cannot be served; the message says what is wrong."""
-
-    code = "invalid_adapter"
-
-
 def check_name(name: str, param: str = "name") -> str:
     if not NAME_PATTERN.match(name):
-        raise InvalidRequest(
+        raise InvalidAdapterName(
             "adapter names are 1-64 characters of letters, digits, '.', '_' or '-', starting with a letter or digit",
             param=param,
         )

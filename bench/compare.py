@@ -126,8 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--skip-vllm", action="store_true", help="leave out vLLM's own server")
     add("--skip-floor", action="store_true", help="leave out the floor (in-process AsyncLLM)")
     add("--vllm-with-plugins", action="store_true",
-        help="also run vLLM's server with the gateway's engine plugins (server/engine_wait.py, "
-        "server/engine_lora.py), to tell them apart from the rest of the gateway")
+        help="also run vLLM's server with the gateway's engine plugins (server/engine/wait.py, "
+        "server/engine/lora_ops.py), to tell them apart from the rest of the gateway")
     add("--interleave", action=argparse.BooleanOptionalAction, default=True,
         help="keep every system of a workload up and alternate their rounds (order rotating), so that a busy "
         "neighbour hits them alike; when not all fit in memory (~6.5-7 GiB each), in groups that do. "

@@ -1,10 +1,10 @@
 """The floor: vLLM's AsyncLLM called in-process, with no HTTP and no gateway in between.
 
 `python -m bench.floor --spec SPEC.json` starts one engine with the engine arguments
-`server/engine.py` uses (enable_lora, max_loras, max_cpu_loras, max_lora_rank, max_model_len,
+`server/engine/vllm_engine.py` uses (enable_lora, max_loras, max_cpu_loras, max_lora_rank, max_model_len,
 max_num_seqs, dtype, gpu_memory_utilization, generation_config "vllm") at the limits vLLM's server
-gets, and with the gateway's engine plugins at their defaults (server/engine_wait.py,
-server/engine_lora.py). (The gateway hands its
+gets, and with the gateway's engine plugins at their defaults (server/engine/wait.py,
+server/engine/lora_ops.py). (The gateway hands its
 engine one more LoRA slot and one more cached adapter for its base model's zero adapter; the
 floor sends base requests without a LoRA, as vLLM's server does, so it needs neither.) Then it runs the rounds bench.compare sends on stdin the way bench.loadgen runs
 them: the same RequestPlanner (same models, prompts and lengths for the same seed), the same
@@ -55,7 +55,7 @@ def start_engine(model: str, served_name: str, limits: dict[str, Any]) -> Any:
 
     from server.config import Settings
 
-    # The gateway's engine plugins at their defaults (server/engine_wait.py, server/engine_lora.py).
+    # The gateway's engine plugins at their defaults (server/engine/wait.py, server/engine/lora_ops.py).
     os.environ.update(Settings().engine_plugin_env())
 
     args = AsyncEngineArgs(

@@ -1,4 +1,4 @@
-"""vLLM's CPU LoRA ops against the gateway's grouped ones (server/engine_lora.py), per layer.
+"""vLLM's CPU LoRA ops against the gateway's grouped ones (server/engine/lora_ops.py), per layer.
 
 `python -m bench.lora_ops` builds one engine step's LoRA mapping (sequences of random adapters or
 none, some decoding one token, some prefilling many), runs `add_lora_linear` on the demo model's
@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> None:
     from vllm.lora.layers.utils import LoRAMapping
     from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
-    from server import engine_lora
+    from server.engine import lora_ops as engine_lora
 
     torch.set_num_threads(1)
     rng = random.Random(args.seed)

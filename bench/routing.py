@@ -40,8 +40,8 @@ def called_names(names: list[str]) -> list[str]:
 @asynccontextmanager
 async def registry_caller(entries: int) -> AsyncIterator[tuple[Call, list[str]]]:
     """resolve + lease enter/exit over a Registry with `entries` adapters registered."""
-    from adapters.catalog import SHARED
     from adapters.registry import Registry
+    from adapters.spec import SHARED
     from tests.fakes import FakeEngine, fake_spec
 
     registry = Registry(FakeEngine(), base_name="base", base_adapter=fake_spec("__base__", 1),
@@ -68,8 +68,9 @@ async def http_caller(entries: int) -> AsyncIterator[tuple[Call, list[str]]]:
     """A streamed 4-token completion through the whole app over FakeEngine and ASGITransport."""
     import httpx
 
-    from adapters.catalog import SHARED, Catalog
+    from adapters.database import Database
     from adapters.registry import Registry
+    from adapters.spec import SHARED
     from server.app import build_app
     from server.config import Settings
     from tests.fakes import FakeEngine, fake_spec
@@ -79,7 +80,7 @@ async def http_caller(entries: int) -> AsyncIterator[tuple[Call, list[str]]]:
         settings = Settings(served_model_name="base", state_dir=state, max_cpu_loras=RESIDENT + 2, max_loras=4)
         engine = FakeEngine(max_model_len=256)
         registry = Registry(engine, base_name="base", base_adapter=fake_spec("__base__", 1),
-                            max_resident=settings.max_cpu_loras - 1, catalog=Catalog(state / "catalog.sqlite3"))
+                            max_resident=settings.max_cpu_loras - 1, catalog=Database(state / "catalog.sqlite3"))
         app = build_app(settings, engine, registry)
         try:
             async with app.router.lifespan_context(app):

@@ -10,13 +10,13 @@ from pathlib import Path
 
 from fastapi import FastAPI
 
-from adapters.catalog import SHARED
 from adapters.registry import Registry
+from adapters.spec import SHARED
 from adapters.store import copy_folder
 from server.auth import KeyRing
 from server.bodylimit import BodyLimitMiddleware
 from server.config import Settings
-from server.engine_protocol import Engine
+from server.engine.protocol import Engine
 from server.errors import install_error_handlers
 from server.generation import Generator
 from server.metrics import GatewayMetrics

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 from pydantic import SecretStr
 
-from adapters.catalog import SHARED, Catalog, KeyRow
+from adapters.database import Database, KeyRow
+from adapters.spec import SHARED
 from server.errors import GatewayError
 
 logger = logging.getLogger(__name__)
@@ -81,7 +82,7 @@ class IssuedKey:
 class KeyRing:
     """Checks keys; issues and revokes tenant keys."""
 
-    def __init__(self, catalog: Catalog, admin_key: SecretStr | None):
+    def __init__(self, catalog: Database, admin_key: SecretStr | None):
         self._catalog = catalog
         self._admin_hash = hash_key(admin_key.get_secret_value()) if admin_key else None
         self._by_hash: dict[str, KeyRow] = {row.key_hash: row for row in catalog.keys()}

@@ -98,12 +98,12 @@ def main(argv: list[str] | None = None) -> int:
 def serve(settings: Settings) -> int:
     """Check everything that can fail fast, start the engine, then serve until stopped."""
     from adapters.base_model import BaseModelInfo
-    from adapters.catalog import Catalog
+    from adapters.database import Database
+    from adapters.errors import AdapterError
     from adapters.registry import AdapterRules, Registry
     from adapters.store import AdapterStore
     from adapters.validate import check_name, validate_adapter
     from adapters.zero import ZERO_ADAPTER_NAME, write_zero_adapter
-    from server.errors import InvalidRequest
 
     configure_logging(settings.log_level, settings.log_format)
     model_path = settings.model
@@ -131,7 +131,7 @@ def serve(settings: Settings) -> int:
         try:
             check_name(name, "--lora-modules")
             rules.validate(Path(path))
-        except InvalidRequest as exc:
+        except AdapterError as exc:
             return _fail(f"--lora-modules {name}: {exc.message}")
         preload[name] = Path(path)
     if settings.adapter_dir is not None and not settings.adapter_dir.is_dir():
@@ -142,7 +142,7 @@ def serve(settings: Settings) -> int:
         )
 
     from server.app import build_app
-    from server.engine import VllmEngine
+    from server.engine.vllm_engine import VllmEngine
     from server.metrics import GatewayMetrics
     from server.serving import bind_listener, serve_app
 
@@ -166,7 +166,7 @@ def serve(settings: Settings) -> int:
             base_name=settings.base_name,
             base_adapter=zero_spec,
             max_resident=settings.max_cpu_loras,
-            catalog=Catalog(settings.state_dir / "catalog.sqlite3"),
+            catalog=Database(settings.state_dir / "catalog.sqlite3"),
             store=AdapterStore(settings.state_dir / "adapters"),
             rules=rules,
             events=metrics.events,

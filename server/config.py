@@ -69,7 +69,7 @@ class Settings(BaseSettings):
     )
     lora_ops: str = Field(
         "grouped",
-        description="how the engine applies adapters on the CPU: grouped (by adapter, server/engine_lora.py) "
+        description="how the engine applies adapters on the CPU: grouped (by adapter, server/engine/lora_ops.py) "
         "or vllm (vLLM's per-token ops)",
     )
     host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0 for every interface)")
@@ -148,7 +148,8 @@ class Settings(BaseSettings):
 
     def engine_plugin_env(self) -> dict[str, str]:
         """What the gateway's vLLM plugins read in its engine's processes, which inherit it."""
-        from server import engine_lora, engine_wait
+        from server.engine import lora_ops as engine_lora
+        from server.engine import wait as engine_wait
 
         return {
             engine_wait.ENV: engine_wait.encode(self.engine_spin_us, self.engine_nap_us),

@@ -1,4 +1,5 @@
-"""Typed errors and the one function that renders them in OpenAI's error shape."""
+"""Typed errors, the map from the adapter layer's errors to HTTP, and the one function that
+renders them all in OpenAI's error shape."""
 
 from __future__ import annotations
 
@@ -11,10 +12,9 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
+from adapters import errors as adapter_errors
+
 logger = logging.getLogger(__name__)
-
-_MAX_ECHOED_NAME = 128
-
 
 class GatewayError(Exception):
     """Base of every error the gateway answers with; rendered by `error_response`."""
@@ -61,8 +61,7 @@ class ModelNotFound(GatewayError):
     code = "model_not_found"
 
     def __init__(self, name: str):
-        shown = name if len(name) <= _MAX_ECHOED_NAME else name[:_MAX_ECHOED_NAME] + "..."
-        super().__init__(f"The model '{shown}' does not exist or you do not have access to it.", param="model")
+        super().__init__(adapter_errors.AdapterNotFound(name).message, param="model")
 
 
 class EngineUnavailable(GatewayError):
@@ -87,15 +86,44 @@ class ClientClosed(GatewayError):
     code = "client_closed_request"
 
 
+# The adapter layer's errors as (status, OpenAI type, code); a subclass not listed takes its base's.
+_ADAPTER_ERRORS: dict[type[adapter_errors.AdapterError], tuple[int, str, str]] = {
+    adapter_errors.AdapterError: (400, "invalid_request_error", "invalid_value"),
+    adapter_errors.AdapterNotFound: (404, "invalid_request_error", "model_not_found"),
+    adapter_errors.InvalidAdapterName: (400, "invalid_request_error", "invalid_value"),
+    adapter_errors.InvalidAdapter: (400, "invalid_request_error", "invalid_adapter"),
+    adapter_errors.AdapterTooLarge: (413, "invalid_request_error", "adapter_too_large"),
+}
+
+
+def from_adapter_error(exc: adapter_errors.AdapterError) -> GatewayError:
+    """The gateway error, with its status and code, that answers one of the adapter layer's errors."""
+    kind = next(k for k in type(exc).__mro__ if k in _ADAPTER_ERRORS)
+    status, error_type, code = _ADAPTER_ERRORS[kind]
+    error = GatewayError(exc.message, param=exc.param)
+    error.status_code, error.error_type, error.code = status, error_type, code
+    return error
+
+
+def as_gateway_error(exc: GatewayError | adapter_errors.AdapterError) -> GatewayError:
+    return from_adapter_error(exc) if isinstance(exc, adapter_errors.AdapterError) else exc
+
+
+def http_status(exc: GatewayError | adapter_errors.AdapterError) -> int:
+    return as_gateway_error(exc).status_code
+
+
 def error_body(message: str, error_type: str, code: str, param: str | None = None) -> dict[str, dict[str, str | None]]:
     return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
 
 
-def error_payload(exc: GatewayError) -> dict[str, dict[str, str | None]]:
+def error_payload(exc: GatewayError | adapter_errors.AdapterError) -> dict[str, dict[str, str | None]]:
+    exc = as_gateway_error(exc)
     return error_body(exc.message, exc.error_type, exc.code, exc.param)
 
 
-def error_response(exc: GatewayError) -> Response:
+def error_response(exc: GatewayError | adapter_errors.AdapterError) -> Response:
+    exc = as_gateway_error(exc)
     return Response(
         orjson.dumps(error_payload(exc)),
         status_code=exc.status_code,
@@ -135,7 +163,8 @@ def install_error_handlers(app: FastAPI) -> None:
     """Render every failure, ours or the framework's, in OpenAI's error shape."""
 
     @app.exception_handler(GatewayError)
-    async def _gateway_error(_: Request, exc: GatewayError) -> Response:
+    @app.exception_handler(adapter_errors.AdapterError)
+    async def _gateway_error(_: Request, exc: GatewayError | adapter_errors.AdapterError) -> Response:
         return error_response(exc)
 
     @app.exception_handler(RequestValidationError)

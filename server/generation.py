@@ -8,12 +8,13 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from adapters.catalog import SHARED
+from adapters.errors import AdapterNotFound
 from adapters.registry import AdapterEntry, Registry
+from adapters.spec import SHARED
 from adapters.store import copy_folder
 from adapters.validate import NAME_PATTERN
 from server.auth import Principal
-from server.engine_protocol import (
+from server.engine.protocol import (
     ChoiceDelta,
     Engine,
     EngineDead,
@@ -22,7 +23,7 @@ from server.engine_protocol import (
     SamplingOptions,
     TokenLogprob,
 )
-from server.errors import ContextLengthExceeded, EngineUnavailable, InvalidRequest, ModelNotFound, Overloaded
+from server.errors import ContextLengthExceeded, EngineUnavailable, InvalidRequest, Overloaded
 from server.observe import RequestRecord
 from server.tenancy import Tenants
 
@@ -115,7 +116,7 @@ class Generator:
             raise EngineUnavailable(ENGINE_DEAD_MESSAGE)
         try:
             return self.registry.resolve(model, tenant=principal.tenant, admin=principal.admin)
-        except ModelNotFound:
+        except AdapterNotFound:
             entry = await self._register_from_adapter_dir(model)
             if entry is None:
                 raise

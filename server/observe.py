@@ -1,14 +1,13 @@
 """What one request did, for metrics and the request log.
 
 Routes and the generator fill the request's `RequestRecord`; the telemetry middleware reads it
-once the response (streamed or not) has been sent. Registry events go to a `RegistryEvents`.
+once the response (streamed or not) has been sent.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Protocol
 
 from starlette.requests import Request
 
@@ -55,26 +54,3 @@ def _new_id() -> str:
     import uuid
 
     return uuid.uuid4().hex
-
-
-class RegistryEvents(Protocol):
-    """Adapter residency changes, for metrics."""
-
-    def adapter_loaded(self, name: str, seconds: float) -> None: ...
-
-    def adapter_reloaded(self, name: str) -> None: ...
-
-    def adapter_evicted(self, name: str) -> None: ...
-
-
-class NoEvents:
-    """RegistryEvents that go nowhere."""
-
-    def adapter_loaded(self, name: str, seconds: float) -> None:
-        pass
-
-    def adapter_reloaded(self, name: str) -> None:
-        pass
-
-    def adapter_evicted(self, name: str) -> None:
-        pass

@@ -13,6 +13,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Send
 
+from adapters.errors import AdapterError
 from server.errors import ClientClosed, GatewayError, error_body, error_payload
 
 T = TypeVar("T")
@@ -44,7 +45,7 @@ async def _sse_body(batches: AsyncIterator[list[Any]]) -> AsyncIterator[bytes]:
             if batch:
                 yield b"".join(event if event is DONE else sse_event(event) for event in batch)
                 done = batch[-1] is DONE
-    except GatewayError as exc:
+    except (GatewayError, AdapterError) as exc:
         yield sse_event(error_payload(exc))
     except Exception:
         logger.exception("stream failed")

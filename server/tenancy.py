@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 
-from adapters.catalog import Catalog
+from adapters.database import Database
 from server.errors import GatewayError, InvalidRequest
 
 TENANT_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-_")
@@ -62,7 +62,7 @@ class _Usage:
 class Tenants:
     """The tenants in the catalog, their limits, and their current usage."""
 
-    def __init__(self, catalog: Catalog, defaults: TenantLimits):
+    def __init__(self, catalog: Database, defaults: TenantLimits):
         self._catalog = catalog
         self.defaults = defaults
         self._limits: dict[str, TenantLimits] = {}

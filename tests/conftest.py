@@ -8,8 +8,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from adapters.catalog import SHARED, Catalog
+from adapters.database import Database
 from adapters.registry import Registry
+from adapters.spec import SHARED
 from server.app import build_app
 from server.config import Settings
 from tests.fakes import FakeEngine, fake_spec
@@ -33,7 +34,7 @@ async def gateway(tmp_path) -> AsyncIterator[FakeGateway]:
         base_name="base",
         base_adapter=fake_spec("__base__", 1),
         max_resident=2,
-        catalog=Catalog(tmp_path / "catalog.sqlite3"),
+        catalog=Database(tmp_path / "catalog.sqlite3"),
     )
     app = build_app(settings, engine, registry)
     async with app.router.lifespan_context(app):
@@ -89,7 +90,7 @@ async def full_gateway(
         base_name="base",
         base_adapter=fake_spec("__base__", 1) if zero_adapter else None,
         max_resident=settings.max_cpu_loras,
-        catalog=Catalog(state_dir / "catalog.sqlite3"),
+        catalog=Database(state_dir / "catalog.sqlite3"),
         store=AdapterStore(state_dir / "adapters"),
         rules=AdapterRules(TINY_BASE, settings.max_lora_rank, settings.max_adapter_bytes),
     )

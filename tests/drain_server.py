@@ -11,11 +11,11 @@ import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from adapters.catalog import Catalog
+from adapters.database import Database
 from adapters.registry import Registry
 from server.app import build_app
 from server.config import Settings
-from server.engine_protocol import AdapterHandle, GenerationStep, SamplingOptions
+from server.engine.protocol import AdapterHandle, GenerationStep, SamplingOptions
 from server.logs import configure_logging
 from server.serving import serve_app
 from tests.fakes import FakeEngine, fake_spec
@@ -56,7 +56,7 @@ def main(port: int, state_dir: Path, drain_seconds: float) -> int:
         base_name="base",
         base_adapter=fake_spec("__base__", 1),
         max_resident=2,
-        catalog=Catalog(state_dir / "catalog.sqlite3"),
+        catalog=Database(state_dir / "catalog.sqlite3"),
     )
     serve_app(build_app(settings, engine, registry), settings)
     logger.info("serve_app returned")

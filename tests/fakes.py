@@ -8,10 +8,10 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from adapters.engine import AdapterLoadFailed
 from adapters.spec import AdapterSpec
-from server.engine_protocol import (
+from server.engine.protocol import (
     AdapterHandle,
-    AdapterLoadFailed,
     ChoiceDelta,
     EngineDead,
     GenerationStep,

@@ -346,8 +346,8 @@ def test_stopping_a_process_stops_its_children(tmp_path):
 
 def test_only_the_vllm_plugins_system_gets_the_engine_plugins(tmp_path, monkeypatch):
     from bench.sessions import system_env
-    from server.engine_lora import ENV as LORA_ENV
-    from server.engine_wait import ENV
+    from server.engine.lora_ops import ENV as LORA_ENV
+    from server.engine.wait import ENV
 
     for system in ("vllm", "gateway"):
         assert ENV not in system_env(system) and LORA_ENV not in system_env(system)

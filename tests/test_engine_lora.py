@@ -1,4 +1,4 @@
-"""server.engine_lora: the vLLM plugin that applies LoRA per adapter group instead of per token."""
+"""server.engine.lora_ops: the vLLM plugin that applies LoRA per adapter group instead of per token."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from vllm.lora.ops.torch_ops import bgmv_expand, bgmv_shrink
 from vllm.lora.punica_wrapper.punica_base import PunicaWrapperBase
 from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
-from server import engine_lora
+from server.engine import lora_ops as engine_lora
 
 MAX_LORAS, RANK = 4, 8
 # (input size, output slices) of the demo model's layers: qkv, o, gate_up, down
@@ -168,7 +168,7 @@ def test_registers_only_when_asked_and_once(monkeypatch):
 
 def test_the_entry_point_is_installed():
     plugins = {ep.name: ep.value for ep in entry_points(group="vllm.general_plugins")}
-    assert plugins.get("lora_gateway_engine_lora") == "server.engine_lora:register"
+    assert plugins.get("lora_gateway_engine_lora") == "server.engine.lora_ops:register"
 
 
 def test_the_setting_reaches_the_engines_environment():

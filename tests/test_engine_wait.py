@@ -1,4 +1,4 @@
-"""server.engine_wait: the vLLM plugin that makes the engine's processes sleep instead of spin."""
+"""server.engine.wait: the vLLM plugin that makes the engine's processes sleep instead of spin."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from importlib.metadata import entry_points
 
 import pytest
 
-from server import engine_wait
+from server.engine import wait as engine_wait
 
 
 class Condition:
@@ -67,7 +67,7 @@ def test_settings_travel_as_microseconds():
 
 def test_the_plugin_is_registered_with_vllm():
     plugins = {e.name: e.value for e in entry_points(group="vllm.general_plugins")}
-    assert plugins.get("lora_gateway_engine_wait") == "server.engine_wait:register"
+    assert plugins.get("lora_gateway_engine_wait") == "server.engine.wait:register"
 
 
 def test_register_patches_only_when_the_gateway_asks(monkeypatch):

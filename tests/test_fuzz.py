@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, settings
 
 schemathesis = pytest.importorskip("schemathesis")
 
-from adapters.catalog import Catalog  # noqa: E402
+from adapters.database import Database  # noqa: E402
 from adapters.registry import AdapterRules, Registry  # noqa: E402
 from adapters.store import AdapterStore  # noqa: E402
 from server.app import build_app  # noqa: E402
@@ -27,7 +27,7 @@ def _app():
         base_name="base",
         base_adapter=fake_spec("__base__", 1),
         max_resident=2,
-        catalog=Catalog(state / "catalog.sqlite3"),
+        catalog=Database(state / "catalog.sqlite3"),
         store=AdapterStore(state / "adapters"),
         rules=AdapterRules(TINY_BASE, 64, 1 << 20),
     )

@@ -15,8 +15,9 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from adapters.catalog import SHARED, Catalog
+from adapters.database import Database
 from adapters.registry import Registry
+from adapters.spec import SHARED
 from server.app import build_app
 from server.config import Settings
 from server.logs import JsonFormatter, configure_logging
@@ -79,7 +80,7 @@ async def observed_gateway(tmp_path, *, adapters: list[str], max_resident: int, 
         base_name="base",
         base_adapter=fake_spec("__base__", 1),
         max_resident=max_resident,
-        catalog=Catalog(tmp_path / "catalog.sqlite3"),
+        catalog=Database(tmp_path / "catalog.sqlite3"),
         events=metrics.events,
     )
     app = build_app(settings, engine, registry, metrics=metrics)

@@ -2,8 +2,10 @@ from __future__ import annotations
 
 import pytest
 
-from adapters.store import TooLarge, copy_folder
-from adapters.validate import InvalidAdapter, validate_adapter
+from adapters.errors import AdapterTooLarge, InvalidAdapter
+from adapters.store import copy_folder
+from adapters.validate import validate_adapter
+from server.errors import http_status
 from tests.adapter_files import BAD_CASES, TINY_BASE, bad_adapters, make_adapter
 
 
@@ -53,12 +55,12 @@ def test_each_bad_adapter_is_refused_with_a_reason(corpus, case, tmp_path):
     with pytest.raises(InvalidAdapter) as refused:
         stage_and_validate(folder, tmp_path)
     assert phrase in refused.value.message
-    assert refused.value.status_code == 400
+    assert http_status(refused.value) == 400
     assert str(tmp_path) not in refused.value.message and "/" not in refused.value.message.replace("A/B", "")
 
 
 def test_size_limit_is_413(tmp_path):
     folder = make_adapter(tmp_path / "big", rank=16)
-    with pytest.raises(TooLarge) as refused:
+    with pytest.raises(AdapterTooLarge) as refused:
         stage_and_validate(folder, tmp_path, max_bytes=4096)
-    assert refused.value.status_code == 413
+    assert http_status(refused.value) == 413

@@ -15,9 +15,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import UploadFile
 from starlette.responses import PlainTextResponse
 
-from adapters.catalog import SHARED
+from adapters.errors import AdapterNotFound, AdapterTooLarge
 from adapters.registry import AdapterEntry, Registry
-from adapters.store import TooLarge, copy_folder, extract_tarball, write_files
+from adapters.spec import SHARED
+from adapters.store import copy_folder, extract_tarball, write_files
 from server.auth import AdminOnly, Principal
 from server.deps import AdminDep, PrincipalDep, RegistryDep, TenantsDep
 from server.errors import GatewayError, InvalidRequest, ModelNotFound
@@ -29,7 +30,7 @@ router = APIRouter()
 _MULTIPART_OVERHEAD = 64 * 1024
 
 
-class AdapterNotFound(ModelNotFound):
+class UnknownAdapter(ModelNotFound):
     """No adapter by that name that this caller may see."""
 
     code = "adapter_not_found"
@@ -114,7 +115,7 @@ def _editable(registry: Registry, principal: Principal, name: str) -> AdapterEnt
         if entry is None and registry.find(SHARED, name) is not None:
             raise AdminOnly("changing a shared adapter")
     if entry is None:
-        raise AdapterNotFound(name)
+        raise UnknownAdapter(name)
     return entry
 
 
@@ -160,7 +161,7 @@ async def _register_upload(
     if declared is None:
         raise LengthRequired("uploads need a Content-Length header")
     if not declared.isdigit() or int(declared) > limit + _MULTIPART_OVERHEAD:
-        raise TooLarge(f"the upload is over this tenant's {limit}-byte limit")
+        raise AdapterTooLarge(f"the upload is over this tenant's {limit}-byte limit")
     form = await request.form(max_files=4, max_fields=4)
     try:
         name = form.get("name")
@@ -179,7 +180,7 @@ async def _register_upload(
     finally:
         await form.close()
     if sum(len(blob) for _, blob in blobs) > limit:
-        raise TooLarge(f"the upload is over this tenant's {limit}-byte limit")
+        raise AdapterTooLarge(f"the upload is over this tenant's {limit}-byte limit")
     if len(blobs) == 1 and blobs[0][0].endswith((".tar.gz", ".tgz", ".tar")):
 
         def fill(staging: Path) -> None:
@@ -202,10 +203,10 @@ async def list_adapters(registry: RegistryDep, principal: PrincipalDep) -> JSONR
 async def get_adapter(name: str, registry: RegistryDep, principal: PrincipalDep) -> JSONResponse:
     try:
         entry = registry.resolve(name, tenant=principal.tenant, admin=principal.admin)
-    except ModelNotFound:
-        raise AdapterNotFound(name) from None
+    except AdapterNotFound:
+        raise UnknownAdapter(name) from None
     if entry is registry.base:
-        raise AdapterNotFound(name)
+        raise UnknownAdapter(name)
     return JSONResponse(adapter_card(entry, principal))
 
 

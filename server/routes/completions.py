@@ -9,7 +9,7 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 
 from server.deps import GeneratorDep, PrincipalDep, RecordDep
-from server.engine_protocol import SamplingOptions, TokenLogprob
+from server.engine.protocol import SamplingOptions, TokenLogprob
 from server.generation import Generator, Job, Usage, new_request_id
 from server.protocol import CompletionRequest
 from server.responses import DONE, JSONResponse, sse_response, unless_disconnected

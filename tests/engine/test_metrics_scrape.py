@@ -109,7 +109,7 @@ def test_the_scrape_has_every_dashboard_series_and_vllm_lora_info(gateway):
 
     lora_info = [s for s in after.samples if s.name == "vllm:lora_requests_info"]
     assert lora_info, "vllm:lora_requests_info has no sample"
-    # --max-loras 1, and no slot for a zero adapter: base requests carry none (server/engine_lora.py).
+    # --max-loras 1, and no slot for a zero adapter: base requests carry none (server/engine/lora_ops.py).
     assert {s.labels["max_lora"] for s in lora_info} == {"1"}
     # A one-token request is queued, run and finished between two stats; pirate's answer is longer.
     # The gateway names adapter versions name@id in the engine.

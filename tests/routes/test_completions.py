@@ -251,7 +251,7 @@ async def test_engine_dying_mid_stream_ends_with_an_error_event(gateway, monkeyp
         async for step in original(self, *args):
             yield step
             self.healthy = False
-            from server.engine_protocol import EngineDead
+            from server.engine.protocol import EngineDead
 
             raise EngineDead("gone")
 

@@ -1,4 +1,4 @@
-"""The persistent catalog in SQLite: adapters, tenants and API key hashes.
+"""The gateway's database, its catalog: adapters, tenants and API key hashes, and every SQL statement.
 
 The standard library's sqlite3 is enough: writes are rare (registrations, keys) and small, and
 WAL mode lets the gateway read while it writes. Every write is one transaction.
@@ -12,8 +12,6 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-
-SHARED = ""  # the owner of adapters every tenant sees
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS adapters (
@@ -61,8 +59,8 @@ class KeyRow:
     created_at: float
 
 
-class Catalog:
-    """One SQLite file; safe to call from the event loop (each call is a short transaction)."""
+class Database:
+    """The catalog in one SQLite file; safe to call from the event loop (each call is a short transaction)."""
 
     def __init__(self, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)

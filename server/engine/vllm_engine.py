@@ -1,5 +1,5 @@
-"""The vLLM engine behind the gateway. The only module that imports vllm, besides its plugins
-server/engine_wait.py and server/engine_lora.py."""
+"""The in-process vLLM engine behind the gateway (AsyncLLM), with its plugins in wait.py and
+lora_ops.py beside it."""
 
 from __future__ import annotations
 
@@ -19,10 +19,10 @@ from vllm.sampling_params import RequestOutputKind, SamplingParams
 from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.exceptions import EngineDeadError
 
+from adapters.engine import AdapterLoadFailed
 from server.config import Settings
-from server.engine_protocol import (
+from server.engine.protocol import (
     AdapterHandle,
-    AdapterLoadFailed,
     ChoiceDelta,
     EngineDead,
     EngineRejected,
@@ -71,7 +71,7 @@ class VllmEngine:
             generation_config="vllm",
         )
         logger.info("starting engine for %s (max_model_len %d)", settings.base_name, max_model_len)
-        os.environ.update(settings.engine_plugin_env())  # server/engine_wait.py, server/engine_lora.py
+        os.environ.update(settings.engine_plugin_env())  # server/engine/wait.py, server/engine/lora_ops.py
         llm = AsyncLLM.from_engine_args(args)
         tokenizer = AutoTokenizer.from_pretrained(model_path)
         return cls(llm, tokenizer, max_model_len)

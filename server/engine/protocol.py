@@ -1,6 +1,6 @@
 """What the gateway needs from an engine, in types that do not mention vLLM.
 
-`server/engine.py` implements this on vLLM; the tests' `FakeEngine` implements it in memory.
+`server/engine/vllm_engine.py` implements this on vLLM; the tests' `FakeEngine` implements it in memory.
 """
 
 from __future__ import annotations
@@ -8,6 +8,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+from adapters.engine import AdapterEngine, AdapterHandle
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,15 +28,6 @@ class SamplingOptions:
     stream: bool = False
     min_tokens: int = 0
     ignore_eos: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class AdapterHandle:
-    """An adapter the engine has accepted: its unique id, engine-side name and files."""
-
-    adapter_id: int
-    name: str
-    path: str
 
 
 @dataclass(slots=True)
@@ -75,11 +68,7 @@ class EngineRejected(Exception):
     """The engine refused this request's input (for example, too long)."""
 
 
-class AdapterLoadFailed(Exception):
-    """The engine refused an adapter; it keeps serving."""
-
-
-class Engine(Protocol):
+class Engine(AdapterEngine, Protocol):
     """One base model, many adapters."""
 
     @property
@@ -102,9 +91,5 @@ class Engine(Protocol):
         options: SamplingOptions,
         adapter: AdapterHandle | None,
     ) -> AsyncIterator[GenerationStep]: ...
-
-    async def add_adapter(self, adapter: AdapterHandle) -> None: ...
-
-    async def remove_adapter(self, adapter_id: int) -> None: ...
 
     async def shutdown(self) -> None: ...

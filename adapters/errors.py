@@ -1,0 +1,44 @@
+"""The adapter layer's errors, in its own types.
+
+They carry a message that says what was wrong and, where one field is to blame, its name
+(`param`). They carry no HTTP status: `server/errors.py` maps each type to a status and an
+OpenAI error code, in one place.
+"""
+
+from __future__ import annotations
+
+_MAX_ECHOED_NAME = 128
+
+
+class AdapterError(Exception):
+    """Base of every error raised under `adapters/`."""
+
+    def __init__(self, message: str, *, param: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+class AdapterNotFound(AdapterError):
+    """No adapter by that name that this caller may use; missing and not allowed look the same."""
+
+    def __init__(self, name: str):
+        self.name = name
+        shown = name if len(name) <= _MAX_ECHOED_NAME else name[:_MAX_ECHOED_NAME] + "..."
+        super().__init__(f"The model '{shown}' does not exist or you do not have access to it.", param="model")
+
+
+class InvalidAdapterName(AdapterError):
+    """A name that adapters may not have."""
+
+
+class InvalidAdapter(AdapterError):
+    """The adapter's files cannot be served; the message says what is wrong."""
+
+
+class AdapterTooLarge(InvalidAdapter):
+    """The adapter's files exceed a size limit."""
+
+
+class AdapterRejected(InvalidAdapter):
+    """The engine refused the adapter's files."""
