@@ -55,9 +55,14 @@ async def cold_loads(url: str, adapters: dict[str, Path], *, vllm: bool, timeout
                 raise RuntimeError(f"registering {name}: HTTP {response.status_code}: {response.text[:300]}")
             registered = time.perf_counter()
             to_first = await first_token_s(client, name, started)
-            runs.append({"name": name, "register_s": round(registered - started, 4),
-                         "to_first_token_s": round(to_first, 4),
-                         "first_request_ttft_s": round(to_first - (registered - started), 4)})
+            runs.append(
+                {
+                    "name": name,
+                    "register_s": round(registered - started, 4),
+                    "to_first_token_s": round(to_first, 4),
+                    "first_request_ttft_s": round(to_first - (registered - started), 4),
+                }
+            )
     return {
         "count": len(runs),
         "register_s_median": statistics.median(r["register_s"] for r in runs),

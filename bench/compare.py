@@ -62,23 +62,35 @@ class Workload:
 def workloads_for(args: argparse.Namespace) -> dict[str, Workload]:
     return {
         "a": Workload("a", "base model + 3 adapters", 3, True, max_loras=4, max_cpu_loras=8, register_via_api=False),
-        "b": Workload("b", f"{args.many_adapters} registered adapters", args.many_adapters, False,
-                      max_loras=4, max_cpu_loras=8, register_via_api=True, engine_gib=7.0),
+        "b": Workload(
+            "b",
+            f"{args.many_adapters} registered adapters",
+            args.many_adapters,
+            False,
+            max_loras=4,
+            max_cpu_loras=8,
+            register_via_api=True,
+            engine_gib=7.0,
+        ),
     }
 
 
-def split_for_memory(systems: list[str], engine_gib: float, available_gib: float,
-                     reserve_gib: float = 2.0) -> list[list[str]]:
+def split_for_memory(
+    systems: list[str], engine_gib: float, available_gib: float, reserve_gib: float = 2.0
+) -> list[list[str]]:
     """Consecutive groups of `systems`, each small enough to run at once in `available_gib`."""
     per_group = max(1, int((available_gib - reserve_gib) // engine_gib))
-    groups = [systems[i:i + per_group] for i in range(0, len(systems), per_group)]
+    groups = [systems[i : i + per_group] for i in range(0, len(systems), per_group)]
     if len(groups) > 1:
-        log(f"{available_gib:.1f} GiB free, ~{engine_gib:g} GiB per system: interleaving "
-            + " then ".join("+".join(group) for group in groups))
+        log(
+            f"{available_gib:.1f} GiB free, ~{engine_gib:g} GiB per system: interleaving "
+            + " then ".join("+".join(group) for group in groups)
+        )
     return groups
 
 
 # -- arguments --------------------------------------------------------------------------------------
+
 
 def _workload_list(text: str) -> list[str]:
     names = [name.strip() for name in text.split(",") if name.strip()]
@@ -109,58 +121,137 @@ def build_parser() -> argparse.ArgumentParser:
         "(the floor), on the embedded demo model, one system after the other. Run from the repository root.",
     )
     add = parser.add_argument
-    add("--requests", type=_positive, default=None, metavar="N",
-        help="measured requests per round and system (default: 400; --quick: 24)")
-    add("--rounds", type=_positive, default=None, metavar="R",
-        help="load rounds per system and workload; the table shows medians (default: 5; --quick: 1)")
-    add("--concurrency", type=_positive, default=None, metavar="C",
-        help="closed-loop clients (default: 32; --quick: 8)")
-    add("--warmup", type=int, default=None, metavar="K",
-        help="requests before each round's measured ones (default: the concurrency)")
-    add("--workloads", type=_workload_list, default=["a", "b", "routing"], metavar="LIST",
+    add(
+        "--requests",
+        type=_positive,
+        default=None,
+        metavar="N",
+        help="measured requests per round and system (default: 400; --quick: 24)",
+    )
+    add(
+        "--rounds",
+        type=_positive,
+        default=None,
+        metavar="R",
+        help="load rounds per system and workload; the table shows medians (default: 5; --quick: 1)",
+    )
+    add(
+        "--concurrency", type=_positive, default=None, metavar="C", help="closed-loop clients (default: 32; --quick: 8)"
+    )
+    add(
+        "--warmup",
+        type=int,
+        default=None,
+        metavar="K",
+        help="requests before each round's measured ones (default: the concurrency)",
+    )
+    add(
+        "--workloads",
+        type=_workload_list,
+        default=["a", "b", "routing"],
+        metavar="LIST",
         help="comma-separated: a (base model + 3 adapters), b (many registered adapters, --max-cpu-loras 8), "
-        "routing (routing cost at 10 and 10,000 adapters, no engine) (default: a,b,routing)")
-    add("--out", type=Path, default=None, metavar="DIR",
-        help="results folder: results.json, table.md, runs/*.json, logs/, plots (default: bench/results/<time>)")
+        "routing (routing cost at 10 and 10,000 adapters, no engine) (default: a,b,routing)",
+    )
+    add(
+        "--out",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="results folder: results.json, table.md, runs/*.json, logs/, plots (default: bench/results/<time>)",
+    )
     add("--plots", type=Path, default=None, metavar="DIR", help="where the PNG plots go (default: --out)")
     add("--skip-vllm", action="store_true", help="leave out vLLM's own server")
     add("--skip-floor", action="store_true", help="leave out the floor (in-process AsyncLLM)")
-    add("--vllm-with-plugins", action="store_true",
+    add(
+        "--vllm-with-plugins",
+        action="store_true",
         help="also run vLLM's server with the gateway's engine plugins (server/engine/wait.py, "
-        "server/engine/lora_ops.py), to tell them apart from the rest of the gateway")
-    add("--interleave", action=argparse.BooleanOptionalAction, default=True,
+        "server/engine/lora_ops.py), to tell them apart from the rest of the gateway",
+    )
+    add(
+        "--interleave",
+        action=argparse.BooleanOptionalAction,
+        default=True,
         help="keep every system of a workload up and alternate their rounds (order rotating), so that a busy "
         "neighbour hits them alike; when not all fit in memory (~6.5-7 GiB each), in groups that do. "
-        "--no-interleave runs each system's rounds, then stops it, then the next (default: interleave)")
-    add("--also-gateway", type=Path, default=None, metavar="SRC",
+        "--no-interleave runs each system's rounds, then stops it, then the next (default: interleave)",
+    )
+    add(
+        "--also-gateway",
+        type=Path,
+        default=None,
+        metavar="SRC",
         help="also run the gateway from this source tree (a copy of the repository with a change in server/ or "
-        "adapters/), right after the installed one, to measure the change in the same run")
-    add("--quick", action="store_true",
-        help="a tiny smoke run: 1 round of 24 requests at concurrency 8, 12 adapters in b, short routing timings")
-    add("--many-adapters", type=_positive, default=None, metavar="N",
-        help="adapters registered in workload b (default: 64; --quick: 12)")
-    add("--prompt-tokens", type=_length, default="16:48", metavar="LEN",
-        help="prompt length in words, as bench.loadgen takes it; ~2.3 demo tokens a word (default: %(default)s)")
-    add("--output-tokens", type=_length, default="16", metavar="LEN",
-        help="max_tokens of each request; the demo often stops earlier at EOS (default: %(default)s)")
+        "adapters/), right after the installed one, to measure the change in the same run",
+    )
+    add(
+        "--quick",
+        action="store_true",
+        help="a tiny smoke run: 1 round of 24 requests at concurrency 8, 12 adapters in b, short routing timings",
+    )
+    add(
+        "--many-adapters",
+        type=_positive,
+        default=None,
+        metavar="N",
+        help="adapters registered in workload b (default: 64; --quick: 12)",
+    )
+    add(
+        "--prompt-tokens",
+        type=_length,
+        default="16:48",
+        metavar="LEN",
+        help="prompt length in words, as bench.loadgen takes it; ~2.3 demo tokens a word (default: %(default)s)",
+    )
+    add(
+        "--output-tokens",
+        type=_length,
+        default="16",
+        metavar="LEN",
+        help="max_tokens of each request; the demo often stops earlier at EOS (default: %(default)s)",
+    )
     add("--seed", type=int, default=0, help="round r uses seed SEED+r for every system (default: 0)")
-    add("--cold-loads", type=int, default=None, metavar="K",
-        help="adapters registered on a running server, timed to their first token; 0 skips (default: 5; --quick: 2)")
-    add("--profile", action="store_true",
-        help="after the measured rounds, run one more round on the gateway under py-spy (pip install py-spy)")
+    add(
+        "--cold-loads",
+        type=int,
+        default=None,
+        metavar="K",
+        help="adapters registered on a running server, timed to their first token; 0 skips (default: 5; --quick: 2)",
+    )
+    add(
+        "--profile",
+        action="store_true",
+        help="after the measured rounds, run one more round on the gateway under py-spy (pip install py-spy)",
+    )
     add("--no-probe", action="store_true", help="skip the base-model-in-mixed-batch answers probe")
-    add("--demo-dir", type=Path, default=None, metavar="DIR",
-        help="reuse (or build once into) this demo folder instead of building a fresh one")
-    add("--start-timeout", type=float, default=300.0, metavar="S",
-        help="seconds a server may take to become ready (default: %(default)s)")
+    add(
+        "--demo-dir",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="reuse (or build once into) this demo folder instead of building a fresh one",
+    )
+    add(
+        "--start-timeout",
+        type=float,
+        default=300.0,
+        metavar="S",
+        help="seconds a server may take to become ready (default: %(default)s)",
+    )
     return parser
 
 
 def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     """Fill the defaults that depend on --quick."""
     quick = args.quick
-    defaults = {"requests": 24 if quick else 400, "rounds": 1 if quick else 5, "concurrency": 8 if quick else 32,
-                "many_adapters": 12 if quick else 64, "cold_loads": 2 if quick else 5}
+    defaults = {
+        "requests": 24 if quick else 400,
+        "rounds": 1 if quick else 5,
+        "concurrency": 8 if quick else 32,
+        "many_adapters": 12 if quick else 64,
+        "cold_loads": 2 if quick else 5,
+    }
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -180,6 +271,7 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
 
 
 # -- the run --------------------------------------------------------------------------------------
+
 
 class Comparison:
     """One run of bench.compare: its folders, processes and results."""
@@ -210,8 +302,13 @@ class Comparison:
         demo = (self.args.demo_dir or self.work / "demo").resolve()
         if not (demo / "demo.json").is_file():
             log(f"building the demo model into {demo}")
-            subprocess.run([str(VENV_BIN / "lora-gateway"), "demo-model", "--out", str(demo)], check=True,
-                           timeout=600, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            subprocess.run(
+                [str(VENV_BIN / "lora-gateway"), "demo-model", "--out", str(demo)],
+                check=True,
+                timeout=600,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
         self.base = demo / "base"
         self.sources = {"pirate": demo / "adapters" / "pirate", "poet": demo / "adapters" / "poet"}
         if not self.args.no_probe:
@@ -236,16 +333,27 @@ class Comparison:
         return paths
 
     def limits(self, workload: Workload) -> EngineLimits:
-        return EngineLimits(max_loras=workload.max_loras, max_cpu_loras=workload.max_cpu_loras,
-                            max_model_len=default_max_model_len(self.base))
+        return EngineLimits(
+            max_loras=workload.max_loras,
+            max_cpu_loras=workload.max_cpu_loras,
+            max_model_len=default_max_model_len(self.base),
+        )
 
     def load_config(self, workload: Workload, system: str, round_index: int, url: str = "") -> LoadConfig:
         return LoadConfig(
-            url=url or "http://unused", base_model=BASE_NAME if workload.include_base else None,
-            adapters=workload.names(), include_base=workload.include_base, zipf_alpha=ZIPF_ALPHA,
-            concurrency=self.args.concurrency, requests=self.args.requests, warmup=self.args.warmup,
-            prompt_tokens=self.args.prompt_tokens, output_tokens=self.args.output_tokens,
-            seed=self.args.seed + round_index, timeout=120.0, label=f"{system}-{workload.key}-r{round_index + 1}",
+            url=url or "http://unused",
+            base_model=BASE_NAME if workload.include_base else None,
+            adapters=workload.names(),
+            include_base=workload.include_base,
+            zipf_alpha=ZIPF_ALPHA,
+            concurrency=self.args.concurrency,
+            requests=self.args.requests,
+            warmup=self.args.warmup,
+            prompt_tokens=self.args.prompt_tokens,
+            output_tokens=self.args.output_tokens,
+            seed=self.args.seed + round_index,
+            timeout=120.0,
+            label=f"{system}-{workload.key}-r{round_index + 1}",
         )
 
     def round_timeout(self) -> float:
@@ -261,17 +369,25 @@ class Comparison:
         self.prepare()
         selected = [key for key in ("a", "b") if key in self.args.workloads]
         workloads = workloads_for(self.args)
-        systems = [s for s in report.RUN_ORDER if not (s == "vllm" and self.args.skip_vllm)
-                   and not (s == "vllm-plugins" and not self.args.vllm_with_plugins)
-                   and not (s == "floor" and self.args.skip_floor)
-                   and not (s == "gateway-alt" and self.args.also_gateway is None)]
+        systems = [
+            s
+            for s in report.RUN_ORDER
+            if not (s == "vllm" and self.args.skip_vllm)
+            and not (s == "vllm-plugins" and not self.args.vllm_with_plugins)
+            and not (s == "floor" and self.args.skip_floor)
+            and not (s == "gateway-alt" and self.args.also_gateway is None)
+        ]
         cold_workload = selected[-1] if selected and self.args.cold_loads else None
         for key in selected:
             workload = workloads[key]
             groups = self.interleave_groups(systems, workload)
             entry = self.results["workloads"][key] = {
-                "key": key, "title": workload.title, "settings": self.workload_settings(workload) | {
-                    "interleaved": [group for group in groups if len(group) > 1]}, "systems": {}}
+                "key": key,
+                "title": workload.title,
+                "settings": self.workload_settings(workload)
+                | {"interleaved": [group for group in groups if len(group) > 1]},
+                "systems": {},
+            }
             self.records[key] = {}
             for group in groups:
                 for system, data in self.run_group(group, workload, entry, cold=key == cold_workload).items():
@@ -289,12 +405,21 @@ class Comparison:
         self.save()
 
     def workload_settings(self, workload: Workload) -> dict[str, Any]:
-        return {"adapters": workload.adapters, "include_base": workload.include_base,
-                "max_loras": workload.max_loras, "max_cpu_loras": workload.max_cpu_loras,
-                "register_via_api": workload.register_via_api, "concurrency": self.args.concurrency,
-                "requests": self.args.requests, "warmup": self.args.warmup, "rounds": self.args.rounds,
-                "zipf_alpha": ZIPF_ALPHA, "prompt_words": self.args.prompt_tokens,
-                "output_tokens": self.args.output_tokens, "limits": asdict(self.limits(workload))}
+        return {
+            "adapters": workload.adapters,
+            "include_base": workload.include_base,
+            "max_loras": workload.max_loras,
+            "max_cpu_loras": workload.max_cpu_loras,
+            "register_via_api": workload.register_via_api,
+            "concurrency": self.args.concurrency,
+            "requests": self.args.requests,
+            "warmup": self.args.warmup,
+            "rounds": self.args.rounds,
+            "zipf_alpha": ZIPF_ALPHA,
+            "prompt_words": self.args.prompt_tokens,
+            "output_tokens": self.args.output_tokens,
+            "limits": asdict(self.limits(workload)),
+        }
 
     def interleave_groups(self, systems: list[str], workload: Workload) -> list[list[str]]:
         """Systems that run side by side: all of them with --interleave if memory allows, else as many
@@ -313,12 +438,15 @@ class Comparison:
             return FloorSession(self, workload, BASE_NAME, self.prompt_ids)
         return ServerSession(self, system, workload, BASE_NAME)
 
-    def start_session(self, system: str, workload: Workload, entry: dict[str, Any],
-                      attempts: int = 2) -> ServerSession | FloorSession | None:
+    def start_session(
+        self, system: str, workload: Workload, entry: dict[str, Any], attempts: int = 2
+    ) -> ServerSession | FloorSession | None:
         """Start one system; a failed start (say, a server killed from outside) is kept and tried once more."""
         for attempt in range(1, attempts + 1):
-            log(f"workload {workload.key} ({workload.title}): starting {system}"
-                + (f", attempt {attempt}" if attempt > 1 else ""))
+            log(
+                f"workload {workload.key} ({workload.title}): starting {system}"
+                + (f", attempt {attempt}" if attempt > 1 else "")
+            )
             session = self.new_session(system, workload)
             try:
                 session.start()
@@ -329,8 +457,9 @@ class Comparison:
                 self.record_failure(entry, system, workload, attempt, exc)
         return None
 
-    def record_failure(self, entry: dict[str, Any], system: str, workload: Workload, attempt: int,
-                       exc: BaseException) -> None:
+    def record_failure(
+        self, entry: dict[str, Any], system: str, workload: Workload, attempt: int, exc: BaseException
+    ) -> None:
         message = f"{type(exc).__name__}: {exc}"
         log(f"workload {workload.key}: {system} failed (attempt {attempt}): {message.splitlines()[0]}")
         entry.setdefault("failed_attempts", []).append({"system": system, "attempt": attempt, "error": message})
@@ -339,8 +468,9 @@ class Comparison:
             if ".attempt" not in log_file.name:  # keep the failed attempt's log
                 log_file.rename(log_file.with_name(f"{log_file.stem}.attempt{attempt}{log_file.suffix}"))
 
-    def run_group(self, systems: list[str], workload: Workload, entry: dict[str, Any], *,
-                  cold: bool) -> dict[str, dict[str, Any]]:
+    def run_group(
+        self, systems: list[str], workload: Workload, entry: dict[str, Any], *, cold: bool
+    ) -> dict[str, dict[str, Any]]:
         """Start the systems, run the rounds (in turn, the order rotating each round), then the
         probe, cold loads and profiles; stop them all whatever happens."""
         sessions: dict[str, ServerSession | FloorSession] = {}
@@ -350,7 +480,7 @@ class Comparison:
                     sessions[system] = session
             for index in range(self.args.rounds):
                 order = list(sessions)
-                order = order[index % len(order):] + order[: index % len(order)] if order else order
+                order = order[index % len(order) :] + order[: index % len(order)] if order else order
                 for system in order:
                     try:
                         sessions[system].run_round(index)
@@ -382,8 +512,9 @@ class Comparison:
         data["median"] = report.median_summary([r["summary"] for r in rounds])
         sent = sum(r["summary"]["requests"] + r["summary"]["warmup_requests"] for r in rounds)
         if sent and all("cpu_s" in r for r in rounds):
-            data["cpu_ms_per_request"] = {key: round(1000 * sum(r["cpu_s"][key] for r in rounds) / sent, 3)
-                                          for key in rounds[0]["cpu_s"]}
+            data["cpu_ms_per_request"] = {
+                key: round(1000 * sum(r["cpu_s"][key] for r in rounds) / sent, 3) for key in rounds[0]["cpu_s"]
+            }
 
     # -- output ---------------------------------------------------------------------------------
 
@@ -408,12 +539,16 @@ class Comparison:
 
 
 def machine_info() -> dict[str, Any]:
-    info: dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version(),
-                            "cpus": os.cpu_count()}
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+    }
     try:
         cpuinfo = Path("/proc/cpuinfo").read_text()
-        info["cpu_model"] = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines()
-                                  if line.startswith("model name")), None)
+        info["cpu_model"] = next(
+            (line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")), None
+        )
         meminfo = Path("/proc/meminfo").read_text().split()
         info["memory_gib"] = round(int(meminfo[meminfo.index("MemTotal:") + 1]) / 2**20, 1)
     except (OSError, ValueError, IndexError):
@@ -425,10 +560,17 @@ def machine_info() -> dict[str, Any]:
     except Exception:  # noqa: BLE001 - informational only
         info["vllm"] = None
     try:
-        info["git_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                            timeout=10).stdout.strip() or None
-        info["git_dirty"] = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                                                capture_output=True, text=True, timeout=10).stdout.strip())
+        info["git_commit"] = (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
+            ).stdout.strip()
+            or None
+        )
+        info["git_dirty"] = bool(
+            subprocess.run(
+                ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=10
+            ).stdout.strip()
+        )
     except (OSError, subprocess.TimeoutExpired):
         pass
     info["loadavg_at_start"] = os.getloadavg()

@@ -97,8 +97,10 @@ class FloorRunner:
         self.engine = engine
         self.base_name = base_name
         self.types = types or vllm_types()
-        self.lora_requests = {name: self.types.lora_request(name, index, str(path))
-                              for index, (name, path) in enumerate(loras.items(), start=1)}
+        self.lora_requests = {
+            name: self.types.lora_request(name, index, str(path))
+            for index, (name, path) in enumerate(loras.items(), start=1)
+        }
 
     async def _send(self, config: LoadConfig, planned: Any, run_t0: float) -> RequestRecord:
         record = RequestRecord(planned.index, planned.model, planned.warmup, planned.prompt_words, planned.max_tokens)
@@ -156,8 +158,9 @@ class FloorRunner:
         records.sort(key=lambda record: record.index)
         return RunResult(config, records, summarize(records), started_at, wall_s)
 
-    async def probe(self, models: list[str], prompt_token_ids: list[int], max_tokens: int,
-                    repeats: int) -> dict[str, list[str]]:
+    async def probe(
+        self, models: list[str], prompt_token_ids: list[int], max_tokens: int, repeats: int
+    ) -> dict[str, list[str]]:
         """bench.probe's question, every model at once: the texts each model answered."""
         from bench.probe import probe_order
 
@@ -166,8 +169,9 @@ class FloorRunner:
         async def ask(model: str) -> tuple[str, str]:
             lora = None if model == self.base_name else self.lora_requests[model]
             text = ""
-            async for output in self.engine.generate({"prompt_token_ids": list(prompt_token_ids)}, params,
-                                                     f"probe-{uuid.uuid4().hex}", lora_request=lora):
+            async for output in self.engine.generate(
+                {"prompt_token_ids": list(prompt_token_ids)}, params, f"probe-{uuid.uuid4().hex}", lora_request=lora
+            ):
                 text = output.outputs[0].text
             return model, text
 
@@ -180,8 +184,9 @@ class FloorRunner:
 PROTOCOL = "@floor"  # prefix of the lines the floor answers with on its command channel
 
 
-async def serve_commands(spec: dict[str, Any], commands: Any, answers: Any, *, engine: Any = None,
-                         types: VllmTypes | None = None) -> None:
+async def serve_commands(
+    spec: dict[str, Any], commands: Any, answers: Any, *, engine: Any = None, types: VllmTypes | None = None
+) -> None:
     """Start the engine, then run commands, one JSON object a line, until "exit" or end of input.
 
     {"cmd": "round", "config": {LoadConfig fields}, "out": PATH, "timeout": S} runs one round and
@@ -211,11 +216,17 @@ async def serve_commands(spec: dict[str, Any], commands: Any, answers: Any, *, e
                     cpu_after = cpu_seconds(os.getpid())
                     output = result.to_json() | {
                         "cpu_s": {key: round(cpu_after[key] - cpu_before[key], 3) for key in cpu_after},
-                        "loadavg_1m_before": load_before, "loadavg_1m_after": os.getloadavg()[0]}
+                        "loadavg_1m_before": load_before,
+                        "loadavg_1m_after": os.getloadavg()[0],
+                    }
                     print(f"floor: {config.label}: {result.summary['req_per_s']} req/s", file=sys.stderr, flush=True)
                 elif command["cmd"] == "probe":
-                    output = await asyncio.wait_for(runner.probe(command["models"], command["prompt_token_ids"],
-                                                                 command["max_tokens"], command["repeats"]), 120)
+                    output = await asyncio.wait_for(
+                        runner.probe(
+                            command["models"], command["prompt_token_ids"], command["max_tokens"], command["repeats"]
+                        ),
+                        120,
+                    )
                 else:
                     raise ValueError(f"unknown command {command['cmd']!r}")
                 Path(command["out"]).write_bytes(orjson.dumps(output))
@@ -229,7 +240,8 @@ async def serve_commands(spec: dict[str, Any], commands: Any, answers: Any, *, e
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.floor",
-        description="Serve load rounds against vLLM's AsyncLLM in-process (no HTTP), on commands read from stdin.")
+        description="Serve load rounds against vLLM's AsyncLLM in-process (no HTTP), on commands read from stdin.",
+    )
     parser.add_argument("--spec", type=Path, required=True, help="JSON: model, base_name, limits, loras")
     args = parser.parse_args(argv)
     spec = orjson.loads(args.spec.read_bytes())

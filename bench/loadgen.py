@@ -380,7 +380,10 @@ async def _read_stream(
         try:
             payload = orjson.loads(data)
         except orjson.JSONDecodeError:
-            record.error_kind, record.error = "protocol", f"an SSE event is not JSON: {data[:80].decode(errors='replace')!r}"
+            record.error_kind, record.error = (
+                "protocol",
+                f"an SSE event is not JSON: {data[:80].decode(errors='replace')!r}",
+            )
             continue
         if not isinstance(payload, dict):
             continue
@@ -604,7 +607,9 @@ def format_comparison(runs: list[tuple[str, dict[str, Any]]]) -> str:
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
 
     def render(row: list[str]) -> str:
-        return "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=False)))
+        return "  ".join(
+            cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=False))
+        )
 
     return "\n".join([render(header), *(render(row) for row in rows)])
 

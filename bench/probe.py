@@ -46,15 +46,19 @@ def reference_answers(base_dir: Path, sources: dict[str, Path]) -> dict[str, str
     model = PeftModel.from_pretrained(base, str(sources[names[0]]), adapter_name=names[0]).eval()
     for name in names[1:]:
         model.load_adapter(str(sources[name]), adapter_name=name)
-    kwargs = {"max_new_tokens": MAX_TOKENS, "do_sample": False, "attention_mask": torch.ones_like(ids),
-              "pad_token_id": tokenizer.pad_token_id}
+    kwargs = {
+        "max_new_tokens": MAX_TOKENS,
+        "do_sample": False,
+        "attention_mask": torch.ones_like(ids),
+        "pad_token_id": tokenizer.pad_token_id,
+    }
     answers = {}
     with torch.no_grad():
         with model.disable_adapter():
-            answers[""] = tokenizer.decode(model.generate(ids, **kwargs)[0, ids.shape[1]:], skip_special_tokens=True)
+            answers[""] = tokenizer.decode(model.generate(ids, **kwargs)[0, ids.shape[1] :], skip_special_tokens=True)
         for name in names:
             model.set_adapter(name)
-            answers[name] = tokenizer.decode(model.generate(ids, **kwargs)[0, ids.shape[1]:], skip_special_tokens=True)
+            answers[name] = tokenizer.decode(model.generate(ids, **kwargs)[0, ids.shape[1] :], skip_special_tokens=True)
     return answers
 
 
@@ -65,18 +69,22 @@ def probe_order(models: list[str], repeats: int) -> list[str]:
 async def probe_server(url: str, models: list[str], repeats: int = 3, timeout: float = 60.0) -> dict[str, list[str]]:
     """Every model asked at once, `repeats` times; each model's answers (an error reads 'ERROR: ...')."""
     async with httpx.AsyncClient(base_url=url, timeout=timeout) as client:
+
         async def ask(model: str) -> tuple[str, str]:
             try:
-                response = await client.post("/v1/chat/completions", json={
-                    "model": model, "messages": messages(), "temperature": 0, "max_tokens": MAX_TOKENS})
+                response = await client.post(
+                    "/v1/chat/completions",
+                    json={"model": model, "messages": messages(), "temperature": 0, "max_tokens": MAX_TOKENS},
+                )
                 if response.status_code != 200:
                     return model, f"ERROR: HTTP {response.status_code}: {response.text[:120]}"
                 return model, response.json()["choices"][0]["message"]["content"] or ""
             except (httpx.HTTPError, ValueError, KeyError, IndexError) as exc:
                 return model, f"ERROR: {type(exc).__name__}: {exc}"
 
-        pairs = await asyncio.wait_for(asyncio.gather(*(ask(m) for m in probe_order(models, repeats))),
-                                       timeout=timeout * 2)
+        pairs = await asyncio.wait_for(
+            asyncio.gather(*(ask(m) for m in probe_order(models, repeats))), timeout=timeout * 2
+        )
     answers: dict[str, list[str]] = {model: [] for model in models}
     for model, text in pairs:
         answers[model].append(text)

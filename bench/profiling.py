@@ -18,10 +18,12 @@ from pathlib import Path
 from typing import Any
 
 # Innermost frames of a thread that waits rather than works (in case py-spy counts it).
-IDLE = re.compile(r"^(select|poll|_PollLikeSelector\.select|EpollSelector\.select|Condition\.wait|Event\.wait|"
-                  r"Queue\.get|sleep|wait|_wait_for_tstate_lock|_worker|WorkerThread\.run) "
-                  r"\((selectors|threading|queue|multiprocessing/connection|concurrent/futures/thread|time|"
-                  r"anyio/_backends/_asyncio)\.py")
+IDLE = re.compile(
+    r"^(select|poll|_PollLikeSelector\.select|EpollSelector\.select|Condition\.wait|Event\.wait|"
+    r"Queue\.get|sleep|wait|_wait_for_tstate_lock|_worker|WorkerThread\.run) "
+    r"\((selectors|threading|queue|multiprocessing/connection|concurrent/futures/thread|time|"
+    r"anyio/_backends/_asyncio)\.py"
+)
 # Frames every sample of the main thread has: the command and uvicorn's start, not costs.
 ENTRY = re.compile(r"(^|/)server/(cli|serving|__main__)\.py$")
 FRAME = re.compile(r"^(?P<function>.*) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
@@ -55,9 +57,12 @@ def start_py_spy(pid: int, out: Path, rate: int = 200) -> subprocess.Popen:
     binary = py_spy_path()
     if binary is None:
         raise RuntimeError("py-spy is not installed: .venv/bin/pip install py-spy")
-    return subprocess.Popen([binary, "record", "--gil", "--format", "raw", "--rate", str(rate), "--pid", str(pid),
-                             "--output", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True)
+    return subprocess.Popen(
+        [binary, "record", "--gil", "--format", "raw", "--rate", str(rate), "--pid", str(pid), "--output", str(out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
 
 
 def stop_py_spy(process: subprocess.Popen, timeout: float = 30.0) -> str:
@@ -117,15 +122,25 @@ def summarize_stacks(text: str, top: int = 25) -> dict[str, Any]:
         areas[area_of(file)] += count  # self time: where the sample was actually running
 
     def shares(counter: Counter[str]) -> list[dict[str, Any]]:
-        return [{"function": key, "samples": value, "inclusive_pct": round(100 * value / total, 2)}
-                for key, value in counter.most_common(top)] if total else []
+        return (
+            [
+                {"function": key, "samples": value, "inclusive_pct": round(100 * value / total, 2)}
+                for key, value in counter.most_common(top)
+            ]
+            if total
+            else []
+        )
 
     return {
         "samples": total,
         "idle_samples_dropped": idle,
         "inclusive": shares(inclusive),
-        "self": [{"function": key, "samples": value, "self_pct": round(100 * value / total, 2)}
-                 for key, value in self_time.most_common(top)] if total else [],
+        "self": [
+            {"function": key, "samples": value, "self_pct": round(100 * value / total, 2)}
+            for key, value in self_time.most_common(top)
+        ]
+        if total
+        else [],
         "gateway_inclusive": shares(own_inclusive),
         "areas_self_pct": {key: round(100 * value / total, 2) for key, value in areas.most_common()} if total else {},
     }

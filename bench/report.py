@@ -10,8 +10,13 @@ SYSTEMS = ("vllm", "gateway", "vllm-plugins", "gateway-alt", "floor")  # the tab
 # The order systems start and group in: the three the targets compare come first, so that they
 # alternate side by side even when memory leaves room for only three.
 RUN_ORDER = ("vllm", "gateway", "floor", "vllm-plugins", "gateway-alt")
-SYSTEM_TITLES = {"vllm": "vLLM server", "vllm-plugins": "vLLM server + gateway plugins", "gateway": "gateway",
-                 "gateway-alt": "gateway (--also-gateway)", "floor": "floor (AsyncLLM)"}
+SYSTEM_TITLES = {
+    "vllm": "vLLM server",
+    "vllm-plugins": "vLLM server + gateway plugins",
+    "gateway": "gateway",
+    "gateway-alt": "gateway (--also-gateway)",
+    "floor": "floor (AsyncLLM)",
+}
 
 # (column title, summary key, higher is better)
 COLUMNS = (
@@ -22,9 +27,13 @@ COLUMNS = (
     ("TTFT p50 ms", "ttft_p50_ms", False),
     ("TTFT p99 ms", "ttft_p99_ms", False),
 )
-RATIO_PAIRS = (("gateway", "vllm", "gateway/vLLM"), ("gateway", "vllm-plugins", "gateway/vLLM+plugins"),
-               ("gateway", "floor", "gateway/floor"),
-               ("gateway-alt", "gateway", "also/gateway"), ("gateway-alt", "floor", "also/floor"))
+RATIO_PAIRS = (
+    ("gateway", "vllm", "gateway/vLLM"),
+    ("gateway", "vllm-plugins", "gateway/vLLM+plugins"),
+    ("gateway", "floor", "gateway/floor"),
+    ("gateway-alt", "gateway", "also/gateway"),
+    ("gateway-alt", "floor", "also/floor"),
+)
 
 THROUGHPUT_VS_VLLM = 1.25  # gateway req/s at least 1.25x vLLM's server
 P99_VS_VLLM = 0.8  # gateway p99 latency at most 0.8x vLLM's server
@@ -89,13 +98,27 @@ def table_rows(workload: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
             continue
         median = data["median"]
         cpu = data.get("cpu_ms_per_request") or {}
-        rows.append([SYSTEM_TITLES[name], *(_cell(median.get(key), 2 if key == "req_per_s" else 1)
-                                            for _, key, _ in COLUMNS),
-                     _cell(median.get("errors")), _cell(cpu.get("frontend"), 2), _cell(cpu.get("engine"), 2),
-                     _cell(cpu.get("client"), 2)])
+        rows.append(
+            [
+                SYSTEM_TITLES[name],
+                *(_cell(median.get(key), 2 if key == "req_per_s" else 1) for _, key, _ in COLUMNS),
+                _cell(median.get("errors")),
+                _cell(cpu.get("frontend"), 2),
+                _cell(cpu.get("engine"), 2),
+                _cell(cpu.get("client"), 2),
+            ]
+        )
     for title, values in ratios(medians).items():
-        rows.append([title, *(f"{values[key]:.2f}x" if values[key] is not None else "-" for _, key, _ in COLUMNS),
-                     "", "", "", ""])
+        rows.append(
+            [
+                title,
+                *(f"{values[key]:.2f}x" if values[key] is not None else "-" for _, key, _ in COLUMNS),
+                "",
+                "",
+                "",
+                "",
+            ]
+        )
     return header, rows
 
 
@@ -103,7 +126,9 @@ def format_text(header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
 
     def render(row: list[str]) -> str:
-        return "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=True)))
+        return "  ".join(
+            cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+        )
 
     return "\n".join([render(header), *(render(row) for row in rows)])
 
@@ -116,11 +141,13 @@ def format_markdown(header: list[str], rows: list[list[str]]) -> str:
 
 def workload_heading(workload: dict[str, Any]) -> str:
     settings = workload["settings"]
-    return (f"workload {workload['key']}: {workload['title']} - concurrency {settings['concurrency']}, "
-            f"Zipf({settings['zipf_alpha']:g}), prompts {settings['prompt_words']} words, "
-            f"max_tokens {settings['output_tokens']}, --max-loras {settings['max_loras']}, "
-            f"--max-cpu-loras {settings['max_cpu_loras']}; median of {settings['rounds']} round(s) of "
-            f"{settings['requests']} requests (+{settings['warmup']} warmup)")
+    return (
+        f"workload {workload['key']}: {workload['title']} - concurrency {settings['concurrency']}, "
+        f"Zipf({settings['zipf_alpha']:g}), prompts {settings['prompt_words']} words, "
+        f"max_tokens {settings['output_tokens']}, --max-loras {settings['max_loras']}, "
+        f"--max-cpu-loras {settings['max_cpu_loras']}; median of {settings['rounds']} round(s) of "
+        f"{settings['requests']} requests (+{settings['warmup']} warmup)"
+    )
 
 
 def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -131,28 +158,52 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         gateway, vllm, floor = medians.get("gateway"), medians.get("vllm"), medians.get("floor")
         if gateway and vllm:
             value = ratio(gateway.get("req_per_s"), vllm.get("req_per_s"))
-            targets.append({"workload": key, "target": f"throughput >= {THROUGHPUT_VS_VLLM}x vLLM's server",
-                            "value": value, "met": value is not None and value >= THROUGHPUT_VS_VLLM})
+            targets.append(
+                {
+                    "workload": key,
+                    "target": f"throughput >= {THROUGHPUT_VS_VLLM}x vLLM's server",
+                    "value": value,
+                    "met": value is not None and value >= THROUGHPUT_VS_VLLM,
+                }
+            )
             value = ratio(gateway.get("latency_p99_ms"), vllm.get("latency_p99_ms"))
-            targets.append({"workload": key, "target": f"p99 latency <= {P99_VS_VLLM}x vLLM's server",
-                            "value": value, "met": value is not None and value <= P99_VS_VLLM})
+            targets.append(
+                {
+                    "workload": key,
+                    "target": f"p99 latency <= {P99_VS_VLLM}x vLLM's server",
+                    "value": value,
+                    "met": value is not None and value <= P99_VS_VLLM,
+                }
+            )
         if gateway and floor:
             throughput = ratio(gateway.get("req_per_s"), floor.get("req_per_s"))
             latency = ratio(gateway.get("latency_p50_ms"), floor.get("latency_p50_ms"))
             overhead = None
             if throughput is not None and latency is not None:
                 overhead = round(max(1 - throughput, latency - 1), 3)
-            targets.append({"workload": key, "target": f"overhead <= {FLOOR_OVERHEAD:.0%} vs the floor "
-                            "(max of throughput loss and p50 latency gain)",
-                            "value": overhead, "met": overhead is not None and overhead <= FLOOR_OVERHEAD,
-                            "detail": {"throughput_ratio": throughput, "latency_p50_ratio": latency}})
+            targets.append(
+                {
+                    "workload": key,
+                    "target": f"overhead <= {FLOOR_OVERHEAD:.0%} vs the floor "
+                    "(max of throughput loss and p50 latency gain)",
+                    "value": overhead,
+                    "met": overhead is not None and overhead <= FLOOR_OVERHEAD,
+                    "detail": {"throughput_ratio": throughput, "latency_p50_ratio": latency},
+                }
+            )
     routing = results.get("routing")
     if routing:
         for kind in ("registry", "http"):
             value = routing[kind]["ratio"]
             sizes = " vs ".join(str(run["entries"]) for run in routing[kind]["runs"][::-1])
-            targets.append({"workload": "routing", "target": f"{kind} routing flat ({sizes} adapters, "
-                            f"ratio <= {ROUTING_FLAT})", "value": value, "met": value <= ROUTING_FLAT})
+            targets.append(
+                {
+                    "workload": "routing",
+                    "target": f"{kind} routing flat ({sizes} adapters, ratio <= {ROUTING_FLAT})",
+                    "value": value,
+                    "met": value <= ROUTING_FLAT,
+                }
+            )
     return targets
 
 
@@ -170,15 +221,19 @@ def format_routing(routing: dict[str, Any]) -> str:
     for kind, unit, scale in (("registry", "ns", 1.0), ("http", "us", 1e-3)):
         runs = routing[kind]["runs"]
         cells = ", ".join(f"{run['entries']} adapters: {run['median_ns'] * scale:.1f} {unit}" for run in runs)
-        lines.append(f"{kind:<9} median per call: {cells} (ratio {routing[kind]['ratio']:.3f}, "
-                     f"fastest batches {routing[kind]['min_ratio']:.3f})")
+        lines.append(
+            f"{kind:<9} median per call: {cells} (ratio {routing[kind]['ratio']:.3f}, "
+            f"fastest batches {routing[kind]['min_ratio']:.3f})"
+        )
     return "\n".join(lines)
 
 
 def format_cold(cold: dict[str, Any]) -> str:
-    return (f"median of {cold['count']}: register {cold['register_s_median']:.3f} s, "
-            f"register to first token {cold['to_first_token_s_median']:.3f} s "
-            f"(first request alone {cold['first_request_ttft_s_median']:.3f} s)")
+    return (
+        f"median of {cold['count']}: register {cold['register_s_median']:.3f} s, "
+        f"register to first token {cold['to_first_token_s_median']:.3f} s "
+        f"(first request alone {cold['first_request_ttft_s_median']:.3f} s)"
+    )
 
 
 def system_notes(data: dict[str, Any], base_name: str) -> list[str]:
@@ -186,12 +241,19 @@ def system_notes(data: dict[str, Any], base_name: str) -> list[str]:
     if "startup_s" in data:
         notes.append(f"ready in {data['startup_s']} s")
     if "registration" in data:
-        notes.append(f"registered {data['registration']['count']} adapters over HTTP in "
-                     f"{data['registration']['total_s']} s")
+        notes.append(
+            f"registered {data['registration']['count']} adapters over HTTP in {data['registration']['total_s']} s"
+        )
     if data.get("probe"):
         answers = data["probe"]["models"].get(base_name, {}).get("answers", {})
-        notes.append("base answers in mixed batches: " + ("right" if data["probe"]["base_right"] else
-                     "WRONG (" + ", ".join(f"{text!r} x{n}" for text, n in answers.items()) + ")"))
+        notes.append(
+            "base answers in mixed batches: "
+            + (
+                "right"
+                if data["probe"]["base_right"]
+                else "WRONG (" + ", ".join(f"{text!r} x{n}" for text, n in answers.items()) + ")"
+            )
+        )
     if "cold_load" in data:
         notes.append("cold load " + format_cold(data["cold_load"]))
     return notes
@@ -225,6 +287,7 @@ def render_markdown(results: dict[str, Any]) -> str:
 
 # -- plots ----------------------------------------------------------------------------------------
 
+
 def _pyplot() -> Any:
     import matplotlib
 
@@ -234,7 +297,13 @@ def _pyplot() -> Any:
     return plt
 
 
-COLORS = {"vllm": "tab:orange", "vllm-plugins": "tab:red", "gateway": "tab:blue", "gateway-alt": "tab:purple", "floor": "tab:green"}
+COLORS = {
+    "vllm": "tab:orange",
+    "vllm-plugins": "tab:red",
+    "gateway": "tab:blue",
+    "gateway-alt": "tab:purple",
+    "floor": "tab:green",
+}
 
 
 def plot_latency(workload: dict[str, Any], records: dict[str, list[dict[str, Any]]], path: Path) -> None:
@@ -246,8 +315,13 @@ def plot_latency(workload: dict[str, Any], records: dict[str, list[dict[str, Any
         for axes, field in ((latency_axes, "latency_s"), (ttft_axes, "ttft_s")):
             values = sorted(r[field] * 1000 for r in rows if r.get(field) is not None)
             if values:
-                axes.plot(values, [(i + 1) / len(values) for i in range(len(values))], drawstyle="steps-post",
-                          color=COLORS[name], label=f"{SYSTEM_TITLES[name]} (n={len(values)})")
+                axes.plot(
+                    values,
+                    [(i + 1) / len(values) for i in range(len(values))],
+                    drawstyle="steps-post",
+                    color=COLORS[name],
+                    label=f"{SYSTEM_TITLES[name]} (n={len(values)})",
+                )
     latency_axes.set(title="end-to-end latency", xlabel="ms", ylabel="share of requests", ylim=(0, 1.02))
     ttft_axes.set(title="time to first token", xlabel="ms", ylabel="share of requests", ylim=(0, 1.02))
     for axes in (latency_axes, ttft_axes):
@@ -280,8 +354,9 @@ def plot_overview(results: dict[str, Any], path: Path) -> None:
             highs.append(max(values) - median)
             p99s.append(data["median"]["latency_p99_ms"] or 0)
         if xs:
-            throughput_axes.bar(xs, medians, width, yerr=[lows, highs], capsize=3, color=COLORS[name],
-                                label=SYSTEM_TITLES[name])
+            throughput_axes.bar(
+                xs, medians, width, yerr=[lows, highs], capsize=3, color=COLORS[name], label=SYSTEM_TITLES[name]
+            )
             p99_axes.bar(xs, p99s, width, color=COLORS[name], label=SYSTEM_TITLES[name])
     labels = [f"{w['key']}: {w['title']}" for w in workloads]
     throughput_axes.set(title="throughput (median of rounds; whiskers: range)", ylabel="req/s")
@@ -305,8 +380,9 @@ def plot_routing(routing: dict[str, Any], path: Path) -> None:
         axes.bar(labels, values, color=["tab:blue", "tab:purple"][: len(runs)])
         for x, value in enumerate(values):
             axes.annotate(f"{value:.1f}", (x, value), ha="center", va="bottom")
-        title = ("resolve + lease (registry)" if kind == "registry"
-                 else "streamed completion through the app (FakeEngine)")
+        title = (
+            "resolve + lease (registry)" if kind == "registry" else "streamed completion through the app (FakeEngine)"
+        )
         axes.set(title=f"{title}\nratio {routing[kind]['ratio']:.3f}", ylabel=f"median {unit} per call")
         axes.grid(alpha=0.3, axis="y")
     fig.tight_layout()

@@ -44,8 +44,9 @@ async def registry_caller(entries: int) -> AsyncIterator[tuple[Call, list[str]]]
     from adapters.spec import SHARED
     from tests.fakes import FakeEngine, fake_spec
 
-    registry = Registry(FakeEngine(), base_name="base", base_adapter=fake_spec("__base__", 1),
-                        max_resident=RESIDENT + 1)
+    registry = Registry(
+        FakeEngine(), base_name="base", base_adapter=fake_spec("__base__", 1), max_resident=RESIDENT + 1
+    )
     await registry.start()
     for name in adapter_names(entries):
         await registry.register(SHARED, name, fake_spec(name))
@@ -79,8 +80,13 @@ async def http_caller(entries: int) -> AsyncIterator[tuple[Call, list[str]]]:
         state = Path(scratch)
         settings = Settings(served_model_name="base", state_dir=state, max_cpu_loras=RESIDENT + 2, max_loras=4)
         engine = FakeEngine(max_model_len=256)
-        registry = Registry(engine, base_name="base", base_adapter=fake_spec("__base__", 1),
-                            max_resident=settings.max_cpu_loras - 1, catalog=Database(state / "catalog.sqlite3"))
+        registry = Registry(
+            engine,
+            base_name="base",
+            base_adapter=fake_spec("__base__", 1),
+            max_resident=settings.max_cpu_loras - 1,
+            catalog=Database(state / "catalog.sqlite3"),
+        )
         app = build_app(settings, engine, registry)
         try:
             async with app.router.lifespan_context(app):
@@ -88,13 +94,23 @@ async def http_caller(entries: int) -> AsyncIterator[tuple[Call, list[str]]]:
                     await registry.register(SHARED, name, fake_spec(name))
                 transport = httpx.ASGITransport(app=app)
                 async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
+
                     async def call(name: str) -> None:
-                        response = await client.post("/v1/completions", json={
-                            "model": name, "prompt": "the world", "max_tokens": 4, "temperature": 0,
-                            "stream": True, "stream_options": {"include_usage": True}})
+                        response = await client.post(
+                            "/v1/completions",
+                            json={
+                                "model": name,
+                                "prompt": "the world",
+                                "max_tokens": 4,
+                                "temperature": 0,
+                                "stream": True,
+                                "stream_options": {"include_usage": True},
+                            },
+                        )
                         if response.status_code != 200 or not response.text.endswith("data: [DONE]\n\n"):
-                            raise RuntimeError(f"routing benchmark: {name} answered {response.status_code}: "
-                                               f"{response.text[:200]}")
+                            raise RuntimeError(
+                                f"routing benchmark: {name} answered {response.status_code}: {response.text[:200]}"
+                            )
 
                     called = called_names(adapter_names(entries))
                     for name in called:  # make them resident, and warm up
@@ -116,8 +132,7 @@ async def compare_sizes(kind: str, sizes: list[int], batches: int, batch: int) -
         for size in sizes:
             started = time.perf_counter()
             call, called = await stack.enter_async_context(CALLERS[kind](size))
-            callers.append((size, call, [called[i % len(called)] for i in range(batch)],
-                            time.perf_counter() - started))
+            callers.append((size, call, [called[i % len(called)] for i in range(batch)], time.perf_counter() - started))
         timings: dict[int, list[float]] = {size: [] for size in sizes}
         for _ in range(batches):
             for size, call, sequence, _setup in callers:
@@ -128,18 +143,28 @@ async def compare_sizes(kind: str, sizes: list[int], batches: int, batch: int) -
     runs = []
     for size, _call, _sequence, setup_s in callers:
         per_call = sorted(timings[size])
-        runs.append({"entries": size, "median_ns": round(statistics.median(per_call), 1),
-                     "min_ns": round(per_call[0], 1), "max_ns": round(per_call[-1], 1),
-                     "batches": batches, "calls_per_batch": batch, "setup_s": round(setup_s, 2)})
-    return {"runs": runs, "ratio": round(runs[-1]["median_ns"] / runs[0]["median_ns"], 3),
-            "min_ratio": round(runs[-1]["min_ns"] / runs[0]["min_ns"], 3)}
+        runs.append(
+            {
+                "entries": size,
+                "median_ns": round(statistics.median(per_call), 1),
+                "min_ns": round(per_call[0], 1),
+                "max_ns": round(per_call[-1], 1),
+                "batches": batches,
+                "calls_per_batch": batch,
+                "setup_s": round(setup_s, 2),
+            }
+        )
+    return {
+        "runs": runs,
+        "ratio": round(runs[-1]["median_ns"] / runs[0]["median_ns"], 3),
+        "min_ratio": round(runs[-1]["min_ns"] / runs[0]["min_ns"], 3),
+    }
 
 
 async def measure(sizes: tuple[int, ...] = (10, 10_000), *, quick: bool = False) -> dict[str, Any]:
     """Both costs at every size; `ratio` is last size over first (1.0 is perfectly flat)."""
     plan = QUICK_BATCHES if quick else DEFAULT_BATCHES
-    return {"sizes": list(sizes),
-            **{kind: await compare_sizes(kind, list(sizes), *plan[kind]) for kind in CALLERS}}
+    return {"sizes": list(sizes), **{kind: await compare_sizes(kind, list(sizes), *plan[kind]) for kind in CALLERS}}
 
 
 if __name__ == "__main__":

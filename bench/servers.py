@@ -77,8 +77,16 @@ class ProcessPool:
     def __init__(self) -> None:
         self._running: list[Launched] = []
 
-    def start(self, name: str, argv: list[str], log_path: Path, env: dict[str, str] | None = None,
-              url: str = "", cwd: Path | None = None, pipes: bool = False) -> Launched:
+    def start(
+        self,
+        name: str,
+        argv: list[str],
+        log_path: Path,
+        env: dict[str, str] | None = None,
+        url: str = "",
+        cwd: Path | None = None,
+        pipes: bool = False,
+    ) -> Launched:
         """Start `argv` in a new session, output to `log_path`; with `pipes`, stdin and stdout are
         pipes to talk over, and only stderr goes to the log."""
         log = log_path.open("wb")
@@ -87,9 +95,14 @@ class ProcessPool:
         inherited = {key: value for key, value in os.environ.items() if key not in plugin_vars}
         try:
             process = subprocess.Popen(
-                argv, stdout=subprocess.PIPE if pipes else log, stderr=log if pipes else subprocess.STDOUT,
-                stdin=subprocess.PIPE if pipes else subprocess.DEVNULL, env={**inherited, **(env or {})},
-                start_new_session=True, cwd=cwd)
+                argv,
+                stdout=subprocess.PIPE if pipes else log,
+                stderr=log if pipes else subprocess.STDOUT,
+                stdin=subprocess.PIPE if pipes else subprocess.DEVNULL,
+                env={**inherited, **(env or {})},
+                start_new_session=True,
+                cwd=cwd,
+            )
         finally:
             log.close()
         launched = Launched(name, process, log_path, url)
@@ -139,8 +152,9 @@ def wait_ready(launched: Launched, path: str, timeout: float) -> float:
     deadline = started + timeout
     while time.monotonic() < deadline:
         if launched.process.poll() is not None:
-            raise RuntimeError(f"{launched.name} exited with status {launched.process.returncode}:\n"
-                               f"{launched.log_tail()}")
+            raise RuntimeError(
+                f"{launched.name} exited with status {launched.process.returncode}:\n{launched.log_tail()}"
+            )
         try:
             if httpx.get(launched.url + path, timeout=2.0).status_code == 200:
                 return time.monotonic() - started
@@ -150,36 +164,85 @@ def wait_ready(launched: Launched, path: str, timeout: float) -> float:
     raise TimeoutError(f"{launched.name} not ready within {timeout:.0f} s:\n{launched.log_tail()}")
 
 
-def vllm_argv(base: Path, adapters: dict[str, Path], limits: EngineLimits, port: int,
-              served_name: str = "base") -> list[str]:
+def vllm_argv(
+    base: Path, adapters: dict[str, Path], limits: EngineLimits, port: int, served_name: str = "base"
+) -> list[str]:
     """vLLM's OpenAI server with the same engine limits the gateway passes to its AsyncLLM."""
     argv = [
-        str(VENV_BIN / "python"), "-m", "vllm.entrypoints.openai.api_server",
-        "--model", str(base), "--served-model-name", served_name,
-        "--enable-lora", "--max-loras", str(limits.max_loras), "--max-cpu-loras", str(limits.max_cpu_loras),
-        "--max-lora-rank", str(limits.max_lora_rank), "--max-model-len", str(limits.max_model_len),
-        "--max-num-seqs", str(limits.max_num_seqs), "--dtype", limits.dtype,
-        "--gpu-memory-utilization", str(limits.gpu_memory_utilization),
+        str(VENV_BIN / "python"),
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(base),
+        "--served-model-name",
+        served_name,
+        "--enable-lora",
+        "--max-loras",
+        str(limits.max_loras),
+        "--max-cpu-loras",
+        str(limits.max_cpu_loras),
+        "--max-lora-rank",
+        str(limits.max_lora_rank),
+        "--max-model-len",
+        str(limits.max_model_len),
+        "--max-num-seqs",
+        str(limits.max_num_seqs),
+        "--dtype",
+        limits.dtype,
+        "--gpu-memory-utilization",
+        str(limits.gpu_memory_utilization),
         # The gateway takes sampling defaults from the request only, never from the model's files.
-        "--generation-config", "vllm",
-        "--host", "127.0.0.1", "--port", str(port),
+        "--generation-config",
+        "vllm",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
     ]
     if adapters:
         argv += ["--lora-modules", *(f"{name}={path}" for name, path in adapters.items())]
     return argv
 
 
-def gateway_argv(base: Path, adapters: dict[str, Path], limits: EngineLimits, port: int, state_dir: Path,
-                 served_name: str = "base", command: list[str] | None = None) -> list[str]:
+def gateway_argv(
+    base: Path,
+    adapters: dict[str, Path],
+    limits: EngineLimits,
+    port: int,
+    state_dir: Path,
+    served_name: str = "base",
+    command: list[str] | None = None,
+) -> list[str]:
     """`lora-gateway serve` with the limits; `command` replaces `lora-gateway` (e.g. python -m server)."""
     argv = [
-        *(command or [str(VENV_BIN / "lora-gateway")]), "serve",
-        "--model", str(base), "--served-model-name", served_name,
-        "--max-loras", str(limits.max_loras), "--max-cpu-loras", str(limits.max_cpu_loras),
-        "--max-lora-rank", str(limits.max_lora_rank), "--max-model-len", str(limits.max_model_len),
-        "--max-num-seqs", str(limits.max_num_seqs), "--dtype", limits.dtype,
-        "--kv-cache-fraction", str(limits.gpu_memory_utilization),
-        "--log-format", "json", "--host", "127.0.0.1", "--port", str(port), "--state-dir", str(state_dir),
+        *(command or [str(VENV_BIN / "lora-gateway")]),
+        "serve",
+        "--model",
+        str(base),
+        "--served-model-name",
+        served_name,
+        "--max-loras",
+        str(limits.max_loras),
+        "--max-cpu-loras",
+        str(limits.max_cpu_loras),
+        "--max-lora-rank",
+        str(limits.max_lora_rank),
+        "--max-model-len",
+        str(limits.max_model_len),
+        "--max-num-seqs",
+        str(limits.max_num_seqs),
+        "--dtype",
+        limits.dtype,
+        "--kv-cache-fraction",
+        str(limits.gpu_memory_utilization),
+        "--log-format",
+        "json",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--state-dir",
+        str(state_dir),
     ]
     if adapters:
         argv += ["--lora-modules", *(f"{name}={path}" for name, path in adapters.items())]

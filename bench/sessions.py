@@ -79,8 +79,11 @@ def register_adapters(url: str, adapters: dict[str, Path], timeout: float = 120.
                 raise RuntimeError(f"registering {name}: HTTP {response.status_code}: {response.text[:300]}")
             seconds.append(time.perf_counter() - started)
     ordered = sorted(seconds)
-    return {"count": len(seconds), "total_s": round(sum(seconds), 2),
-            "median_s": round(ordered[len(ordered) // 2], 3) if ordered else None}
+    return {
+        "count": len(seconds),
+        "total_s": round(sum(seconds), 2),
+        "median_s": round(ordered[len(ordered) // 2], 3) if ordered else None,
+    }
 
 
 def system_env(system: str) -> dict[str, str]:
@@ -143,11 +146,19 @@ class ServerSession:
         run_file = ctx.out / "runs" / f"{config.label}.json"
         write_json(result, run_file)
         ctx.records.setdefault(self.workload.key, {}).setdefault(self.system, []).extend(
-            asdict(record) for record in result.records)
-        self.data["rounds"].append({
-            "label": config.label, "summary": result.summary, "wall_s": round(result.wall_s, 2),
-            "cpu_s": {key: round(cpu_after[key] - cpu_before[key], 3) for key in cpu_after},
-            "loadavg_1m_before": load_before, "loadavg_1m_after": os.getloadavg()[0], "run_file": str(run_file)})
+            asdict(record) for record in result.records
+        )
+        self.data["rounds"].append(
+            {
+                "label": config.label,
+                "summary": result.summary,
+                "wall_s": round(result.wall_s, 2),
+                "cpu_s": {key: round(cpu_after[key] - cpu_before[key], 3) for key in cpu_after},
+                "loadavg_1m_before": load_before,
+                "loadavg_1m_after": os.getloadavg()[0],
+                "run_file": str(run_file),
+            }
+        )
         log_round(config.label, result.summary)
 
     def extras(self, *, cold: bool) -> None:
@@ -182,13 +193,18 @@ class ServerSession:
         summary = summarize_stacks(raw.read_text(errors="replace"))
         (ctx.out / f"profile-{self.system}-{key}.json").write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2))
         if summary["gateway_inclusive"]:
-            report.plot_profile(summary["gateway_inclusive"],
-                                f"{report.SYSTEM_TITLES[self.system]} under load (workload {key}): "
-                                "its own functions, py-spy --gil",
-                                ctx.args.plots / f"profile_{self.system.replace('-', '_')}_{key}.png")
+            report.plot_profile(
+                summary["gateway_inclusive"],
+                f"{report.SYSTEM_TITLES[self.system]} under load (workload {key}): its own functions, py-spy --gil",
+                ctx.args.plots / f"profile_{self.system.replace('-', '_')}_{key}.png",
+            )
         log(f"profiled {self.system}: {summary['samples']} samples, areas {summary['areas_self_pct']}")
-        return {"raw": str(raw), "samples": summary["samples"], "req_per_s_under_py_spy": result.summary["req_per_s"],
-                "areas_self_pct": summary["areas_self_pct"]}
+        return {
+            "raw": str(raw),
+            "samples": summary["samples"],
+            "req_per_s_under_py_spy": result.summary["req_per_s"],
+            "areas_self_pct": summary["areas_self_pct"],
+        }
 
     def stop(self) -> None:
         if self.launched is not None:
@@ -209,8 +225,12 @@ class FloorSession:
     def start(self) -> None:
         ctx, key = self.ctx, self.workload.key
         adapters = ctx.adapter_paths(self.workload.names())
-        spec = {"model": str(ctx.base), "base_name": self.base_name, "limits": asdict(ctx.limits(self.workload)),
-                "loras": {name: str(path) for name, path in adapters.items()}}
+        spec = {
+            "model": str(ctx.base),
+            "base_name": self.base_name,
+            "limits": asdict(ctx.limits(self.workload)),
+            "loras": {name: str(path) for name, path in adapters.items()},
+        }
         spec_path = ctx.out / "logs" / f"floor-{key}.spec.json"
         spec_path.write_bytes(orjson.dumps(spec, option=orjson.OPT_INDENT_2))
         argv = [str(VENV_BIN / "python"), "-m", "bench.floor", "--spec", str(spec_path)]
@@ -238,32 +258,43 @@ class FloorSession:
                 if text == f"{PROTOCOL} {word}":
                     return
                 if text.startswith(f"{PROTOCOL} error"):
-                    raise RuntimeError(f"the floor failed: {text[len(PROTOCOL) + 7:]}")
+                    raise RuntimeError(f"the floor failed: {text[len(PROTOCOL) + 7 :]}")
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise TimeoutError(f"the floor did not answer '{word}' within {timeout:.0f} s:\n"
-                                   f"{self.launched.log_tail()}")
+                raise TimeoutError(
+                    f"the floor did not answer '{word}' within {timeout:.0f} s:\n{self.launched.log_tail()}"
+                )
             ready, _, _ = select.select([stream], [], [], min(remaining, 1.0))
             if ready:
                 chunk = os.read(stream.fileno(), 65536)
                 if not chunk:
                     self.launched.process.wait(timeout=10)
-                    raise RuntimeError(f"the floor exited with {self.launched.process.returncode}:\n"
-                                       f"{self.launched.log_tail()}")
+                    raise RuntimeError(
+                        f"the floor exited with {self.launched.process.returncode}:\n{self.launched.log_tail()}"
+                    )
                 self._buffer += chunk
 
     def run_round(self, index: int) -> None:
         ctx = self.ctx
         config = ctx.load_config(self.workload, "floor", index)
         run_file = ctx.out / "runs" / f"{config.label}.json"
-        self._send({"cmd": "round", "config": config.to_json(), "out": str(run_file), "timeout": ctx.round_timeout()},
-                   ctx.round_timeout() + 30)
+        self._send(
+            {"cmd": "round", "config": config.to_json(), "out": str(run_file), "timeout": ctx.round_timeout()},
+            ctx.round_timeout() + 30,
+        )
         run = orjson.loads(run_file.read_bytes())
         ctx.records.setdefault(self.workload.key, {}).setdefault("floor", []).extend(run["records"])
-        self.data["rounds"].append({
-            "label": run["label"], "summary": run["summary"], "wall_s": round(run["wall_s"], 2),
-            "cpu_s": run["cpu_s"], "loadavg_1m_before": run["loadavg_1m_before"],
-            "loadavg_1m_after": run["loadavg_1m_after"], "run_file": str(run_file)})
+        self.data["rounds"].append(
+            {
+                "label": run["label"],
+                "summary": run["summary"],
+                "wall_s": round(run["wall_s"], 2),
+                "cpu_s": run["cpu_s"],
+                "loadavg_1m_before": run["loadavg_1m_before"],
+                "loadavg_1m_after": run["loadavg_1m_after"],
+                "run_file": str(run_file),
+            }
+        )
         log_round(run["label"], run["summary"])
 
     def extras(self, *, cold: bool) -> None:
@@ -271,8 +302,17 @@ class FloorSession:
         if ctx.args.no_probe:
             return
         out = ctx.out / "logs" / f"floor-{self.workload.key}.probe.json"
-        self._send({"cmd": "probe", "models": ctx.probe_models(self.workload), "prompt_token_ids": self.prompt_ids,
-                    "max_tokens": 24, "repeats": 3, "out": str(out)}, 180)
+        self._send(
+            {
+                "cmd": "probe",
+                "models": ctx.probe_models(self.workload),
+                "prompt_token_ids": self.prompt_ids,
+                "max_tokens": 24,
+                "repeats": 3,
+                "out": str(out),
+            },
+            180,
+        )
         self.data["probe"] = ctx.judge(orjson.loads(out.read_bytes()))
 
     def stop(self) -> None:

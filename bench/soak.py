@@ -46,8 +46,13 @@ async def soak(url: str, pid: int | None, demo_root: Path, duration: float, conc
     async with httpx.AsyncClient(base_url=url, timeout=120) as client:
 
         async def one(model: str, stream: bool) -> None:
-            body = {"model": model, "messages": [{"role": "user", "content": DEMO_PROMPT}], "temperature": 0,
-                    "max_tokens": 24, "stream": stream}
+            body = {
+                "model": model,
+                "messages": [{"role": "user", "content": DEMO_PROMPT}],
+                "temperature": 0,
+                "max_tokens": 24,
+                "stream": stream,
+            }
             try:
                 if stream:
                     text, status = [], 0
@@ -120,8 +125,12 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=300, help="seconds of traffic (default 300)")
     parser.add_argument("--concurrency", type=int, default=8, help="requests in flight (default 8)")
     parser.add_argument("--seed", type=int, default=0, help="random seed for the traffic mix")
-    parser.add_argument("--demo-dir", type=Path, default=Path.home() / ".cache" / "lora-gateway" / "demo",
-                        help="the demo build to use (built if missing)")
+    parser.add_argument(
+        "--demo-dir",
+        type=Path,
+        default=Path.home() / ".cache" / "lora-gateway" / "demo",
+        help="the demo build to use (built if missing)",
+    )
     args = parser.parse_args()
     process = None
     url, pid = args.url, args.pid
@@ -129,9 +138,24 @@ def main() -> int:
         state = tempfile.mkdtemp(prefix="soak-")
         port = 8790
         process = subprocess.Popen(
-            [sys.executable, "-m", "server", "serve", "--port", str(port), "--demo-dir", str(args.demo_dir),
-             "--state-dir", state, "--max-cpu-loras", "4", "--log-level", "warning"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                sys.executable,
+                "-m",
+                "server",
+                "serve",
+                "--port",
+                str(port),
+                "--demo-dir",
+                str(args.demo_dir),
+                "--state-dir",
+                state,
+                "--max-cpu-loras",
+                "4",
+                "--log-level",
+                "warning",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         url, pid = f"http://127.0.0.1:{port}", process.pid
         for _ in range(600):

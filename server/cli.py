@@ -137,9 +137,7 @@ def serve(settings: Settings) -> int:
     if settings.adapter_dir is not None and not settings.adapter_dir.is_dir():
         return _fail(f"--adapter-dir: {settings.adapter_dir} is not a folder")
     if len(preload) > settings.max_cpu_loras:
-        return _fail(
-            f"--lora-modules names {len(preload)} adapters; --max-cpu-loras allows {settings.max_cpu_loras}"
-        )
+        return _fail(f"--lora-modules names {len(preload)} adapters; --max-cpu-loras allows {settings.max_cpu_loras}")
 
     from server.app import build_app
     from server.engine.vllm_engine import VllmEngine

@@ -16,6 +16,7 @@ from adapters import errors as adapter_errors
 
 logger = logging.getLogger(__name__)
 
+
 class GatewayError(Exception):
     """Base of every error the gateway answers with; rendered by `error_response`."""
 

@@ -30,6 +30,7 @@ def parse(*argv: str):
 
 # -- flags ----------------------------------------------------------------------------------------
 
+
 def test_defaults_make_the_full_run():
     args = parse()
     assert (args.requests, args.rounds, args.concurrency, args.warmup) == (400, 5, 32, 32)
@@ -79,6 +80,7 @@ def test_workloads_match_the_issue():
 
 # -- the same engine limits for both servers ------------------------------------------------------
 
+
 def _flag(argv: list[str], name: str) -> str:
     return argv[argv.index(name) + 1]
 
@@ -91,35 +93,73 @@ def test_both_servers_get_the_same_engine_limits(tmp_path):
     vllm = vllm_argv(tmp_path / "base", adapters, limits, 8001)
     gateway = gateway_argv(tmp_path / "base", adapters, limits, 8002, tmp_path / "state")
     assert vllm[1:3] == ["-m", "vllm.entrypoints.openai.api_server"] and "--enable-lora" in vllm
-    for name in ("--max-loras", "--max-cpu-loras", "--max-lora-rank", "--max-model-len", "--max-num-seqs",
-                 "--dtype", "--served-model-name", "--model"):
+    for name in (
+        "--max-loras",
+        "--max-cpu-loras",
+        "--max-lora-rank",
+        "--max-model-len",
+        "--max-num-seqs",
+        "--dtype",
+        "--served-model-name",
+        "--model",
+    ):
         assert _flag(vllm, name) == _flag(gateway, name)
     assert _flag(vllm, "--gpu-memory-utilization") == _flag(gateway, "--kv-cache-fraction") == "0.2"
-    assert vllm[vllm.index("--lora-modules") + 1:][:2] == [f"lora0={tmp_path / 'lora0'}", f"lora1={tmp_path / 'lora1'}"]
+    assert vllm[vllm.index("--lora-modules") + 1 :][:2] == [
+        f"lora0={tmp_path / 'lora0'}",
+        f"lora1={tmp_path / 'lora1'}",
+    ]
     # Every flag given to the gateway is one it has.
     parsed = gateway_parser().parse_args(gateway[1:])
-    assert parsed.max_cpu_loras == 8 and parsed.lora_modules == [f"lora0={tmp_path / 'lora0'}",
-                                                                 f"lora1={tmp_path / 'lora1'}"]
+    assert parsed.max_cpu_loras == 8 and parsed.lora_modules == [
+        f"lora0={tmp_path / 'lora0'}",
+        f"lora1={tmp_path / 'lora1'}",
+    ]
 
 
 # -- medians, ratios, targets and the table ---------------------------------------------------------
 
+
 def summary(req_per_s: float, p99: float, p50: float = 100.0, errors: int = 0) -> dict[str, Any]:
-    return {"requests": 100, "warmup_requests": 8, "succeeded": 100 - errors, "errors": errors,
-            "errors_by_status": {"500": errors} if errors else {}, "duration_s": 10.0, "req_per_s": req_per_s,
-            "output_tokens": 300, "output_tok_per_s": req_per_s * 3, "latency_p50_ms": p50,
-            "latency_p99_ms": p99, "ttft_p50_ms": p50 / 2, "ttft_p99_ms": p99 / 2, "start_lag_p99_ms": None}
+    return {
+        "requests": 100,
+        "warmup_requests": 8,
+        "succeeded": 100 - errors,
+        "errors": errors,
+        "errors_by_status": {"500": errors} if errors else {},
+        "duration_s": 10.0,
+        "req_per_s": req_per_s,
+        "output_tokens": 300,
+        "output_tok_per_s": req_per_s * 3,
+        "latency_p50_ms": p50,
+        "latency_p99_ms": p99,
+        "ttft_p50_ms": p50 / 2,
+        "ttft_p99_ms": p99 / 2,
+        "start_lag_p99_ms": None,
+    }
 
 
 def system(*summaries: dict[str, Any]) -> dict[str, Any]:
     rounds = [{"summary": s, "cpu_s": {"frontend": 0.5, "engine": 2.0}} for s in summaries]
-    return {"rounds": rounds, "median": report.median_summary(list(summaries)),
-            "cpu_ms_per_request": {"frontend": 4.63, "engine": 18.5}}
+    return {
+        "rounds": rounds,
+        "median": report.median_summary(list(summaries)),
+        "cpu_ms_per_request": {"frontend": 4.63, "engine": 18.5},
+    }
 
 
 def workload(**systems: dict[str, Any]) -> dict[str, Any]:
-    settings = {"concurrency": 32, "zipf_alpha": 1.0, "prompt_words": "16:48", "output_tokens": "16",
-                "max_loras": 4, "max_cpu_loras": 8, "rounds": 3, "requests": 100, "warmup": 8}
+    settings = {
+        "concurrency": 32,
+        "zipf_alpha": 1.0,
+        "prompt_words": "16:48",
+        "output_tokens": "16",
+        "max_loras": 4,
+        "max_cpu_loras": 8,
+        "rounds": 3,
+        "requests": 100,
+        "warmup": 8,
+    }
     return {"key": "a", "title": "base model + 3 adapters", "settings": settings, "systems": systems}
 
 
@@ -153,13 +193,22 @@ def test_missing_systems_leave_out_their_ratios():
 
 
 def test_targets_met_and_missed():
-    results = {"workloads": {
-        "a": workload(vllm=system(summary(20, 1000)), gateway=system(summary(25, 800)),
-                      floor=system(summary(26, 760, p50=98))),
-        "b": workload(vllm=system(summary(20, 1000)), gateway=system(summary(18, 1200)),
-                      floor=system(summary(20, 1000, p50=80))),
-    }, "routing": {"registry": {"ratio": 1.02, "runs": [{"entries": 10}, {"entries": 10000}]},
-                   "http": {"ratio": 1.3, "runs": [{"entries": 10}, {"entries": 10000}]}}}
+    results = {
+        "workloads": {
+            "a": workload(
+                vllm=system(summary(20, 1000)), gateway=system(summary(25, 800)), floor=system(summary(26, 760, p50=98))
+            ),
+            "b": workload(
+                vllm=system(summary(20, 1000)),
+                gateway=system(summary(18, 1200)),
+                floor=system(summary(20, 1000, p50=80)),
+            ),
+        },
+        "routing": {
+            "registry": {"ratio": 1.02, "runs": [{"entries": 10}, {"entries": 10000}]},
+            "http": {"ratio": 1.3, "runs": [{"entries": 10}, {"entries": 10000}]},
+        },
+    }
     targets = {(t["workload"], t["target"].split(" ")[0]): t for t in report.evaluate_targets(results)}
     assert targets[("a", "throughput")]["met"] and targets[("a", "throughput")]["value"] == 1.25
     assert targets[("a", "p99")]["met"]
@@ -172,6 +221,7 @@ def test_targets_met_and_missed():
 
 
 # -- the routing micro-benchmark ------------------------------------------------------------------
+
 
 async def test_registry_routing_cost_at_small_sizes():
     result = await compare_sizes("registry", [5, 200], batches=3, batch=200)
@@ -188,6 +238,7 @@ async def test_http_routing_cost_at_small_sizes():
 
 
 # -- the floor's measurement loop, over a fake AsyncLLM -------------------------------------------
+
 
 @dataclass
 class FakeOutput:
@@ -218,15 +269,25 @@ class FakeAsyncLLM:
         pass
 
 
-FAKE_TYPES = VllmTypes(lora_request=lambda name, index, path: (name, index, path),
-                       sampling_params=lambda **kwargs: kwargs, delta="delta")
+FAKE_TYPES = VllmTypes(
+    lora_request=lambda name, index, path: (name, index, path), sampling_params=lambda **kwargs: kwargs, delta="delta"
+)
 
 
 async def test_floor_measures_like_loadgen():
     engine = FakeAsyncLLM()
     runner = FloorRunner(engine, "base", {"lora0": "/a/lora0", "lora1": "/a/lora1"}, types=FAKE_TYPES)
-    config = LoadConfig(base_model="base", adapters=["lora0", "lora1"], include_base=True, concurrency=4,
-                        requests=20, warmup=4, output_tokens="3", prompt_tokens="5", seed=7)
+    config = LoadConfig(
+        base_model="base",
+        adapters=["lora0", "lora1"],
+        include_base=True,
+        concurrency=4,
+        requests=20,
+        warmup=4,
+        output_tokens="3",
+        prompt_tokens="5",
+        seed=7,
+    )
     result = await runner.run(config)
     planned = RequestPlanner(config)
     assert [r.model for r in result.records] == [planned.next().model for _ in range(24)]
@@ -255,15 +316,28 @@ async def test_floor_answers_commands(tmp_path):
             self.shut = True
 
     engine = Engine()
-    config = LoadConfig(base_model="base", adapters=["lora0"], include_base=True, requests=6, output_tokens="2",
-                        label="floor-a-r1")
-    commands = io.StringIO("\n".join(orjson.dumps(c).decode() for c in [
-        {"cmd": "round", "config": config.to_json(), "out": str(tmp_path / "round.json")},
-        {"cmd": "probe", "models": ["base", "lora0"], "prompt_token_ids": [1, 2], "max_tokens": 2, "repeats": 2,
-         "out": str(tmp_path / "probe.json")},
-        {"cmd": "dance", "out": str(tmp_path / "x.json")},
-        {"cmd": "exit"},
-    ]) + "\n")
+    config = LoadConfig(
+        base_model="base", adapters=["lora0"], include_base=True, requests=6, output_tokens="2", label="floor-a-r1"
+    )
+    commands = io.StringIO(
+        "\n".join(
+            orjson.dumps(c).decode()
+            for c in [
+                {"cmd": "round", "config": config.to_json(), "out": str(tmp_path / "round.json")},
+                {
+                    "cmd": "probe",
+                    "models": ["base", "lora0"],
+                    "prompt_token_ids": [1, 2],
+                    "max_tokens": 2,
+                    "repeats": 2,
+                    "out": str(tmp_path / "probe.json"),
+                },
+                {"cmd": "dance", "out": str(tmp_path / "x.json")},
+                {"cmd": "exit"},
+            ]
+        )
+        + "\n"
+    )
     answers = io.StringIO()
     spec = {"base_name": "base", "loras": {"lora0": "/a/lora0"}}
     await serve_commands(spec, commands, answers, engine=engine, types=FAKE_TYPES)
@@ -271,7 +345,9 @@ async def test_floor_answers_commands(tmp_path):
     assert lines[:3] == ["@floor ready", "@floor done", "@floor done"]
     assert lines[3].startswith("@floor error ValueError: unknown command") and engine.shut
     run = orjson.loads((tmp_path / "round.json").read_bytes())
-    assert run["label"] == "floor-a-r1" and run["summary"]["requests"] == 6 and set(run["cpu_s"]) == {"frontend", "engine"}
+    assert (
+        run["label"] == "floor-a-r1" and run["summary"]["requests"] == 6 and set(run["cpu_s"]) == {"frontend", "engine"}
+    )
     # The probe keeps each request's last output (the fake streams deltas, so the last word).
     assert orjson.loads((tmp_path / "probe.json").read_bytes()) == {"base": ["w1 ", "w1 "], "lora0": ["w1 ", "w1 "]}
 
@@ -306,14 +382,17 @@ def test_floor_session_reads_answers_and_notices_errors(tmp_path):
 
 # -- py-spy stacks --------------------------------------------------------------------------------
 
+
 def test_stack_summary_shares_and_areas():
-    text = "\n".join([
-        "<module> (lora-gateway:6);main (server/cli.py:95);serve_app (server/serving.py:79);"
-        "_stream (server/routes/completions.py:80);sse_event (server/responses.py:34) 6",
-        "<module> (lora-gateway:6);main (server/cli.py:95);Registry.lease (adapters/registry.py:292) 2",
-        "<module> (lora-gateway:6);OutputProcessor.process_outputs (vllm/v1/engine/output_processor.py:739) 2",
-        "Thread._bootstrap (threading.py:1002);Condition.wait (threading.py:327) 40",
-    ])
+    text = "\n".join(
+        [
+            "<module> (lora-gateway:6);main (server/cli.py:95);serve_app (server/serving.py:79);"
+            "_stream (server/routes/completions.py:80);sse_event (server/responses.py:34) 6",
+            "<module> (lora-gateway:6);main (server/cli.py:95);Registry.lease (adapters/registry.py:292) 2",
+            "<module> (lora-gateway:6);OutputProcessor.process_outputs (vllm/v1/engine/output_processor.py:739) 2",
+            "Thread._bootstrap (threading.py:1002);Condition.wait (threading.py:327) 40",
+        ]
+    )
     summary = summarize_stacks(text)
     assert summary["samples"] == 10 and summary["idle_samples_dropped"] == 40
     assert summary["areas_self_pct"] == {"gateway: server/": 60.0, "gateway: adapters/": 20.0, "vllm": 20.0}
@@ -323,11 +402,14 @@ def test_stack_summary_shares_and_areas():
 
 # -- stopping what was started --------------------------------------------------------------------
 
+
 def test_stopping_a_process_stops_its_children(tmp_path):
     pool = ProcessPool()
     child_pid = tmp_path / "child.pid"
-    script = ("import subprocess, sys, time; child = subprocess.Popen(['sleep', '60']); "
-              f"open({str(child_pid)!r}, 'w').write(str(child.pid)); time.sleep(60)")
+    script = (
+        "import subprocess, sys, time; child = subprocess.Popen(['sleep', '60']); "
+        f"open({str(child_pid)!r}, 'w').write(str(child.pid)); time.sleep(60)"
+    )
     launched = pool.start("parent", [sys.executable, "-c", script], tmp_path / "parent.log")
     deadline = time.monotonic() + 10
     while not child_pid.exists() or not child_pid.read_text():

@@ -45,8 +45,7 @@ def test_only_the_engine_room_imports_vllm():
     outside = [
         str(path.relative_to(ROOT))
         for path in modules_under("server")
-        if "vllm" in {top_level(m) for m in imported_modules(path)}
-        and path.parent != ROOT / "server" / "engine"
+        if "vllm" in {top_level(m) for m in imported_modules(path)} and path.parent != ROOT / "server" / "engine"
     ]
     assert outside == []
 

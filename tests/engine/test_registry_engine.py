@@ -69,7 +69,9 @@ async def test_eviction_under_concurrent_traffic_keeps_every_output_exact(gatewa
     try:
         order = [name for _, name in zip(range(48), itertools.cycle(sorted(expected)))]
         replies = await asyncio.gather(*(ask(client, name) for name in order))
-        wrong = [(name, answer(reply)) for name, reply in zip(order, replies, strict=True) if answer(reply) != expected[name]]
+        wrong = [
+            (name, answer(reply)) for name, reply in zip(order, replies, strict=True) if answer(reply) != expected[name]
+        ]
         assert wrong == []
         loaded = [a for a in (await client.get("/v1/adapters")).json()["data"] if a["state"] == "loaded"]
         assert len(loaded) <= 8
