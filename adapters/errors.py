@@ -42,3 +42,19 @@ class AdapterTooLarge(InvalidAdapter):
 
 class AdapterRejected(InvalidAdapter):
     """The engine refused the adapter's files."""
+
+
+class Unavailable(AdapterError):
+    """A backing service cannot be reached; the same call may succeed later."""
+
+    def __init__(self, message: str, *, retry_after: float = 2.0):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class CatalogUnavailable(Unavailable):
+    """The catalog's database cannot be reached, so nothing can be changed just now."""
+
+
+class StoreUnavailable(Unavailable):
+    """The adapter store cannot be reached, so an adapter not cached here cannot be fetched."""

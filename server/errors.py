@@ -4,6 +4,7 @@ renders them all in OpenAI's error shape."""
 from __future__ import annotations
 
 import logging
+import math
 
 import orjson
 from fastapi import FastAPI, Request
@@ -94,6 +95,8 @@ _ADAPTER_ERRORS: dict[type[adapter_errors.AdapterError], tuple[int, str, str]] =
     adapter_errors.InvalidAdapterName: (400, "invalid_request_error", "invalid_value"),
     adapter_errors.InvalidAdapter: (400, "invalid_request_error", "invalid_adapter"),
     adapter_errors.AdapterTooLarge: (413, "invalid_request_error", "adapter_too_large"),
+    adapter_errors.CatalogUnavailable: (503, "service_unavailable_error", "catalog_unavailable"),
+    adapter_errors.StoreUnavailable: (503, "service_unavailable_error", "store_unavailable"),
 }
 
 
@@ -101,7 +104,10 @@ def from_adapter_error(exc: adapter_errors.AdapterError) -> GatewayError:
     """The gateway error, with its status and code, that answers one of the adapter layer's errors."""
     kind = next(k for k in type(exc).__mro__ if k in _ADAPTER_ERRORS)
     status, error_type, code = _ADAPTER_ERRORS[kind]
-    error = GatewayError(exc.message, param=exc.param)
+    headers = {}
+    if isinstance(exc, adapter_errors.Unavailable):
+        headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
+    error = GatewayError(exc.message, param=exc.param, headers=headers)
     error.status_code, error.error_type, error.code = status, error_type, code
     return error
 

@@ -15,6 +15,9 @@ from server.app import build_app
 from server.config import Settings
 from tests.fakes import FakeEngine, fake_spec
 
+# Session fixtures for real PostgreSQL and S3 (moto's server); each starts only when a test asks.
+pytest_plugins = ["tests.services.postgres", "tests.services.s3"]
+
 
 @dataclass
 class FakeGateway:

@@ -1,0 +1,1 @@
+"""Real services for the tests (PostgreSQL, S3 over moto), started by session fixtures."""
