@@ -3,35 +3,60 @@
 Files are first copied into a private staging folder (regular files only, never following a
 link), validated there, and only then renamed into place. The engine always loads the store's
 copy, which nothing changes afterwards, so a source folder edited later cannot affect it.
+
+With a shared backend (`Blobs`: a shared folder or an S3 bucket), the local folder is this
+process's cache: each committed adapter is also uploaded as one uncompressed tar, and an
+adapter another process registered is fetched, checked against its content hash and cached.
 """
 
 from __future__ import annotations
 
 import io
+import logging
 import os
+import re
 import shutil
 import stat
 import tarfile
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from adapters.errors import AdapterTooLarge, InvalidAdapter
-from adapters.validate import ALLOWED_FILES
+from adapters.blobs import BlobNotFound, Blobs
+from adapters.errors import AdapterTooLarge, InvalidAdapter, StoreUnavailable
+from adapters.validate import ALLOWED_FILES, DEFAULT_MAX_BYTES
+from adapters.validate import content_hash as folder_hash  # the parameters here are named content_hash
+
+logger = logging.getLogger(__name__)
 
 _CHUNK = 1 << 20
+_CONTENT_HASH = re.compile(r"^[0-9a-f]{64}$")
+_TAMPERED = "the stored adapter's files do not match their content hash"
 
 
 class AdapterStore:
-    """Adapter folders under `root`, named by content hash."""
+    """Adapter folders under `root`, named by content hash; a cache of `blobs` when it has one."""
 
-    def __init__(self, root: Path):
+    def __init__(
+        self,
+        root: Path,
+        blobs: Blobs | None = None,
+        on_error: Callable[[], None] | None = None,
+        *,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+    ):
         self.root = Path(root)
+        self.blobs = blobs
+        self.max_bytes = max_bytes  # bounds what a fetched archive may unpack to
+        self.on_error = on_error  # public: the server may attach its metric after building the store
         self._staging = self.root / ".staging"
         self._staging.mkdir(parents=True, exist_ok=True)
 
     def path_for(self, content_hash: str) -> Path:
         return self.root / content_hash
+
+    def has_local(self, content_hash: str) -> bool:
+        return self.path_for(content_hash).is_dir()
 
     def new_staging(self) -> Path:
         folder = self._staging / uuid.uuid4().hex
@@ -42,7 +67,45 @@ class AdapterStore:
         shutil.rmtree(staging, ignore_errors=True)
 
     def commit(self, staging: Path, content_hash: str) -> Path:
-        """Move a validated staging folder into place; the same content is stored once."""
+        """Move a validated staging folder into place and upload it; the same content is stored once.
+
+        The upload runs even when the folder was here already: an earlier upload may have failed.
+        """
+        _check_hash(content_hash)
+        final = self._place(staging, content_hash)
+        if self.blobs is not None:
+            self._upload(final, content_hash)
+        return final
+
+    def ensure_local(self, content_hash: str) -> Path:
+        """The adapter's local folder, fetched from the shared store first when not cached here."""
+        _check_hash(content_hash)
+        final = self.path_for(content_hash)
+        if final.is_dir():
+            return final
+        if self.blobs is None:
+            raise InvalidAdapter("the adapter's files are missing from the store; register it again")
+        staging = self.new_staging()
+        try:
+            self._fetch(content_hash, staging)
+            return self._place(staging, content_hash)
+        except BaseException:
+            self.discard(staging)
+            raise
+
+    def remove_unreferenced(self, referenced: set[str]) -> int:
+        """Delete local folders no catalog entry names; returns how many. Shared objects stay."""
+        removed = 0
+        for entry in self.root.iterdir():
+            if entry.name.startswith(".") or entry.name in referenced:
+                continue
+            shutil.rmtree(entry, ignore_errors=True)
+            removed += 1
+        shutil.rmtree(self._staging, ignore_errors=True)
+        self._staging.mkdir(parents=True, exist_ok=True)
+        return removed
+
+    def _place(self, staging: Path, content_hash: str) -> Path:
         final = self.path_for(content_hash)
         if final.is_dir():
             self.discard(staging)
@@ -57,17 +120,50 @@ class AdapterStore:
             self.discard(staging)  # stored by a concurrent registration of the same content
         return final
 
-    def remove_unreferenced(self, referenced: set[str]) -> int:
-        """Delete stored folders no catalog entry names; returns how many."""
-        removed = 0
-        for entry in self.root.iterdir():
-            if entry.name.startswith(".") or entry.name in referenced:
-                continue
-            shutil.rmtree(entry, ignore_errors=True)
-            removed += 1
-        shutil.rmtree(self._staging, ignore_errors=True)
-        self._staging.mkdir(parents=True, exist_ok=True)
-        return removed
+    def _upload(self, folder: Path, content_hash: str) -> None:
+        assert self.blobs is not None
+        key = _blob_key(content_hash)
+        archive = self._staging / f"{uuid.uuid4().hex}.tar"
+        try:
+            if self.blobs.exists(key):
+                return
+            _write_tar(folder, archive)
+            self.blobs.put(key, archive)
+            logger.info("uploaded adapter %s to %s", content_hash[:12], self.blobs.describe())
+        except StoreUnavailable:
+            self._failed()
+            raise
+        finally:
+            archive.unlink(missing_ok=True)
+
+    def _fetch(self, content_hash: str, staging: Path) -> None:
+        """Download and unpack the adapter's archive into staging, and check its content hash."""
+        assert self.blobs is not None
+        archive = staging.with_suffix(".tar")  # beside staging: the hash covers every file inside
+        try:
+            try:
+                self.blobs.get(_blob_key(content_hash), archive)
+            except BlobNotFound:
+                raise StoreUnavailable("the adapter's files are not in the store") from None
+            try:
+                with tarfile.open(archive, mode="r:") as tar:
+                    _unpack(tar, staging, self.max_bytes)
+                intact = folder_hash(staging) == content_hash
+            except (tarfile.TarError, EOFError, InvalidAdapter) as exc:
+                logger.warning("stored adapter %s is unreadable: %s", content_hash[:12], exc)
+                intact = False
+            if not intact:
+                raise InvalidAdapter(_TAMPERED)
+        except (StoreUnavailable, InvalidAdapter):
+            self._failed()
+            raise
+        finally:
+            archive.unlink(missing_ok=True)
+        logger.info("fetched adapter %s from %s", content_hash[:12], self.blobs.describe())
+
+    def _failed(self) -> None:
+        if self.on_error is not None:
+            self.on_error()
 
 
 def copy_folder(source: Path, staging: Path, max_bytes: int) -> None:
@@ -107,29 +203,54 @@ def write_files(files: Iterable[tuple[str, io.BufferedIOBase]], staging: Path, m
 
 def extract_tarball(stream: io.BufferedIOBase, staging: Path, max_bytes: int) -> None:
     """Unpack a .tar.gz of adapter files: regular files only, flat or under one folder."""
-    total = 0
     try:
         with tarfile.open(fileobj=stream, mode="r:*") as archive:
-            for member in archive:
-                if member.isdir():
-                    continue
-                if not member.isfile():
-                    raise InvalidAdapter(f"'{member.name}' in the archive is a link or device; only plain files")
-                parts = [p for p in member.name.split("/") if p not in ("", ".")]
-                if ".." in parts or len(parts) > 2 or member.name.startswith("/"):
-                    raise InvalidAdapter(f"'{member.name}' in the archive points outside the adapter folder")
-                name = _check_member_name(parts[-1])
-                if (staging / name).exists():
-                    raise InvalidAdapter(f"the archive holds '{name}' twice")
-                total += member.size
-                if total > max_bytes:
-                    raise AdapterTooLarge(f"the adapter is over the {max_bytes}-byte limit")
-                reader = archive.extractfile(member)
-                assert reader is not None
-                with open(staging / name, "wb") as writer:
-                    _copy_limited(reader, writer, member.size)
+            _unpack(archive, staging, max_bytes)
     except (tarfile.TarError, EOFError, OSError):
         raise InvalidAdapter("the upload is not a readable .tar.gz archive") from None
+
+
+def _unpack(archive: tarfile.TarFile, staging: Path, max_bytes: int) -> None:
+    total = 0
+    for member in archive:
+        if member.isdir():
+            continue
+        if not member.isfile():
+            raise InvalidAdapter(f"'{member.name}' in the archive is a link or device; only plain files")
+        parts = [p for p in member.name.split("/") if p not in ("", ".")]
+        if ".." in parts or len(parts) > 2 or member.name.startswith("/"):
+            raise InvalidAdapter(f"'{member.name}' in the archive points outside the adapter folder")
+        name = _check_member_name(parts[-1])
+        if (staging / name).exists():
+            raise InvalidAdapter(f"the archive holds '{name}' twice")
+        total += member.size
+        if total > max_bytes:
+            raise AdapterTooLarge(f"the adapter is over the {max_bytes}-byte limit")
+        reader = archive.extractfile(member)
+        assert reader is not None
+        with open(staging / name, "wb") as writer:
+            _copy_limited(reader, writer, member.size)
+
+
+def _write_tar(folder: Path, dest: Path) -> None:
+    """An uncompressed tar of a flat folder, the same bytes for the same files wherever it is made."""
+    with tarfile.open(dest, mode="w", format=tarfile.USTAR_FORMAT) as archive:
+        for path in sorted(folder.iterdir()):
+            info = tarfile.TarInfo(path.name)
+            info.size = path.stat().st_size
+            info.mode = 0o444  # mtime, owner and group keep TarInfo's fixed defaults
+            with path.open("rb") as reader:
+                archive.addfile(info, reader)
+
+
+def _blob_key(content_hash: str) -> str:
+    return f"adapters/{content_hash}.tar"
+
+
+def _check_hash(content_hash: str) -> None:
+    # The hash names a folder and an object key; a catalog row must not steer either elsewhere.
+    if not _CONTENT_HASH.match(content_hash):
+        raise InvalidAdapter("an adapter's content hash is 64 lowercase hex digits (sha256)")
 
 
 def _check_member_name(name: str) -> str:

@@ -44,17 +44,22 @@ def validate_adapter(
     rank = _check_config(config, base, max_rank)
     targets = tuple(sorted(_target_names(config)))
     _check_weights(folder / WEIGHTS_FILE, base, rank, set(targets))
-    digest = hashlib.sha256()
-    for name in sorted(files):
-        digest.update(name.encode() + b"\0")
-        digest.update((folder / name).read_bytes())
     return AdapterSpec(
         path=folder,
         rank=rank,
         target_modules=targets,
         size_bytes=sum(files.values()),
-        content_hash=digest.hexdigest(),
+        content_hash=content_hash(folder),
     )
+
+
+def content_hash(folder: Path) -> str:
+    """The sha256 over a flat folder's file names and contents, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(entry.name for entry in folder.iterdir()):
+        digest.update(name.encode() + b"\0")
+        digest.update((folder / name).read_bytes())
+    return digest.hexdigest()
 
 
 def _list_files(folder: Path, max_bytes: int) -> dict[str, int]:
