@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,3 +50,48 @@ class BaseModelInfo:
     def layer_prefix(self, layer: int, module: str) -> str:
         group = "self_attn" if module in _ATTENTION else "mlp"
         return f"base_model.model.model.layers.{layer}.{group}.{module}"
+
+
+# What identifies a base model's numbers; the weights add their sizes and sampled bytes.
+_FINGERPRINT_KEYS = (
+    "architectures",
+    "model_type",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "vocab_size",
+    "tie_word_embeddings",
+)
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+_VOCAB_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model", "merges.txt")
+_SAMPLE_BYTES = 1 << 20
+
+
+def fingerprint(model_dir: Path) -> str:
+    """A sha256 over the base model's config numbers, vocabulary files and weight files.
+
+    Weights are not read whole (a base may be tens of GB): each file counts by name, size, and
+    its first and last MiB, which for safetensors hold the tensor index and real weights. Two
+    bases whose shapes match but whose weights differ get different fingerprints.
+    """
+    model_dir = Path(model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    numbers = config.get("text_config") or config
+    digest = hashlib.sha256()
+    digest.update(json.dumps({k: numbers.get(k) for k in _FINGERPRINT_KEYS}, sort_keys=True).encode())
+    for path in sorted(model_dir.iterdir()):
+        if path.name in _VOCAB_FILES and path.is_file():
+            digest.update(f"vocab {path.name}\n".encode())
+            digest.update(hashlib.sha256(path.read_bytes()).digest())
+        elif path.suffix in _WEIGHT_SUFFIXES and path.is_file():
+            size = path.stat().st_size
+            digest.update(f"weights {path.name} {size}\n".encode())
+            with path.open("rb") as weights:
+                digest.update(weights.read(_SAMPLE_BYTES))
+                if size > 2 * _SAMPLE_BYTES:
+                    weights.seek(size - _SAMPLE_BYTES)
+                    digest.update(weights.read(_SAMPLE_BYTES))
+    return digest.hexdigest()

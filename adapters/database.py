@@ -1,42 +1,88 @@
 """The gateway's database, its catalog: adapters, tenants and API key hashes, and every SQL statement.
 
-The standard library's sqlite3 is enough: writes are rare (registrations, keys) and small, and
-WAL mode lets the gateway read while it writes. Every write is one transaction.
+The tables are declared once, in SQLAlchemy Core, and the same statements run on SQLite (the
+embedded default, one file under --state-dir) and on PostgreSQL (several gateways on one
+catalog). Alembic creates and migrates the schema at start (`adapters/migrations/`).
+
+Every write is one transaction that also bumps `catalog_changes.version`; other processes poll
+that counter (and on PostgreSQL are woken by NOTIFY) and then reload a snapshot. Adapters are
+scoped by the base model they were registered on: this process sees only its own base's rows.
+
+Methods block; the server calls them from a worker thread. A database that cannot be reached
+raises CatalogUnavailable, and SQLAlchemy's pool reconnects on a later call by itself.
 """
 
 from __future__ import annotations
 
 import json
-import sqlite3
+import logging
 import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS adapters (
-    owner TEXT NOT NULL,
-    name TEXT NOT NULL,
-    content_hash TEXT NOT NULL,
-    rank INTEGER NOT NULL,
-    target_modules TEXT NOT NULL,
-    size_bytes INTEGER NOT NULL,
-    pinned INTEGER NOT NULL DEFAULT 0,
-    created_at REAL NOT NULL,
-    PRIMARY KEY (owner, name)
-);
-CREATE TABLE IF NOT EXISTS tenants (
-    name TEXT PRIMARY KEY,
-    limits TEXT NOT NULL,
-    created_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS api_keys (
-    key_id TEXT PRIMARY KEY,
-    tenant TEXT NOT NULL REFERENCES tenants(name) ON DELETE CASCADE,
-    key_hash TEXT NOT NULL UNIQUE,
-    created_at REAL NOT NULL
-);
-"""
+import sqlalchemy as sa
+from sqlalchemy import event
+
+from adapters.errors import CatalogUnavailable
+
+logger = logging.getLogger(__name__)
+
+NOTIFY_CHANNEL = "lora_gateway_catalog"
+CONNECT_TIMEOUT_SECONDS = 3
+STATEMENT_TIMEOUT_MS = 5000
+
+metadata = sa.MetaData()
+
+adapters_table = sa.Table(
+    "adapters",
+    metadata,
+    sa.Column("base_fingerprint", sa.Text, nullable=False, server_default=""),
+    sa.Column("owner", sa.Text, nullable=False),
+    sa.Column("name", sa.Text, nullable=False),
+    sa.Column("base_model", sa.Text, nullable=False, server_default=""),
+    sa.Column("content_hash", sa.Text, nullable=False),
+    sa.Column("rank", sa.Integer, nullable=False),
+    sa.Column("target_modules", sa.Text, nullable=False),
+    sa.Column("size_bytes", sa.BigInteger, nullable=False),
+    sa.Column("pinned", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("created_at", sa.Double, nullable=False),
+    sa.PrimaryKeyConstraint("base_fingerprint", "owner", "name", name="adapters_base_pkey"),
+)
+
+tenants_table = sa.Table(
+    "tenants",
+    metadata,
+    sa.Column("name", sa.Text, primary_key=True),
+    sa.Column("limits", sa.Text, nullable=False),
+    sa.Column("created_at", sa.Double, nullable=False),
+)
+
+keys_table = sa.Table(
+    "api_keys",
+    metadata,
+    sa.Column("key_id", sa.Text, primary_key=True),
+    sa.Column("tenant", sa.Text, sa.ForeignKey("tenants.name", ondelete="CASCADE"), nullable=False),
+    sa.Column("key_hash", sa.Text, nullable=False, unique=True),
+    sa.Column("created_at", sa.Double, nullable=False),
+)
+
+changes_table = sa.Table(
+    "catalog_changes",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("version", sa.BigInteger, nullable=False),
+)
+
+
+@dataclass(frozen=True)
+class BaseIdentity:
+    """The base model adapters are registered on: its served name and a fingerprint of its files."""
+
+    served_name: str = ""
+    fingerprint: str = ""  # "" also marks rows written before bases were recorded
 
 
 @dataclass(frozen=True)
@@ -59,92 +105,304 @@ class KeyRow:
     created_at: float
 
 
-class Database:
-    """The catalog in one SQLite file; safe to call from the event loop (each call is a short transaction)."""
+@dataclass(frozen=True)
+class Snapshot:
+    """Everything this process serves from, read in one transaction."""
 
-    def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._lock = threading.Lock()
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
+    version: int
+    adapters: list[AdapterRow]
+    tenants: dict[str, tuple[dict, float]]
+    keys: list[KeyRow]
+
+
+def engine_url(url: str | Path) -> sa.URL:
+    """A SQLAlchemy URL for `sqlite:///PATH`, `postgresql://...` or a plain path (SQLite)."""
+    if isinstance(url, Path) or "://" not in str(url):
+        return sa.URL.create("sqlite", database=str(url))
+    try:
+        parsed = sa.make_url(str(url))
+    except sa.exc.ArgumentError:
+        raise ValueError("--catalog-url: use sqlite:///PATH or postgresql://user:pass@host:port/db") from None
+    if parsed.drivername in ("postgresql", "postgres"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    if parsed.get_backend_name() not in ("sqlite", "postgresql"):
+        raise ValueError("--catalog-url: use sqlite:///PATH or postgresql://user:pass@host:port/db")
+    return parsed
+
+
+def safe_url(url: str | Path) -> str:
+    """The URL with its password hidden, for logs and messages."""
+    try:
+        return engine_url(url).render_as_string(hide_password=True)
+    except (ValueError, sa.exc.ArgumentError):
+        return "(unparsable URL)"
+
+
+class Database:
+    """The catalog on SQLite or PostgreSQL, scoped to one base model's adapters."""
+
+    def __init__(self, url: str | Path, base: BaseIdentity | None = None, on_error: Callable[[], None] | None = None):
+        self.base = base or BaseIdentity()
+        self.on_error = on_error
+        # The newest change this process wrote: an older snapshot would undo it in memory.
+        self.written_version = 0
+        self._versions_lock = threading.Lock()
+        self._listener = None
+        self.url = engine_url(url)
+        self.dialect = self.url.get_backend_name()
+        if self.dialect == "sqlite":
+            Path(self.url.database or "").parent.mkdir(parents=True, exist_ok=True)
+            self._engine = sa.create_engine(self.url, connect_args={"check_same_thread": False})
+            event.listen(self._engine, "connect", _sqlite_pragmas)
+        else:
+            self._engine = sa.create_engine(
+                self.url,
+                pool_pre_ping=True,  # a connection dropped by a restart is replaced, not reused
+                pool_size=4,
+                max_overflow=4,
+                pool_timeout=CONNECT_TIMEOUT_SECONDS,
+                connect_args={
+                    "connect_timeout": CONNECT_TIMEOUT_SECONDS,
+                    "options": f"-c statement_timeout={STATEMENT_TIMEOUT_MS}",
+                },
+            )
+        with self._guard():
+            self._migrate()
+            if self.base.fingerprint:
+                self._claim_unrecorded()
 
     def close(self) -> None:
-        self._db.close()
+        self._drop_listener()
+        self._engine.dispose()
 
-    def _write(self, sql: str, params: tuple = ()) -> int:
-        with self._lock:
-            return self._db.execute(sql, params).rowcount
+    @property
+    def raw_engine(self) -> sa.Engine:
+        return self._engine
 
-    def _read(self, sql: str, params: tuple = ()) -> list[tuple]:
-        with self._lock:
-            return self._db.execute(sql, params).fetchall()
+    # -- plumbing ------------------------------------------------------------------------------
 
-    # -- adapters -----------------------------------------------------------------------------
+    @contextmanager
+    def _guard(self) -> Iterator[None]:
+        try:
+            yield
+        except sa.exc.IntegrityError:
+            raise
+        except (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.DBAPIError, sa.exc.TimeoutError) as exc:
+            # The driver's text can hold the host; log the kind only.
+            logger.warning("catalog database unreachable (%s)", type(getattr(exc, "orig", exc)).__name__)
+            if self.on_error is not None:
+                self.on_error()
+            raise CatalogUnavailable("the catalog database is unreachable; try again shortly") from None
 
-    def put_adapter(self, row: AdapterRow) -> None:
-        self._write(
-            "INSERT INTO adapters VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(owner, name) DO UPDATE SET "
-            "content_hash=excluded.content_hash, rank=excluded.rank, target_modules=excluded.target_modules, "
-            "size_bytes=excluded.size_bytes, pinned=excluded.pinned, created_at=excluded.created_at",
-            (
-                row.owner,
-                row.name,
-                row.content_hash,
-                row.rank,
-                json.dumps(row.target_modules),
-                row.size_bytes,
-                int(row.pinned),
-                row.created_at,
-            ),
+    @contextmanager
+    def _write(self) -> Iterator[sa.Connection]:
+        """One transaction that also tells other processes that something changed."""
+        with self._guard(), self._engine.begin() as conn:
+            yield conn
+            bump = changes_table.update().values(version=changes_table.c.version + 1)
+            version = conn.execute(bump.returning(changes_table.c.version)).scalar_one()
+            if self.dialect == "postgresql":
+                conn.execute(sa.text(f"NOTIFY {NOTIFY_CHANNEL}"))
+        with self._versions_lock:
+            self.written_version = max(self.written_version, version)
+
+    def _read(self, statement) -> list[sa.Row]:
+        with self._guard(), self._engine.connect() as conn:
+            return list(conn.execute(statement))
+
+    def _migrate(self) -> None:
+        from adapters.migrations import upgrade
+
+        with self._engine.begin() as conn:
+            if self.dialect == "postgresql":
+                # Several gateways may start at once; one migrates, the others wait for it.
+                conn.execute(sa.text("SELECT pg_advisory_xact_lock(7125338)"))
+            upgrade(conn)
+
+    def _claim_unrecorded(self) -> None:
+        """Adapters written before bases were recorded belong to the first base that opens them."""
+        mine = sa.select(adapters_table.c.owner, adapters_table.c.name).where(
+            adapters_table.c.base_fingerprint == self.base.fingerprint
         )
+        statement = (
+            adapters_table.update()
+            .where(adapters_table.c.base_fingerprint == "")
+            .where(sa.tuple_(adapters_table.c.owner, adapters_table.c.name).not_in(mine))
+            .values(base_fingerprint=self.base.fingerprint, base_model=self.base.served_name)
+        )
+        with self._write() as conn:
+            claimed = conn.execute(statement).rowcount
+        if claimed:
+            logger.info("%d adapters from before base models were recorded now belong to this base", claimed)
 
-    def delete_adapter(self, owner: str, name: str) -> None:
-        self._write("DELETE FROM adapters WHERE owner = ? AND name = ?", (owner, name))
+    def _mine(self):
+        return adapters_table.c.base_fingerprint == self.base.fingerprint
 
-    def set_pinned(self, owner: str, name: str, pinned: bool) -> None:
-        self._write("UPDATE adapters SET pinned = ? WHERE owner = ? AND name = ?", (int(pinned), owner, name))
+    # -- changes -------------------------------------------------------------------------------
+
+    def version(self) -> int:
+        return self._read(sa.select(changes_table.c.version))[0][0]
+
+    def wait_for_change(self, timeout: float) -> bool:
+        """Block up to `timeout` s; True when PostgreSQL said the catalog changed.
+
+        On SQLite, and while PostgreSQL is unreachable, it only waits: the caller polls the
+        change counter after each wait, so a lost notification costs one poll interval.
+        """
+        if self.dialect != "postgresql":
+            time.sleep(timeout)
+            return False
+        try:
+            if self._listener is None:
+                self._listener = self._engine.raw_connection()
+                self._listener.driver_connection.autocommit = True
+                self._listener.driver_connection.execute(f"LISTEN {NOTIFY_CHANNEL}")
+            for _ in self._listener.driver_connection.notifies(timeout=timeout, stop_after=1):
+                return True
+            return False
+        except Exception:  # noqa: BLE001 - any failure of the listening connection: poll, reconnect later
+            self._drop_listener()
+            time.sleep(timeout)
+            return False
+
+    def _drop_listener(self) -> None:
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            try:
+                listener.invalidate()
+            except Exception:  # noqa: BLE001 - it is being thrown away
+                pass
+
+    def snapshot(self) -> Snapshot:
+        with self._guard(), self._engine.connect() as conn, conn.begin():
+            version = conn.execute(sa.select(changes_table.c.version)).scalar_one()
+            adapters = [_adapter_row(r) for r in conn.execute(self._adapters_query())]
+            tenants = {r.name: (json.loads(r.limits), r.created_at) for r in conn.execute(sa.select(tenants_table))}
+            keys = [_key_row(r) for r in conn.execute(self._keys_query())]
+        return Snapshot(version, adapters, tenants, keys)
+
+    # -- adapters ------------------------------------------------------------------------------
+
+    def _adapters_query(self):
+        return sa.select(adapters_table).where(self._mine()).order_by(adapters_table.c.owner, adapters_table.c.name)
 
     def adapters(self) -> list[AdapterRow]:
-        rows = self._read("SELECT * FROM adapters ORDER BY owner, name")
-        return [
-            AdapterRow(owner, name, digest, rank, tuple(json.loads(targets)), size, bool(pinned), created)
-            for owner, name, digest, rank, targets, size, pinned, created in rows
-        ]
+        return [_adapter_row(r) for r in self._read(self._adapters_query())]
 
-    # -- tenants and keys ---------------------------------------------------------------------
+    def put_adapter(self, row: AdapterRow) -> None:
+        values = {
+            "content_hash": row.content_hash,
+            "rank": row.rank,
+            "target_modules": json.dumps(row.target_modules),
+            "size_bytes": row.size_bytes,
+            "pinned": row.pinned,
+            "created_at": row.created_at,
+            "base_model": self.base.served_name,
+        }
+        key = {"base_fingerprint": self.base.fingerprint, "owner": row.owner, "name": row.name}
+        with self._write() as conn:
+            updated = conn.execute(
+                adapters_table.update()
+                .where(self._mine(), adapters_table.c.owner == row.owner, adapters_table.c.name == row.name)
+                .values(**values)
+            ).rowcount
+            if not updated:
+                conn.execute(adapters_table.insert().values(**key, **values))
 
-    def add_tenant(self, name: str, limits: dict) -> bool:
+    def delete_adapter(self, owner: str, name: str) -> None:
+        with self._write() as conn:
+            conn.execute(
+                adapters_table.delete().where(
+                    self._mine(), adapters_table.c.owner == owner, adapters_table.c.name == name
+                )
+            )
+
+    def set_pinned(self, owner: str, name: str, pinned: bool) -> None:
+        with self._write() as conn:
+            conn.execute(
+                adapters_table.update()
+                .where(self._mine(), adapters_table.c.owner == owner, adapters_table.c.name == name)
+                .values(pinned=pinned)
+            )
+
+    def content_hashes(self) -> set[str]:
+        """The content of every adapter, of every base: what a store may never delete."""
+        return {r.content_hash for r in self._read(sa.select(adapters_table.c.content_hash).distinct())}
+
+    # -- tenants and keys ----------------------------------------------------------------------
+
+    def add_tenant(self, name: str, limits: dict, first_key: KeyRow | None = None) -> bool:
+        """A new tenant, with its first key in the same transaction; False when the name is taken."""
         try:
-            self._write("INSERT INTO tenants VALUES (?, ?, ?)", (name, json.dumps(limits), time.time()))
-        except sqlite3.IntegrityError:
+            with self._write() as conn:
+                conn.execute(
+                    tenants_table.insert().values(name=name, limits=json.dumps(limits), created_at=time.time())
+                )
+                if first_key is not None:
+                    conn.execute(keys_table.insert().values(**_key_values(first_key)))
+        except sa.exc.IntegrityError:
             return False
         return True
 
     def set_tenant_limits(self, name: str, limits: dict) -> None:
-        self._write("UPDATE tenants SET limits = ? WHERE name = ?", (json.dumps(limits), name))
+        with self._write() as conn:
+            conn.execute(tenants_table.update().where(tenants_table.c.name == name).values(limits=json.dumps(limits)))
 
     def delete_tenant(self, name: str) -> None:
-        with self._lock:
-            self._db.execute("BEGIN")
-            try:
-                self._db.execute("DELETE FROM adapters WHERE owner = ?", (name,))
-                self._db.execute("DELETE FROM tenants WHERE name = ?", (name,))
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        """The tenant, its keys and its adapters on every base, in one transaction."""
+        with self._write() as conn:
+            conn.execute(adapters_table.delete().where(adapters_table.c.owner == name))
+            conn.execute(keys_table.delete().where(keys_table.c.tenant == name))
+            conn.execute(tenants_table.delete().where(tenants_table.c.name == name))
 
     def tenants(self) -> dict[str, tuple[dict, float]]:
-        return {name: (json.loads(limits), created) for name, limits, created in self._read("SELECT * FROM tenants")}
+        return {r.name: (json.loads(r.limits), r.created_at) for r in self._read(sa.select(tenants_table))}
 
     def add_key(self, row: KeyRow) -> None:
-        self._write("INSERT INTO api_keys VALUES (?, ?, ?, ?)", (row.key_id, row.tenant, row.key_hash, row.created_at))
+        with self._write() as conn:
+            conn.execute(keys_table.insert().values(**_key_values(row)))
 
     def delete_key(self, tenant: str, key_id: str) -> bool:
-        return self._write("DELETE FROM api_keys WHERE tenant = ? AND key_id = ?", (tenant, key_id)) > 0
+        with self._write() as conn:
+            return (
+                conn.execute(
+                    keys_table.delete().where(keys_table.c.tenant == tenant, keys_table.c.key_id == key_id)
+                ).rowcount
+                > 0
+            )
+
+    def _keys_query(self):
+        return sa.select(keys_table.c.key_id, keys_table.c.tenant, keys_table.c.key_hash, keys_table.c.created_at)
 
     def keys(self) -> list[KeyRow]:
-        return [KeyRow(*row) for row in self._read("SELECT key_id, tenant, key_hash, created_at FROM api_keys")]
+        return [_key_row(r) for r in self._read(self._keys_query())]
+
+
+def _adapter_row(r: sa.Row) -> AdapterRow:
+    return AdapterRow(
+        r.owner,
+        r.name,
+        r.content_hash,
+        r.rank,
+        tuple(json.loads(r.target_modules)),
+        r.size_bytes,
+        bool(r.pinned),
+        r.created_at,
+    )
+
+
+def _key_values(row: KeyRow) -> dict:
+    return {"key_id": row.key_id, "tenant": row.tenant, "key_hash": row.key_hash, "created_at": row.created_at}
+
+
+def _key_row(r: sa.Row) -> KeyRow:
+    return KeyRow(r.key_id, r.tenant, r.key_hash, r.created_at)
+
+
+def _sqlite_pragmas(dbapi_connection, _record) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA busy_timeout=5000")  # another process may hold the write lock briefly
+    cursor.close()

@@ -142,19 +142,53 @@ class Registry:
             return
         rows = self.catalog.adapters()
         for row in rows:
-            path = self.store.path_for(row.content_hash)
-            if not path.is_dir():
-                logger.warning("adapter %s/%s is missing from the store; skipped", row.owner or "-", row.name)
-                continue
-            spec = AdapterSpec(path, row.rank, row.target_modules, row.size_bytes, row.content_hash)
-            entry = AdapterEntry(
-                row.owner, row.name, spec, next(self._ids), pinned=row.pinned, registered_at=row.created_at
-            )
-            self._entries[entry.key] = entry
-        removed = self.store.remove_unreferenced({row.content_hash for row in rows})
+            if (entry := self._entry_from_row(row)) is not None:
+                self._entries[entry.key] = entry
+        # Every base's content counts: bases that take turns on one state dir keep their cache.
+        removed = self.store.remove_unreferenced(self.catalog.content_hashes())
         logger.info(
             "restored %d adapters from the catalog (%d unused store folders removed)", len(self._entries), removed
         )
+
+    def _entry_from_row(self, row: AdapterRow) -> AdapterEntry | None:
+        """A registry entry for a catalog row; None when its files can be had from nowhere."""
+        if self.store is None:
+            return None
+        if not self.store.has_local(row.content_hash) and self.store.blobs is None:
+            logger.warning("adapter %s/%s is missing from the store; skipped", row.owner or "-", row.name)
+            return None
+        path = self.store.path_for(row.content_hash)
+        spec = AdapterSpec(path, row.rank, row.target_modules, row.size_bytes, row.content_hash)
+        return AdapterEntry(row.owner, row.name, spec, next(self._ids), pinned=row.pinned, registered_at=row.created_at)
+
+    async def apply(self, rows: list[AdapterRow]) -> None:
+        """Bring the registry to the catalog's rows, whichever process wrote them.
+
+        Nothing is written back. A replaced or removed adapter finishes its requests first; a new
+        one is loaded on its first use, from the shared store when it is not cached here.
+        """
+        wanted = {(row.owner, row.name): row for row in rows}
+        for key in [key for key in self._entries if key not in wanted]:
+            async with self._lock_for(key):
+                entry = self._entries.pop(key, None)
+            if entry is not None:
+                await self._retire(entry)
+                logger.info("adapter %s was removed through another gateway", entry.qualified_name)
+        for key, row in wanted.items():
+            current = self._entries.get(key)
+            if current is not None and current.spec.content_hash == row.content_hash:
+                current.pinned = row.pinned
+                continue
+            async with self._lock_for(key):
+                previous = self._entries.get(key)
+                if previous is not None and previous.spec.content_hash == row.content_hash:
+                    continue
+                if (entry := self._entry_from_row(row)) is None:
+                    continue
+                self._entries[key] = entry
+            if previous is not None:
+                await self._retire(previous)
+            logger.info("adapter %s was registered through another gateway", entry.qualified_name)
 
     # -- lookups ---------------------------------------------------------------------------
 
@@ -224,43 +258,50 @@ class Registry:
             if previous is not None:
                 entry.pinned = previous.pinned
             if self.catalog is not None:
-                self.catalog.put_adapter(
-                    AdapterRow(
-                        owner,
-                        name,
-                        spec.content_hash,
-                        spec.rank,
-                        spec.target_modules,
-                        spec.size_bytes,
-                        entry.pinned,
-                        entry.registered_at,
-                    )
+                row = AdapterRow(
+                    owner,
+                    name,
+                    spec.content_hash,
+                    spec.rank,
+                    spec.target_modules,
+                    spec.size_bytes,
+                    entry.pinned,
+                    entry.registered_at,
                 )
+                try:
+                    await asyncio.to_thread(self.catalog.put_adapter, row)
+                except BaseException:
+                    await self._unload(entry)  # the engine may hold it; the catalog does not
+                    raise
             self._entries[entry.key] = entry
         if previous is not None:
             await self._retire(previous)
         logger.info("registered adapter %s (id %d, rank %d)", entry.qualified_name, entry.adapter_id, spec.rank)
         return entry
 
-    async def unregister(self, entry: AdapterEntry) -> None:
-        """Remove an adapter; requests in flight finish first, new ones get 404."""
+    async def unregister(self, entry: AdapterEntry, *, persist: bool = True) -> None:
+        """Remove an adapter; requests in flight finish first, new ones get 404.
+
+        Without `persist`, the catalog has removed it already (a whole tenant at once).
+        """
         async with self._lock_for(entry.key):
             if self._entries.get(entry.key) is entry:
+                if persist and self.catalog is not None:
+                    await asyncio.to_thread(self.catalog.delete_adapter, entry.owner, entry.name)
                 del self._entries[entry.key]
-                if self.catalog is not None:
-                    self.catalog.delete_adapter(entry.owner, entry.name)
         await self._retire(entry)
         logger.info("unregistered adapter %s", entry.qualified_name)
 
-    def set_pinned(self, entry: AdapterEntry, pinned: bool) -> AdapterEntry:
-        entry.pinned = pinned
+    async def set_pinned(self, entry: AdapterEntry, pinned: bool) -> AdapterEntry:
         if self.catalog is not None:
-            self.catalog.set_pinned(entry.owner, entry.name, pinned)
+            await asyncio.to_thread(self.catalog.set_pinned, entry.owner, entry.name, pinned)
+        entry.pinned = pinned
         return entry
 
     async def drop_owner(self, owner: str) -> None:
+        """Forget an owner's adapters, which the catalog has deleted with their tenant."""
         for entry in self.entries({owner}):
-            await self.unregister(entry)
+            await self.unregister(entry, persist=False)
 
     # -- serving ---------------------------------------------------------------------------
 
@@ -312,6 +353,9 @@ class Registry:
     async def _load(self, entry: AdapterEntry) -> None:
         """Have the engine load `entry` through add_lora, which refuses bad files without dying."""
         started = time.perf_counter()
+        if self.store is not None and entry is not self.base:
+            # Registered through another gateway, or evicted from this cache: fetch and verify.
+            await asyncio.to_thread(self.store.ensure_local, entry.spec.content_hash)
         await self._make_room()
         try:
             await self._engine.add_adapter(entry.handle)

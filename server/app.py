@@ -15,6 +15,7 @@ from adapters.spec import SHARED
 from adapters.store import copy_folder
 from server.auth import KeyRing
 from server.bodylimit import BodyLimitMiddleware
+from server.catalog_sync import CatalogSync
 from server.config import Settings
 from server.engine.protocol import Engine
 from server.errors import install_error_handlers
@@ -63,9 +64,13 @@ def build_app(
         app.state.ready = True
         logger.info("serving %s with %d adapters", registry.base_name, len(registry.entries()))
         watchdog = asyncio.create_task(_watch_engine(app, engine))
+        sync = CatalogSync(registry.catalog, registry, tenant_book, keyring, settings.catalog_poll_seconds)
+        app.state.catalog_sync = sync
+        syncing = asyncio.create_task(sync.run())
         try:
             yield
         finally:
+            syncing.cancel()
             watchdog.cancel()
             app.state.ready = False
             await engine.shutdown()
@@ -86,6 +91,9 @@ def build_app(
     app.state.ready = False
     app.state.metrics = metrics or GatewayMetrics(registry.base_name, settings.metrics_adapter_labels)
     app.state.metrics.watch(registry)
+    registry.catalog.on_error = app.state.metrics.catalog_error
+    if registry.store is not None:
+        registry.store.on_error = app.state.metrics.store_error
     app.state.gate = RequestGate()
     install_error_handlers(app)
     app.add_middleware(

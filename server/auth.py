@@ -7,6 +7,7 @@ dictionary to attack. Keys are never logged.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import logging
@@ -107,22 +108,36 @@ class KeyRing:
             raise Unauthorized("the API key is not valid")
         return Principal(tenant=row.tenant, admin=False)
 
-    def issue(self, tenant: str) -> IssuedKey:
+    @staticmethod
+    def mint(tenant: str) -> tuple[IssuedKey, KeyRow]:
+        """A new key and the row that stores its hash; nothing is written yet."""
         key = KEY_PREFIX + secrets.token_urlsafe(32)
         row = KeyRow(
             key_id="key_" + secrets.token_hex(8), tenant=tenant, key_hash=hash_key(key), created_at=time.time()
         )
-        self._catalog.add_key(row)
-        self._by_hash[row.key_hash] = row
-        logger.info("issued key %s for tenant %s", row.key_id, tenant)
-        return IssuedKey(row.key_id, key, row.created_at)
+        return IssuedKey(row.key_id, key, row.created_at), row
 
-    def revoke(self, tenant: str, key_id: str) -> bool:
-        if not self._catalog.delete_key(tenant, key_id):
+    def remember(self, row: KeyRow) -> None:
+        """A key the catalog has stored now works here."""
+        self._by_hash[row.key_hash] = row
+        logger.info("issued key %s for tenant %s", row.key_id, row.tenant)
+
+    async def issue(self, tenant: str) -> IssuedKey:
+        issued, row = self.mint(tenant)
+        await asyncio.to_thread(self._catalog.add_key, row)
+        self.remember(row)
+        return issued
+
+    async def revoke(self, tenant: str, key_id: str) -> bool:
+        if not await asyncio.to_thread(self._catalog.delete_key, tenant, key_id):
             return False
         self._by_hash = {h: row for h, row in self._by_hash.items() if row.key_id != key_id}
         logger.info("revoked key %s of tenant %s", key_id, tenant)
         return True
+
+    def apply(self, keys: list[KeyRow]) -> None:
+        """Take the catalog's keys, whichever process issued or revoked them."""
+        self._by_hash = {row.key_hash: row for row in keys}
 
     def forget_tenant(self, tenant: str) -> None:
         self._by_hash = {h: row for h, row in self._by_hash.items() if row.tenant != tenant}

@@ -9,6 +9,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -97,11 +98,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def serve(settings: Settings) -> int:
     """Check everything that can fail fast, start the engine, then serve until stopped."""
-    from adapters.base_model import BaseModelInfo
-    from adapters.database import Database
+    from adapters.base_model import BaseModelInfo, fingerprint
+    from adapters.database import BaseIdentity
     from adapters.errors import AdapterError
     from adapters.registry import AdapterRules, Registry
-    from adapters.store import AdapterStore
     from adapters.validate import check_name, validate_adapter
     from adapters.zero import ZERO_ADAPTER_NAME, write_zero_adapter
 
@@ -139,6 +139,19 @@ def serve(settings: Settings) -> int:
     if len(preload) > settings.max_cpu_loras:
         return _fail(f"--lora-modules names {len(preload)} adapters; --max-cpu-loras allows {settings.max_cpu_loras}")
 
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        store = open_store(settings)
+    except ValueError as exc:
+        return _fail(str(exc))
+    except ModuleNotFoundError:
+        return _fail("--store-url: s3:// needs boto3; install lora-gateway[s3]")
+    identity = BaseIdentity(settings.base_name, fingerprint(Path(model_path)))
+    catalog_or_error = open_catalog(settings, identity)
+    if isinstance(catalog_or_error, str):
+        return _fail(catalog_or_error)
+    catalog = catalog_or_error
+
     from server.app import build_app
     from server.engine.vllm_engine import VllmEngine
     from server.metrics import GatewayMetrics
@@ -157,15 +170,14 @@ def serve(settings: Settings) -> int:
             zero_path = write_zero_adapter(base, work_dir / ZERO_ADAPTER_NAME, model_path)
             zero_spec = validate_adapter(zero_path, base, max_rank=settings.max_lora_rank)
         engine = VllmEngine.start(settings, model_path)
-        settings.state_dir.mkdir(parents=True, exist_ok=True)
         metrics = GatewayMetrics(settings.base_name, settings.metrics_adapter_labels)
         registry = Registry(
             engine,
             base_name=settings.base_name,
             base_adapter=zero_spec,
             max_resident=settings.max_cpu_loras,
-            catalog=Database(settings.state_dir / "catalog.sqlite3"),
-            store=AdapterStore(settings.state_dir / "adapters"),
+            catalog=catalog,
+            store=store,
             rules=rules,
             events=metrics.events,
         )
@@ -185,3 +197,41 @@ def serve(settings: Settings) -> int:
         logger.error("exiting with status %d: the inference engine died", ENGINE_DIED_EXIT)
         return ENGINE_DIED_EXIT
     return 0
+
+
+CATALOG_CONNECT_SECONDS = 30.0
+
+
+def open_store(settings: Settings):
+    """The adapter store: a local folder, or a local cache in front of a shared folder or bucket."""
+    from adapters.blobs import open_blobs
+    from adapters.store import AdapterStore
+
+    url = settings.store_url
+    if url and "://" not in url:
+        return AdapterStore(Path(url), max_bytes=settings.max_adapter_bytes)
+    return AdapterStore(settings.state_dir / "adapters", blobs=open_blobs(url), max_bytes=settings.max_adapter_bytes)
+
+
+def open_catalog(settings: Settings, identity):
+    """The catalog, migrated; a message naming --catalog-url when it cannot be opened.
+
+    A database still starting (a pod beside its PostgreSQL) gets CATALOG_CONNECT_SECONDS.
+    """
+    from adapters.database import Database, safe_url
+    from adapters.errors import CatalogUnavailable
+
+    location = settings.catalog_location
+    deadline = time.monotonic() + CATALOG_CONNECT_SECONDS
+    while True:
+        try:
+            return Database(location, identity)
+        except ValueError as exc:
+            return str(exc)
+        except ModuleNotFoundError:
+            return "--catalog-url: postgresql:// needs psycopg; install lora-gateway[postgres]"
+        except CatalogUnavailable:
+            if time.monotonic() > deadline:
+                return f"--catalog-url: cannot reach the catalog database at {safe_url(location)}"
+            logger.warning("waiting for the catalog database at %s", safe_url(location))
+            time.sleep(2)

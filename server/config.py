@@ -79,6 +79,22 @@ class Settings(BaseSettings):
         description="where the embedded demo is built once and reused",
     )
     state_dir: Path = Field(default_factory=_default_state_dir, description="where the gateway keeps its working files")
+    catalog_url: SecretStr | None = Field(
+        None,
+        description="the catalog of adapters, tenants and keys: sqlite:///PATH or postgresql://user:pass@host:port/db "
+        "(several gateways share one); without it, catalog.sqlite3 under --state-dir",
+    )
+    store_url: str | None = Field(
+        None,
+        description="where adapter files are kept: a folder, file:///shared/path (a volume several gateways share) "
+        "or s3://bucket/prefix (endpoint and keys from the AWS environment); without it, adapters/ under --state-dir",
+    )
+    catalog_poll_seconds: float = Field(
+        0.5,
+        gt=0,
+        le=60,
+        description="how often to look for changes other gateways made to the catalog (PostgreSQL also notifies)",
+    )
     log_level: str = Field("info", description="debug, info, warning or error")
     log_format: str = Field("json", description="json (one object per line) or text")
     admin_key: SecretStr | None = Field(
@@ -126,7 +142,7 @@ class Settings(BaseSettings):
             raise ValueError("--dtype must be auto, float32, bfloat16 or float16")
         return value
 
-    @field_validator("admin_key", mode="before")
+    @field_validator("admin_key", "catalog_url", "store_url", mode="before")
     @classmethod
     def _empty_key_is_none(cls, value: object) -> object:
         # compose passes an unset variable as an empty string
@@ -161,6 +177,13 @@ class Settings(BaseSettings):
         """vLLM's own LoRA ops read "no adapter" as the last slot's adapter (the bleed); a base
         request then runs through an all-zero adapter instead. The grouped ops give it none."""
         return self.lora_ops == "vllm"
+
+    @property
+    def catalog_location(self) -> str:
+        """The catalog's URL, with its password: pass it to the database only, never log it."""
+        if self.catalog_url is not None:
+            return self.catalog_url.get_secret_value()
+        return f"sqlite:///{self.state_dir / 'catalog.sqlite3'}"
 
     @property
     def base_name(self) -> str:

@@ -142,6 +142,21 @@ class GatewayMetrics:
             PREFIX + "adapters_registered", "Adapters registered, resident or not", registry=registry
         )
 
+        self.backend_errors = Counter(
+            PREFIX + "backend_errors",
+            "Failed calls to the catalog's database or the adapter store, by backend",
+            ["backend"],
+            registry=registry,
+        )
+        for backend in ("catalog", "store"):
+            self.backend_errors.labels(backend)
+
+    def catalog_error(self) -> None:
+        self.backend_errors.labels("catalog").inc()
+
+    def store_error(self) -> None:
+        self.backend_errors.labels("store").inc()
+
     def watch(self, registry: Registry) -> None:
         """Read the registry's counts at scrape time."""
         self.adapters_resident.set_function(lambda: registry.resident_count)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 
-from adapters.database import Database
+from adapters.database import Database, KeyRow
 from server.errors import GatewayError, InvalidRequest
 
 TENANT_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-_")
@@ -87,32 +88,46 @@ class Tenants:
     def created_at(self, name: str) -> float:
         return self._created.get(name, 0.0)
 
-    def create(self, name: str, overrides: dict) -> bool:
+    async def create(self, name: str, overrides: dict, first_key: KeyRow | None = None) -> bool:
+        """Add a tenant, with its first key in the same transaction; False when the name is taken."""
         if not (1 <= len(name) <= 64 and set(name) <= TENANT_NAME_CHARS and name[0].isalnum()):
             raise InvalidRequest(
                 "tenant names are 1-64 lowercase letters, digits, '-' or '_', starting with a letter or digit",
                 param="name",
             )
         limits = self.defaults.updated(overrides)
-        if not self._catalog.add_tenant(name, overrides):
+        if not await asyncio.to_thread(self._catalog.add_tenant, name, overrides, first_key):
             return False
         self._limits[name] = limits
         self._created[name] = time.time()
         return True
 
-    def update(self, name: str, overrides: dict) -> TenantLimits:
+    async def update(self, name: str, overrides: dict) -> TenantLimits:
         current = self.limits(name)
         limits = current.updated(overrides)
         stored = {k: v for k, v in asdict(limits).items() if v != getattr(self.defaults, k)}
-        self._catalog.set_tenant_limits(name, stored)
+        await asyncio.to_thread(self._catalog.set_tenant_limits, name, stored)
         self._limits[name] = limits
         return limits
 
-    def delete(self, name: str) -> None:
+    async def delete(self, name: str) -> None:
+        """The tenant, its keys and its adapters leave the catalog in one transaction."""
         self.limits(name)
-        self._catalog.delete_tenant(name)
-        del self._limits[name]
+        await asyncio.to_thread(self._catalog.delete_tenant, name)
+        self._forget(name)
+
+    def _forget(self, name: str) -> None:
+        self._limits.pop(name, None)
+        self._created.pop(name, None)
         self._usage.pop(name, None)
+
+    def apply(self, tenants: dict[str, tuple[dict, float]]) -> None:
+        """Take the catalog's tenants and limits, whichever process wrote them; usage stays."""
+        for name in set(self._limits) - set(tenants):
+            self._forget(name)
+        for name, (overrides, created) in tenants.items():
+            self._limits[name] = self.defaults.updated(overrides)
+            self._created[name] = created
 
     def in_flight(self, name: str) -> int:
         usage = self._usage.get(name)

@@ -77,7 +77,7 @@ async def full_gateway(
     zero_adapter: base requests run through a zero adapter (--lora-ops vllm), or carry none.
     """
     from adapters.registry import AdapterRules
-    from adapters.store import AdapterStore
+    from server.cli import open_store
     from tests.adapter_files import TINY_BASE
 
     settings = Settings(
@@ -93,8 +93,8 @@ async def full_gateway(
         base_name="base",
         base_adapter=fake_spec("__base__", 1) if zero_adapter else None,
         max_resident=settings.max_cpu_loras,
-        catalog=Database(state_dir / "catalog.sqlite3"),
-        store=AdapterStore(state_dir / "adapters"),
+        catalog=Database(settings.catalog_location),
+        store=open_store(settings),
         rules=AdapterRules(TINY_BASE, settings.max_lora_rank, settings.max_adapter_bytes),
     )
     app = build_app(settings, engine, registry)

@@ -219,12 +219,12 @@ async def delete_adapter(name: str, registry: RegistryDep, principal: PrincipalD
 
 @router.post("/v1/adapters/{name:path}/pin", response_model=None)
 async def pin_adapter(name: str, registry: RegistryDep, principal: PrincipalDep) -> JSONResponse:
-    return JSONResponse(adapter_card(registry.set_pinned(_editable(registry, principal, name), True), principal))
+    return JSONResponse(adapter_card(await registry.set_pinned(_editable(registry, principal, name), True), principal))
 
 
 @router.post("/v1/adapters/{name:path}/unpin", response_model=None)
 async def unpin_adapter(name: str, registry: RegistryDep, principal: PrincipalDep) -> JSONResponse:
-    return JSONResponse(adapter_card(registry.set_pinned(_editable(registry, principal, name), False), principal))
+    return JSONResponse(adapter_card(await registry.set_pinned(_editable(registry, principal, name), False), principal))
 
 
 @router.post("/v1/load_lora_adapter", response_model=None)

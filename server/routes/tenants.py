@@ -62,9 +62,10 @@ def _tenant_card(tenants: Tenants, name: str, keys: list[Any], adapters: int) ->
 async def create_tenant(
     body: CreateTenant, tenants: TenantsDep, keyring: KeyRingDep, registry: RegistryDep, _: AdminDep
 ) -> JSONResponse:
-    if not tenants.create(body.name, body.limits):
+    issued, key_row = keyring.mint(body.name)
+    if not await tenants.create(body.name, body.limits, first_key=key_row):
         raise TenantExists(f"tenant '{body.name}' already exists", param="name")
-    issued = keyring.issue(body.name)
+    keyring.remember(key_row)
     card = _tenant_card(tenants, body.name, keyring.keys_of(body.name), 0)
     card["api_key"] = issued.key  # shown this once; only its hash is kept
     return JSONResponse(card, status_code=201)
@@ -88,7 +89,7 @@ async def get_tenant(
 async def update_tenant(
     name: str, body: UpdateTenant, tenants: TenantsDep, keyring: KeyRingDep, registry: RegistryDep, _: AdminDep
 ) -> JSONResponse:
-    tenants.update(name, body.limits)
+    await tenants.update(name, body.limits)
     return JSONResponse(_tenant_card(tenants, name, keyring.keys_of(name), registry.count(name)))
 
 
@@ -97,9 +98,9 @@ async def delete_tenant(
     name: str, tenants: TenantsDep, keyring: KeyRingDep, registry: RegistryDep, _: AdminDep
 ) -> JSONResponse:
     tenants.limits(name)
+    await tenants.delete(name)  # the catalog first: when it is down, nothing changes
     keyring.forget_tenant(name)
     await registry.drop_owner(name)
-    tenants.delete(name)
     return JSONResponse({"name": name, "object": "tenant", "deleted": True})
 
 
@@ -107,7 +108,7 @@ async def delete_tenant(
 async def add_key(name: str, tenants: TenantsDep, keyring: KeyRingDep, _: AdminDep) -> JSONResponse:
     if not tenants.exists(name):
         raise TenantNotFound(name)
-    issued = keyring.issue(name)
+    issued = await keyring.issue(name)
     return JSONResponse(
         {"id": issued.key_id, "object": "api_key", "created": issued.created_at, "api_key": issued.key}, status_code=201
     )
@@ -117,6 +118,6 @@ async def add_key(name: str, tenants: TenantsDep, keyring: KeyRingDep, _: AdminD
 async def revoke_key(name: str, key_id: str, tenants: TenantsDep, keyring: KeyRingDep, _: AdminDep) -> JSONResponse:
     if not tenants.exists(name):
         raise TenantNotFound(name)
-    if not keyring.revoke(name, key_id):
+    if not await keyring.revoke(name, key_id):
         raise KeyNotFound(f"tenant '{name}' has no key '{key_id[:64]}'", param="key_id")
     return JSONResponse({"id": key_id, "object": "api_key", "deleted": True})
