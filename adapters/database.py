@@ -290,6 +290,7 @@ class Database:
         return [_adapter_row(r) for r in self._read(self._adapters_query())]
 
     def put_adapter(self, row: AdapterRow) -> None:
+        """Add or replace; an upsert, so two gateways registering one name at once both succeed."""
         values = {
             "content_hash": row.content_hash,
             "rank": row.rank,
@@ -300,14 +301,10 @@ class Database:
             "base_model": self.base.served_name,
         }
         key = {"base_fingerprint": self.base.fingerprint, "owner": row.owner, "name": row.name}
+        insert = _dialect_insert(self.dialect)(adapters_table).values(**key, **values)
+        upsert = insert.on_conflict_do_update(index_elements=list(key), set_=values)
         with self._write() as conn:
-            updated = conn.execute(
-                adapters_table.update()
-                .where(self._mine(), adapters_table.c.owner == row.owner, adapters_table.c.name == row.name)
-                .values(**values)
-            ).rowcount
-            if not updated:
-                conn.execute(adapters_table.insert().values(**key, **values))
+            conn.execute(upsert)
 
     def delete_adapter(self, owner: str, name: str) -> None:
         with self._write() as conn:
@@ -376,6 +373,15 @@ class Database:
 
     def keys(self) -> list[KeyRow]:
         return [_key_row(r) for r in self._read(self._keys_query())]
+
+
+def _dialect_insert(dialect: str):
+    """INSERT with ON CONFLICT, which both dialects spell alike."""
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    return insert
 
 
 def _adapter_row(r: sa.Row) -> AdapterRow:
