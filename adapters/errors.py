@@ -44,6 +44,10 @@ class AdapterRejected(InvalidAdapter):
     """The engine refused the adapter's files."""
 
 
+class InvalidComposition(AdapterError):
+    """Adapters cannot be composed as asked; the message says why and what would work."""
+
+
 class Unavailable(AdapterError):
     """A backing service cannot be reached; the same call may succeed later."""
 

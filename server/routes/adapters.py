@@ -10,12 +10,14 @@ import io
 from pathlib import Path
 from typing import Any
 
+import orjson
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import UploadFile
 from starlette.responses import PlainTextResponse
 
-from adapters.errors import AdapterNotFound, AdapterTooLarge
+from adapters.compose import MAX_INPUTS, Recipe, compose_registered
+from adapters.errors import AdapterNotFound, AdapterTooLarge, InvalidComposition
 from adapters.registry import AdapterEntry, Registry
 from adapters.spec import SHARED
 from adapters.store import copy_folder, extract_tarball, write_files
@@ -58,6 +60,28 @@ class RegisterFromPath(BaseModel):
 
     name: str = Field(min_length=1, max_length=64)
     path: str = Field(min_length=1, max_length=4096)
+    owner: str | None = Field(None, description="register for this tenant instead of sharing it")
+
+
+class ComposeSpec(BaseModel):
+    """Adapters the caller may use, and how to compose them (adapters/compose.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    adapters: list[str] = Field(min_length=1, max_length=MAX_INPUTS)
+    weights: list[float] | None = Field(None, description="one per adapter; 1.0 each when left out")
+    method: str = Field("cat", description="cat, svd, linear, ties, dare_linear or dare_ties")
+    rank: int | None = Field(None, description="svd: the result's rank")
+    density: float | None = Field(None, description="ties, dare_*: the share of values kept")
+    majority_sign_method: str | None = Field(None, description="ties, dare_ties: total or frequency")
+    seed: int | None = Field(None, description="dare_*: the random draws")
+
+
+class RegisterComposition(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=64)
+    compose: ComposeSpec
     owner: str | None = Field(None, description="register for this tenant instead of sharing it")
 
 
@@ -131,22 +155,75 @@ def _check_quota(registry: Registry, tenants: Tenants, owner: str, name: str) ->
 async def register_adapter(
     request: Request, registry: RegistryDep, tenants: TenantsDep, principal: PrincipalDep
 ) -> JSONResponse:
-    """Register (or replace) an adapter: JSON {name, path} for the admin, or an upload."""
+    """Register (or replace) an adapter: JSON {name, path} for the admin, JSON {name, compose}, or an upload."""
     content_type = request.headers.get("content-type", "")
     if content_type.startswith("multipart/form-data"):
         entry = await _register_upload(request, registry, tenants, principal)
     elif content_type.startswith("application/json"):
+        raw = await request.body()
+        if _asks_to_compose(raw):
+            entry, composition = await _register_composition(raw, registry, tenants, principal)
+            return JSONResponse(adapter_card(entry, principal) | {"composition": composition}, status_code=201)
         if not principal.admin:
             raise AdminOnly("registering from a server path")
-        body = RegisterFromPath.model_validate_json(await request.body())
+        body = RegisterFromPath.model_validate_json(raw)
         owner = _owner_for(principal, body.owner, tenants)
         _check_quota(registry, tenants, owner, body.name)
         max_bytes = registry.rules.max_bytes if registry.rules else 0
         folder = Path(body.path)
         entry = await registry.add_folder(owner, body.name, lambda staging: copy_folder(folder, staging, max_bytes))
     else:
-        raise InvalidRequest("send application/json {name, path} (admin) or multipart/form-data with the files")
+        raise InvalidRequest(
+            "send application/json {name, path} (admin) or {name, compose}, or multipart/form-data with the files"
+        )
     return JSONResponse(adapter_card(entry, principal), status_code=201)
+
+
+def _asks_to_compose(raw: bytes) -> bool:
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return False  # the {name, path} form's validation says what is wrong
+    return isinstance(body, dict) and "compose" in body
+
+
+async def _register_composition(
+    raw: bytes, registry: Registry, tenants: Tenants, principal: Principal
+) -> tuple[AdapterEntry, dict[str, Any]]:
+    """Compose adapters the caller may use (a tenant: its own and shared ones) into a new one."""
+    body = RegisterComposition.model_validate_json(raw)
+    spec = body.compose
+    weights = spec.weights if spec.weights is not None else [1.0] * len(spec.adapters)
+    try:
+        recipe = Recipe.of(
+            spec.method,
+            weights,
+            rank=spec.rank,
+            density=spec.density,
+            majority_sign_method=spec.majority_sign_method,
+            seed=spec.seed,
+        )
+        owner = _owner_for(principal, body.owner, tenants)
+        _check_quota(registry, tenants, owner, body.name)
+        inputs = [_composition_input(registry, principal, name, i) for i, name in enumerate(spec.adapters)]
+        entry, result = await compose_registered(registry, owner, body.name, inputs, recipe, spec.adapters)
+    except InvalidComposition as exc:
+        exc.param = f"compose.{exc.param}" if exc.param else "compose"
+        raise
+    summary = {"method": recipe.method, "adapters": spec.adapters, "weights": list(recipe.weights)}
+    return entry, summary | {"rank": result.rank, "exact": result.exact, "relative_error": result.relative_error}
+
+
+def _composition_input(registry: Registry, principal: Principal, name: str, index: int) -> AdapterEntry:
+    try:
+        entry = registry.resolve(name, tenant=principal.tenant, admin=principal.admin)
+    except AdapterNotFound:
+        error = UnknownAdapter(name)
+        error.param = f"compose.adapters.{index}"
+        raise error from None
+    if entry is registry.base:
+        raise InvalidComposition(f"'{name[:64]}' is the base model; compose adapters", param=f"adapters.{index}")
+    return entry
 
 
 async def _register_upload(
