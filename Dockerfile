@@ -21,15 +21,18 @@ ARG CUDA_IMAGE=nvidia/cuda:${CUDA_VERSION}-base-ubuntu22.04
 # small and need no system packages. The targets copy the lists before the wheel, so editing
 # server/ or adapters/ reuses their cached multi-gigabyte dependency layer: COPY is keyed on
 # content, and only a change to the dependencies in pyproject.toml changes the lists.
+# EXTRAS adds more: `--build-arg EXTRAS="postgres s3 ray"` for Ray Serve (deploy/ray/).
 FROM ${PYTHON_IMAGE} AS requirements
+ARG EXTRAS="postgres s3"
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /build
 COPY pyproject.toml ./
-RUN python -c "import pathlib, tomllib; \
+RUN EXTRAS="${EXTRAS}" python -c "import os, pathlib, tomllib; \
 project = tomllib.loads(pathlib.Path('pyproject.toml').read_text())['project']; \
 extras = project['optional-dependencies']; \
+chosen = [req for name in os.environ['EXTRAS'].split() for req in extras[name]]; \
 [pathlib.Path(f'requirements-{engine}.txt').write_text( \
-    '\n'.join(project['dependencies'] + extras[engine] + extras['postgres'] + extras['s3']) + '\n') \
+    '\n'.join(project['dependencies'] + extras[engine] + chosen) + '\n') \
  for engine in ('cpu', 'gpu')]"
 COPY README.md ./
 COPY server ./server

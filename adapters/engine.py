@@ -16,6 +16,7 @@ class AdapterHandle:
     adapter_id: int
     name: str
     path: str
+    content_hash: str = ""  # the files' identity: engines on other hosts fetch them by it
 
 
 class AdapterLoadFailed(Exception):

@@ -31,10 +31,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from adapters.base_model import BaseModelInfo
+from adapters.convert import PEFT, convert_staged
 from adapters.database import AdapterRow, Database
 from adapters.engine import AdapterEngine, AdapterHandle, AdapterLoadFailed
 from adapters.errors import AdapterNotFound, AdapterRejected, InvalidAdapterName
 from adapters.events import NoEvents, RegistryEvents
+from adapters.sandbox import DEFAULT_LIMITS
 from adapters.spec import SHARED, AdapterSpec
 from adapters.store import AdapterStore
 from adapters.validate import check_name, validate_adapter
@@ -72,7 +74,9 @@ class AdapterEntry:
     @property
     def handle(self) -> AdapterHandle:
         # The engine compares requests by name, so each version gets its own.
-        return AdapterHandle(self.adapter_id, f"{self.qualified_name}@{self.adapter_id}", str(self.spec.path))
+        return AdapterHandle(
+            self.adapter_id, f"{self.qualified_name}@{self.adapter_id}", str(self.spec.path), self.spec.content_hash
+        )
 
     @property
     def state(self) -> str:
@@ -223,14 +227,22 @@ class Registry:
 
     # -- changes ---------------------------------------------------------------------------
 
-    async def add_folder(self, owner: str, name: str, fill: Callable[[Path], None]) -> AdapterEntry:
-        """Stage files with `fill(staging)`, validate the staged copy, store it, and register it."""
+    async def add_folder(
+        self, owner: str, name: str, fill: Callable[[Path], None], *, source_format: str = PEFT
+    ) -> AdapterEntry:
+        """Stage files with `fill(staging)`, validate the staged copy, store it, and register it.
+
+        Staged files in another form (PEFT's adapter_model.bin, a MiniMind .pth) are converted to
+        PEFT safetensors first, in a sandbox (adapters/convert.py); the pickle is never stored.
+        """
         if self.store is None or self.rules is None:
             raise RuntimeError("this registry has no store")
         self.check_new_name(name)
         staging = self.store.new_staging()
         try:
             await asyncio.to_thread(fill, staging)
+            limits = replace(DEFAULT_LIMITS, max_input_bytes=self.rules.max_bytes)
+            await asyncio.to_thread(convert_staged, staging, source_format, limits)
             spec = await asyncio.to_thread(self.rules.validate, staging)
             path = await asyncio.to_thread(self.store.commit, staging, spec.content_hash)
         except BaseException:

@@ -23,7 +23,8 @@ from server.generation import Generator
 from server.metrics import GatewayMetrics
 from server.middleware import RequestGate, TelemetryMiddleware
 from server.responses import JSONResponse
-from server.routes import adapters, chat, completions, health, models, tenants
+from server.routes import adapters, chat, cluster, completions, health, models, tenants
+from server.routes import export as export_route
 from server.routes import metrics as metrics_route
 from server.tenancy import TenantLimits, Tenants
 
@@ -101,8 +102,9 @@ def build_app(
     )
     app.add_middleware(TelemetryMiddleware)
     app.include_router(metrics_route.router)
-    for module in (health, models, completions, chat, adapters, tenants):
+    for module in (health, models, completions, chat, adapters, tenants, cluster):
         app.include_router(module.router)
+    app.include_router(export_route.router)
     return app
 
 

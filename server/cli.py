@@ -9,14 +9,15 @@ import shutil
 import signal
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
 from server.config import ENV_PREFIX, Settings
+from server.convert_cli import add_convert_parser, run_convert
 from server.logs import configure_logging
+from server.merge_cli import add_merge_parser, run_merge
 
 logger = logging.getLogger("lora_gateway")
 
@@ -36,6 +37,8 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
         annotation = getattr(field.annotation, "__name__", "")
         if name == "lora_modules":
             kwargs.update(nargs="+", metavar="NAME=PATH")
+        elif annotation == "bool":
+            kwargs.update(action="store_const", const=True)
         elif annotation in _FLAG_TYPES:
             kwargs.update(type=_FLAG_TYPES[annotation], metavar=annotation.upper())
         else:
@@ -63,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
         "adapters in PEFT format, offline, in seconds.",
     )
     demo.add_argument("--out", required=True, type=Path, metavar="DIR", help="folder to create")
+    add_merge_parser(commands)
+    add_convert_parser(commands)
     return parser
 
 
@@ -83,6 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     args = vars(build_parser().parse_args(argv))
     command = args.pop("command")
     configure_logging("info", "text")
+    if command == "merge":
+        return run_merge(args)
+    if command == "convert":
+        return run_convert(args)
     if command == "demo-model":
         from server.demo import build_demo
 
@@ -98,63 +107,25 @@ def main(argv: list[str] | None = None) -> int:
 
 def serve(settings: Settings) -> int:
     """Check everything that can fail fast, start the engine, then serve until stopped."""
-    from adapters.base_model import BaseModelInfo, fingerprint
-    from adapters.database import BaseIdentity
-    from adapters.errors import AdapterError
-    from adapters.registry import AdapterRules, Registry
-    from adapters.validate import check_name, validate_adapter
+    from adapters.sandbox import loader_problem
+    from adapters.validate import validate_adapter
     from adapters.zero import ZERO_ADAPTER_NAME, write_zero_adapter
+    from server.gateway import StartupError, assemble, prepare, with_demo
 
     configure_logging(settings.log_level, settings.log_format)
-    model_path = settings.model
-    lora_modules = dict(settings.lora_modules)
-    if model_path is None:
-        from server.demo import ensure_demo
+    if (problem := loader_problem()) is not None:
+        logger.warning("pickled adapters (adapter_model.bin, MiniMind .pth) will be refused: %s", problem)
+    settings = with_demo(settings)
+    if settings.ray:
+        from server.ray_app import serve_on_ray
 
-        demo = ensure_demo(settings.demo_dir, progress=lambda line: logger.info("demo: %s", line))
-        model_path = str(demo.base)
-        if settings.dtype == "auto":
-            # vLLM's auto would downcast the demo's float32 to bfloat16; PEFT parity is in float32.
-            settings = settings.model_copy(update={"dtype": "float32"})
-        if not lora_modules:
-            lora_modules = {name: str(path) for name, path in demo.adapters.items()}
-    if not (Path(model_path) / "config.json").is_file():
-        return _fail(f"--model: {model_path} is not a model folder with a config.json (nothing is downloaded)")
+        return serve_on_ray(settings)
     try:
-        base = BaseModelInfo.from_model_dir(Path(model_path))
-    except (KeyError, ValueError) as exc:
-        return _fail(f"--model: the model's config.json lacks {exc}; Llama- and Qwen2-family models are supported")
-
-    rules = AdapterRules(base, settings.max_lora_rank, settings.max_adapter_bytes)
-    preload = {}
-    for name, path in lora_modules.items():
-        try:
-            check_name(name, "--lora-modules")
-            rules.validate(Path(path))
-        except AdapterError as exc:
-            return _fail(f"--lora-modules {name}: {exc.message}")
-        preload[name] = Path(path)
-    if settings.adapter_dir is not None and not settings.adapter_dir.is_dir():
-        return _fail(f"--adapter-dir: {settings.adapter_dir} is not a folder")
-    if len(preload) > settings.max_cpu_loras:
-        return _fail(f"--lora-modules names {len(preload)} adapters; --max-cpu-loras allows {settings.max_cpu_loras}")
-
-    settings.state_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        store = open_store(settings)
-    except ValueError as exc:
+        prepared = prepare(settings)
+    except StartupError as exc:
         return _fail(str(exc))
-    except ModuleNotFoundError:
-        return _fail("--store-url: s3:// needs boto3; install lora-gateway[s3]")
-    identity = BaseIdentity(settings.base_name, fingerprint(Path(model_path)))
-    catalog_or_error = open_catalog(settings, identity)
-    if isinstance(catalog_or_error, str):
-        return _fail(catalog_or_error)
-    catalog = catalog_or_error
 
-    from server.app import build_app
     from server.engine.vllm_engine import VllmEngine
-    from server.metrics import GatewayMetrics
     from server.serving import bind_listener, serve_app
 
     try:
@@ -167,21 +138,10 @@ def serve(settings: Settings) -> int:
     try:
         zero_spec = None
         if settings.base_uses_zero_adapter:
-            zero_path = write_zero_adapter(base, work_dir / ZERO_ADAPTER_NAME, model_path)
-            zero_spec = validate_adapter(zero_path, base, max_rank=settings.max_lora_rank)
-        engine = VllmEngine.start(settings, model_path)
-        metrics = GatewayMetrics(settings.base_name, settings.metrics_adapter_labels)
-        registry = Registry(
-            engine,
-            base_name=settings.base_name,
-            base_adapter=zero_spec,
-            max_resident=settings.max_cpu_loras,
-            catalog=catalog,
-            store=store,
-            rules=rules,
-            events=metrics.events,
-        )
-        app = build_app(settings, engine, registry, preload, metrics)
+            zero_path = write_zero_adapter(prepared.base, work_dir / ZERO_ADAPTER_NAME, prepared.model_path)
+            zero_spec = validate_adapter(zero_path, prepared.base, max_rank=settings.max_lora_rank)
+        engine = VllmEngine.start(settings, prepared.model_path)
+        app = assemble(prepared, engine, zero_spec)
 
         def on_engine_death() -> None:
             # Drain and exit non-zero, so that the orchestrator starts a fresh engine.
@@ -197,41 +157,3 @@ def serve(settings: Settings) -> int:
         logger.error("exiting with status %d: the inference engine died", ENGINE_DIED_EXIT)
         return ENGINE_DIED_EXIT
     return 0
-
-
-CATALOG_CONNECT_SECONDS = 30.0
-
-
-def open_store(settings: Settings):
-    """The adapter store: a local folder, or a local cache in front of a shared folder or bucket."""
-    from adapters.blobs import open_blobs
-    from adapters.store import AdapterStore
-
-    url = settings.store_url
-    if url and "://" not in url:
-        return AdapterStore(Path(url), max_bytes=settings.max_adapter_bytes)
-    return AdapterStore(settings.state_dir / "adapters", blobs=open_blobs(url), max_bytes=settings.max_adapter_bytes)
-
-
-def open_catalog(settings: Settings, identity):
-    """The catalog, migrated; a message naming --catalog-url when it cannot be opened.
-
-    A database still starting (a pod beside its PostgreSQL) gets CATALOG_CONNECT_SECONDS.
-    """
-    from adapters.database import Database, safe_url
-    from adapters.errors import CatalogUnavailable
-
-    location = settings.catalog_location
-    deadline = time.monotonic() + CATALOG_CONNECT_SECONDS
-    while True:
-        try:
-            return Database(location, identity)
-        except ValueError as exc:
-            return str(exc)
-        except ModuleNotFoundError:
-            return "--catalog-url: postgresql:// needs psycopg; install lora-gateway[postgres]"
-        except CatalogUnavailable:
-            if time.monotonic() > deadline:
-                return f"--catalog-url: cannot reach the catalog database at {safe_url(location)}"
-            logger.warning("waiting for the catalog database at %s", safe_url(location))
-            time.sleep(2)

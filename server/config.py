@@ -95,6 +95,31 @@ class Settings(BaseSettings):
         le=60,
         description="how often to look for changes other gateways made to the catalog (PostgreSQL also notifies)",
     )
+    ray: bool = Field(
+        False,
+        description="serve through Ray Serve (the ray extra): one ingress with this API, and --replicas engine replicas",
+    )
+    replicas: int = Field(2, ge=1, le=1024, description="with --ray: engine replicas, each with the whole model")
+    ray_address: str | None = Field(
+        None,
+        description="with --ray: join this Ray cluster (auto, or ray://host:10001); without it, a local Ray starts "
+        "and stops with the gateway",
+    )
+    replica_cpus: float = Field(1.0, gt=0, description="with --ray: CPUs Ray reserves for each engine replica")
+    min_replicas: int | None = Field(
+        None, ge=0, description="with --ray: autoscale, never below this many replicas (with --max-replicas)"
+    )
+    max_replicas: int | None = Field(None, ge=1, description="with --ray: autoscale, never above this many replicas")
+    target_ongoing_requests: float | None = Field(
+        None, gt=0, description="with --ray and autoscaling: requests in flight per replica that Ray aims for"
+    )
+    ray_metrics_port: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description="with --ray and a local Ray: the port of Ray's Prometheus export, which carries every "
+        "replica's vLLM series with a ReplicaId label",
+    )
     log_level: str = Field("info", description="debug, info, warning or error")
     log_format: str = Field("json", description="json (one object per line) or text")
     admin_key: SecretStr | None = Field(
@@ -102,6 +127,11 @@ class Settings(BaseSettings):
     )
     adapter_dir: Path | None = Field(
         None, description="folder of adapter folders; an unknown model naming one registers it on first use"
+    )
+    export_dir: Path | None = Field(
+        None,
+        description="where POST /v1/adapters/NAME/export (admin) writes each adapter merged into the base model, "
+        "as a standalone model folder; without it, exports are off",
     )
     max_adapter_bytes: int = Field(
         512 * 1024 * 1024, ge=1024, description="largest adapter accepted, in bytes (files together)"
@@ -142,7 +172,7 @@ class Settings(BaseSettings):
             raise ValueError("--dtype must be auto, float32, bfloat16 or float16")
         return value
 
-    @field_validator("admin_key", "catalog_url", "store_url", mode="before")
+    @field_validator("admin_key", "catalog_url", "store_url", "ray_address", mode="before")
     @classmethod
     def _empty_key_is_none(cls, value: object) -> object:
         # compose passes an unset variable as an empty string
@@ -160,6 +190,19 @@ class Settings(BaseSettings):
     def _slots_consistent(self) -> Settings:
         if self.max_cpu_loras < self.max_loras:
             raise ValueError("--max-cpu-loras must be at least --max-loras")
+        autoscaling = (self.min_replicas, self.max_replicas, self.target_ongoing_requests)
+        ray_only = (self.ray_address, self.ray_metrics_port, *autoscaling)
+        if not self.ray and any(v is not None for v in ray_only):
+            raise ValueError(
+                "--ray-address, --ray-metrics-port, --min-replicas, --max-replicas and --target-ongoing-requests "
+                "need --ray"
+            )
+        if self.ray and self.lora_ops != "grouped":
+            raise ValueError("--ray needs --lora-ops grouped: base requests on a replica carry no adapter")
+        if (self.min_replicas is None) != (self.max_replicas is None):
+            raise ValueError("--min-replicas and --max-replicas go together")
+        if self.min_replicas is not None and self.max_replicas is not None and self.min_replicas > self.max_replicas:
+            raise ValueError("--min-replicas must not exceed --max-replicas")
         return self
 
     def engine_plugin_env(self) -> dict[str, str]:

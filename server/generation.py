@@ -220,6 +220,8 @@ class Generator:
                         ]
                     )
                 async for prompt_index, step in steps:
+                    if step.replica is not None:
+                        job.record.replica = step.replica
                     job.record.tokens_arrived(sum(choice.token_count for choice in step.choices))
                     if step.finished:
                         job.record.prompt_tokens += step.prompt_tokens

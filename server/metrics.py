@@ -142,6 +142,12 @@ class GatewayMetrics:
             PREFIX + "adapters_registered", "Adapters registered, resident or not", registry=registry
         )
 
+        self.replica_requests = Counter(
+            PREFIX + "replica_requests",
+            "Generation requests answered, by the engine replica that ran them (with --ray) and adapter",
+            ["replica", "adapter"],
+            registry=registry,
+        )
         self.backend_errors = Counter(
             PREFIX + "backend_errors",
             "Failed calls to the catalog's database or the adapter store, by backend",
@@ -170,6 +176,8 @@ class GatewayMetrics:
         self.requests.labels(adapter, endpoint, str(status)).inc()
         if not generation:
             return
+        if record.replica is not None:
+            self.replica_requests.labels(record.replica, adapter).inc()
         if record.prompt_tokens:
             self.prompt_tokens.labels(adapter).inc(record.prompt_tokens)
         if record.completion_tokens:

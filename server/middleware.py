@@ -55,6 +55,8 @@ class TelemetryMiddleware:
             if message["type"] == "http.response.start":
                 headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
                 headers.append((b"x-request-id", request_id))
+                if record.replica is not None:
+                    headers.append((b"x-lora-gateway-replica", record.replica.encode()))
                 message = {**message, "headers": headers}
                 response.update(status=message["status"], started=True)
                 response["streamed"] = any(

@@ -24,6 +24,7 @@ class RequestRecord:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     first_token_at: float | None = None
+    replica: str | None = None  # the engine replica that served it (X-Lora-Gateway-Replica)
     last_token_at: float | None = None
 
     def tokens_arrived(self, count: int) -> None:

@@ -62,12 +62,18 @@ class SSEResponse(StreamingResponse):
     """
 
     async def stream_response(self, send: Send) -> None:
-        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        # The status line waits for the first chunk, so that its headers can name the replica.
+        started = False
         ended = False
         async for chunk in self.body_iterator:  # to its end: the generator's cleanup runs there
+            if not started:
+                await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+                started = True
             last = chunk.endswith(DONE)
             await send({"type": "http.response.body", "body": chunk, "more_body": not last})
             ended = ended or last
+        if not started:
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
         if not ended:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
 

@@ -19,6 +19,14 @@ from tests.fakes import FakeEngine, fake_spec
 pytest_plugins = ["tests.services.postgres", "tests.services.s3"]
 
 
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory):
+    """The embedded demo (a base model and two adapters), built once per session."""
+    from server.demo import ensure_demo
+
+    return ensure_demo(tmp_path_factory.mktemp("demo-cache"))
+
+
 @dataclass
 class FakeGateway:
     client: httpx.AsyncClient
@@ -77,7 +85,7 @@ async def full_gateway(
     zero_adapter: base requests run through a zero adapter (--lora-ops vllm), or carry none.
     """
     from adapters.registry import AdapterRules
-    from server.cli import open_store
+    from server.gateway import open_store
     from tests.adapter_files import TINY_BASE
 
     settings = Settings(

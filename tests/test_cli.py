@@ -6,7 +6,7 @@ import logging
 import subprocess
 import sys
 
-from server import cli
+from server import gateway as cli
 from server.config import Settings
 
 

@@ -5,6 +5,7 @@ A revision never changes once released; a new schema is a new file under `versio
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -15,6 +16,8 @@ def upgrade(connection: sa.Connection) -> None:
     from alembic import command
     from alembic.config import Config
 
+    # Alembic narrates each step at INFO; the gateway logs what the catalog holds instead.
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     config = Config()
     config.set_main_option("script_location", str(Path(__file__).parent))
     config.attributes["connection"] = connection

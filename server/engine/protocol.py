@@ -58,6 +58,7 @@ class GenerationStep:
     prompt_tokens: int
     choices: list[ChoiceDelta]
     finished: bool
+    replica: str | None = None  # which engine replica ran it, when there are several
 
 
 class EngineDead(Exception):

@@ -52,7 +52,8 @@ class VllmEngine:
         self._max_model_len = max_model_len
 
     @classmethod
-    def start(cls, settings: Settings, model_path: str) -> VllmEngine:
+    def start(cls, settings: Settings, model_path: str, stat_loggers: list | None = None) -> VllmEngine:
+        """Start the engine; `stat_loggers` add vLLM metric loggers (Ray's, in a Serve replica)."""
         max_model_len = settings.max_model_len or default_max_model_len(model_path)
         zero_adapter = int(settings.base_uses_zero_adapter)
         args = AsyncEngineArgs(
@@ -72,7 +73,7 @@ class VllmEngine:
         )
         logger.info("starting engine for %s (max_model_len %d)", settings.base_name, max_model_len)
         os.environ.update(settings.engine_plugin_env())  # server/engine/wait.py, server/engine/lora_ops.py
-        llm = AsyncLLM.from_engine_args(args)
+        llm = AsyncLLM.from_engine_args(args, stat_loggers=stat_loggers)
         tokenizer = AutoTokenizer.from_pretrained(model_path)
         return cls(llm, tokenizer, max_model_len)
 

@@ -14,8 +14,6 @@ from pathlib import Path
 import httpx
 import pytest
 
-from server.demo import DemoModel, ensure_demo
-
 pytestmark = pytest.mark.engine
 STARTUP_SECONDS = 300
 ADMIN_KEY = "test-admin-key"
@@ -86,11 +84,6 @@ def stop_gateway(gateway: RunningGateway) -> None:
     except subprocess.TimeoutExpired:
         gateway.process.kill()
         gateway.process.wait()
-
-
-@pytest.fixture(scope="session")
-def demo(tmp_path_factory) -> DemoModel:
-    return ensure_demo(tmp_path_factory.mktemp("demo-cache"))
 
 
 @pytest.fixture(scope="session")

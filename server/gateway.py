@@ -1,0 +1,155 @@
+"""Putting a gateway together from its settings: the model, the adapter rules, the catalog and the
+store, then the registry and the app around an engine.
+
+`lora-gateway serve` does this around the in-process vLLM engine; the Ray Serve ingress
+(`server/ray_app.py`) does the same around the engine replicas.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastapi import FastAPI
+
+from adapters.base_model import BaseModelInfo, fingerprint
+from adapters.database import BaseIdentity, Database
+from adapters.errors import AdapterError
+from adapters.registry import AdapterRules, Registry
+from adapters.spec import AdapterSpec
+from adapters.store import AdapterStore
+from adapters.validate import check_name
+from server.config import Settings
+
+logger = logging.getLogger("lora_gateway")
+
+CATALOG_CONNECT_SECONDS = 30.0
+
+
+class StartupError(Exception):
+    """A setting that cannot work; the message names the flag."""
+
+
+@dataclass
+class Prepared:
+    """Everything a gateway needs before its engine: checked, opened, ready to assemble."""
+
+    settings: Settings
+    model_path: str
+    base: BaseModelInfo
+    rules: AdapterRules
+    store: AdapterStore
+    catalog: Database
+    preload: dict[str, Path] = field(default_factory=dict)
+
+
+def with_demo(settings: Settings) -> Settings:
+    """With no --model: the embedded demo (built once), its adapters, and float32 for parity."""
+    if settings.model is not None:
+        return settings
+    from server.demo import ensure_demo
+
+    demo = ensure_demo(settings.demo_dir, progress=lambda line: logger.info("demo: %s", line))
+    update: dict = {"model": str(demo.base), "served_model_name": settings.served_model_name or "demo"}
+    if settings.dtype == "auto":
+        # vLLM's auto would downcast the demo's float32 to bfloat16; PEFT parity is in float32.
+        update["dtype"] = "float32"
+    if not settings.lora_modules:
+        update["lora_modules"] = {name: str(path) for name, path in demo.adapters.items()}
+    return settings.model_copy(update=update)
+
+
+def prepare(settings: Settings) -> Prepared:
+    """Check everything that can fail fast and open the catalog and store; raises StartupError."""
+    assert settings.model is not None, "call with_demo first"
+    model_path = settings.model
+    if not (Path(model_path) / "config.json").is_file():
+        raise StartupError(f"--model: {model_path} is not a model folder with a config.json (nothing is downloaded)")
+    try:
+        base = BaseModelInfo.from_model_dir(Path(model_path))
+    except (KeyError, ValueError) as exc:
+        raise StartupError(
+            f"--model: the model's config.json lacks {exc}; Llama- and Qwen2-family models are supported"
+        ) from None
+    rules = AdapterRules(base, settings.max_lora_rank, settings.max_adapter_bytes)
+    preload = {}
+    for name, path in settings.lora_modules.items():
+        try:
+            check_name(name, "--lora-modules")
+            rules.validate(Path(path))
+        except AdapterError as exc:
+            raise StartupError(f"--lora-modules {name}: {exc.message}") from None
+        preload[name] = Path(path)
+    if settings.adapter_dir is not None and not settings.adapter_dir.is_dir():
+        raise StartupError(f"--adapter-dir: {settings.adapter_dir} is not a folder")
+    if len(preload) > settings.max_cpu_loras:
+        raise StartupError(
+            f"--lora-modules names {len(preload)} adapters; --max-cpu-loras allows {settings.max_cpu_loras}"
+        )
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        store = open_store(settings)
+    except ValueError as exc:
+        raise StartupError(str(exc)) from None
+    except ModuleNotFoundError:
+        raise StartupError("--store-url: s3:// needs boto3; install lora-gateway[s3]") from None
+    catalog = open_catalog(settings, BaseIdentity(settings.base_name, fingerprint(Path(model_path))))
+    if isinstance(catalog, str):
+        raise StartupError(catalog)
+    return Prepared(settings, model_path, base, rules, store, catalog, preload)
+
+
+def assemble(prepared: Prepared, engine, zero_spec: AdapterSpec | None = None, metrics=None) -> FastAPI:
+    """The registry and the app around a started engine."""
+    from server.app import build_app
+    from server.metrics import GatewayMetrics
+
+    settings = prepared.settings
+    metrics = metrics or GatewayMetrics(settings.base_name, settings.metrics_adapter_labels)
+    registry = Registry(
+        engine,
+        base_name=settings.base_name,
+        base_adapter=zero_spec,
+        max_resident=settings.max_cpu_loras,
+        catalog=prepared.catalog,
+        store=prepared.store,
+        rules=prepared.rules,
+        events=metrics.events,
+    )
+    return build_app(settings, engine, registry, prepared.preload, metrics)
+
+
+def open_store(settings: Settings) -> AdapterStore:
+    """The adapter store: a local folder, or a local cache in front of a shared folder or bucket."""
+    from adapters.blobs import open_blobs
+
+    url = settings.store_url
+    if url and "://" not in url:
+        return AdapterStore(Path(url), max_bytes=settings.max_adapter_bytes)
+    return AdapterStore(settings.state_dir / "adapters", blobs=open_blobs(url), max_bytes=settings.max_adapter_bytes)
+
+
+def open_catalog(settings: Settings, identity: BaseIdentity | None) -> Database | str:
+    """The catalog, migrated; a message naming --catalog-url when it cannot be opened.
+
+    A database still starting (a pod beside its PostgreSQL) gets CATALOG_CONNECT_SECONDS.
+    """
+    from adapters.database import safe_url
+    from adapters.errors import CatalogUnavailable
+
+    location = settings.catalog_location
+    deadline = time.monotonic() + CATALOG_CONNECT_SECONDS
+    while True:
+        try:
+            return Database(location, identity)
+        except ValueError as exc:
+            return str(exc)
+        except ModuleNotFoundError:
+            return "--catalog-url: postgresql:// needs psycopg; install lora-gateway[postgres]"
+        except CatalogUnavailable:
+            if time.monotonic() > deadline:
+                return f"--catalog-url: cannot reach the catalog database at {safe_url(location)}"
+            logger.warning("waiting for the catalog database at %s", safe_url(location))
+            time.sleep(2)

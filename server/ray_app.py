@@ -1,0 +1,167 @@
+"""The gateway on Ray Serve: an ingress deployment with the whole HTTP app (auth, tenancy,
+validation, the catalog), in front of N engine replicas reached through a DeploymentHandle.
+
+- `lora-gateway serve --ray --replicas N` runs it on a local Ray that starts and stops with
+  the gateway, or on a cluster with --ray-address.
+- `serve run server.ray_app:app_builder` and `serve deploy deploy/ray/serve-config.yaml` build
+  the same application from the same settings (the config's `args`, or LORA_GATEWAY_* in the
+  environment), for clusters that KubeRay manages.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import socket
+import threading
+from typing import Any
+
+from server.config import Settings
+
+logger = logging.getLogger("lora_gateway")
+
+APP_NAME = "lora-gateway"
+SHUTDOWN_GRACE_SECONDS = 15
+
+
+def deployment_options(settings: Settings) -> dict[str, Any]:
+    """The engine replicas' Serve options: a fixed count, or autoscaling bounds."""
+    options: dict[str, Any] = {
+        "name": "engine",
+        "ray_actor_options": {"num_cpus": settings.replica_cpus},
+        "max_ongoing_requests": max(8, settings.max_num_seqs * 2),
+        "health_check_period_s": 2,
+        "health_check_timeout_s": 30,
+        "graceful_shutdown_timeout_s": settings.drain_seconds,
+    }
+    if settings.min_replicas is not None:
+        autoscaling: dict[str, Any] = {
+            "min_replicas": settings.min_replicas,
+            "max_replicas": settings.max_replicas,
+            "initial_replicas": max(settings.min_replicas, 1),
+        }
+        if settings.target_ongoing_requests is not None:
+            autoscaling["target_ongoing_requests"] = settings.target_ongoing_requests
+        options["autoscaling_config"] = autoscaling
+    else:
+        options["num_replicas"] = settings.replicas
+    return options
+
+
+def build_application(settings: Settings):
+    """The Serve application: the ingress bound to the engine replicas."""
+    from ray import serve
+
+    from server.engine.ray_replica import replica_class
+
+    # The Settings object itself travels (pickled by Ray): its JSON would mask the secrets.
+    replicas = serve.deployment(replica_class(settings.max_cpu_loras), **deployment_options(settings))
+    ingress = serve.deployment(
+        serve.ingress()(GatewayIngress),
+        name="ingress",
+        num_replicas=1,
+        ray_actor_options={"num_cpus": 0},
+        max_ongoing_requests=settings.max_in_flight + 64,
+    )
+    return ingress.bind(settings, replicas.bind(settings))
+
+
+def app_builder(args: dict[str, Any] | None = None):
+    """For `serve run server.ray_app:app_builder` and Serve config files: settings from `args`
+    (flag names with underscores) over the LORA_GATEWAY_* environment."""
+    from server.gateway import with_demo
+
+    settings = with_demo(Settings(**{"ray": True, **(args or {})}))
+    return build_application(settings)
+
+
+class GatewayIngress:
+    """The HTTP app in a Serve replica, with the engine replicas as its engine."""
+
+    def __init__(self, settings: Settings, replicas: Any):
+        import ray
+        from transformers import AutoTokenizer
+
+        from server.engine.ray_engine import RayEngine
+        from server.engine.ray_replica import BOARD_NAME, BOARD_NAMESPACE, ClusterBoard
+        from server.engine.vllm_engine import default_max_model_len
+        from server.gateway import StartupError, assemble, prepare
+        from server.logs import configure_logging
+
+        configure_logging(settings.log_level, settings.log_format)
+        try:
+            prepared = prepare(settings)
+        except StartupError as exc:
+            raise RuntimeError(str(exc)) from None
+        board = (
+            ray.remote(ClusterBoard)
+            .options(name=BOARD_NAME, namespace=BOARD_NAMESPACE, get_if_exists=True, num_cpus=0)
+            .remote()
+        )
+        tokenizer = AutoTokenizer.from_pretrained(prepared.model_path)
+        max_model_len = settings.max_model_len or default_max_model_len(prepared.model_path)
+        self._app = assemble(prepared, RayEngine(replicas, tokenizer, max_model_len, board))
+
+    def __serve_build_asgi_app__(self):
+        return self._app
+
+
+def serve_on_ray(settings: Settings) -> int:
+    """Run the application until SIGTERM or SIGINT; a local Ray starts and stops with it."""
+    import ray
+    from ray import serve
+
+    try:
+        with socket.create_server((settings.host, settings.port)):
+            pass  # Ray's proxy binds it; a port in use should fail now, not after the engines start
+    except OSError as exc:
+        print(f"lora-gateway: error: --host/--port: cannot listen on {settings.host}:{settings.port}: {exc}")
+        return 2
+    from server.gateway import StartupError, prepare
+
+    try:
+        prepare(settings).catalog.close()  # fail fast on the model, adapters, catalog and store
+    except StartupError as exc:
+        print(f"lora-gateway: error: {exc}")
+        return 2
+
+    local = settings.ray_address is None
+    extra = {"_metrics_export_port": settings.ray_metrics_port} if local and settings.ray_metrics_port else {}
+    ray.init(
+        address=settings.ray_address,
+        include_dashboard=False,
+        **extra,
+        logging_level=logging.WARNING,
+        log_to_driver=True,
+        configure_logging=False,
+    )
+    try:
+        serve.start(http_options={"host": settings.host, "port": settings.port})
+        logger.info("starting %d engine replicas on Ray", settings.replicas)
+        serve.run(build_application(settings), name=APP_NAME, route_prefix="/", blocking=False)
+        logger.info("serving %s on http://%s:%d through Ray Serve", settings.base_name, settings.host, settings.port)
+        stopped = threading.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stopped.set())
+        stopped.wait()
+        logger.info("stopping: the engine replicas finish their requests (up to %.0f s)", settings.drain_seconds)
+    finally:
+        # Bounded: a Ray whose node process died with the terminal's signal would never answer.
+        stopper = threading.Thread(target=_stop_serve, args=(local,), daemon=True)
+        stopper.start()
+        stopper.join(settings.drain_seconds + SHUTDOWN_GRACE_SECONDS)
+        if stopper.is_alive():
+            logger.warning("Ray Serve did not stop in time; shutting Ray down anyway")
+        ray.shutdown()
+    return 0
+
+
+def _stop_serve(local: bool) -> None:
+    from ray import serve
+
+    try:
+        serve.delete(APP_NAME)
+        if local:
+            serve.shutdown()
+    except Exception:  # noqa: BLE001 - shutting down: report, and let ray.shutdown() finish
+        logger.exception("stopping Ray Serve failed")

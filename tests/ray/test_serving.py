@@ -1,0 +1,173 @@
+"""The gateway on Ray Serve with two engine replicas: parity with PEFT, adapter affinity, the
+cluster view, a killed replica, and a client that leaves mid-stream."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import httpx
+import pytest
+
+from server.demo import DEMO_PROMPT
+from tests.engine.conftest import ADMIN_KEY
+from tests.engine.reference import PeftReference
+
+pytestmark = [pytest.mark.engine, pytest.mark.ray, pytest.mark.timeout(300)]
+
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+MAX_TOKENS = 20
+
+
+@pytest.fixture(scope="module")
+def reference(demo) -> PeftReference:
+    return PeftReference(demo.base, demo.adapters)
+
+
+@pytest.fixture
+async def client(ray_gateway):
+    async with httpx.AsyncClient(base_url=ray_gateway.url, headers=ADMIN, timeout=120) as http:
+        yield http
+
+
+async def chat(client, model: str, prompt: str = DEMO_PROMPT, **extra) -> httpx.Response:
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": MAX_TOKENS}
+    return await client.post("/v1/chat/completions", json=body | {"temperature": 0} | extra)
+
+
+def text(response: httpx.Response) -> str:
+    assert response.status_code == 200, response.text
+    return response.json()["choices"][0]["message"]["content"]
+
+
+def peft(reference: PeftReference, adapter: str | None, prompt: str = DEMO_PROMPT) -> str:
+    return reference.chat(adapter, (("user", prompt),), MAX_TOKENS)
+
+
+async def cluster(client) -> list[dict]:
+    response = await client.get("/v1/cluster")
+    assert response.status_code == 200, response.text
+    return response.json()["data"]
+
+
+async def until(check, seconds: float, step: float = 0.5):
+    deadline = time.monotonic() + seconds
+    while True:
+        result = await check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not true within {seconds} s")
+        await asyncio.sleep(step)
+
+
+async def test_mixed_traffic_through_the_replicas_matches_peft(client, reference):
+    prompts = [DEMO_PROMPT, "Tell me about the sea."]
+    cases = [(model, prompt) for model in ("demo", "pirate", "poet") for prompt in prompts] * 3
+    responses = await asyncio.gather(*(chat(client, model, prompt) for model, prompt in cases))
+    for (model, prompt), response in zip(cases, responses, strict=True):
+        expected = peft(reference, None if model == "demo" else model, prompt)
+        assert text(response) == expected, (model, prompt)
+        assert response.headers["x-lora-gateway-replica"]
+
+
+async def test_each_adapter_is_served_by_one_replica_and_base_requests_spread(client):
+    served: dict[str, set[str]] = defaultdict(set)
+    for _ in range(6):
+        for model in ("pirate", "poet"):
+            served[model].add((await chat(client, model)).headers["x-lora-gateway-replica"])
+    assert all(len(replicas) == 1 for replicas in served.values()), served
+    base = await asyncio.gather(*(chat(client, "demo", max_tokens=64, ignore_eos=True) for _ in range(16)))
+    spread = Counter(response.headers["x-lora-gateway-replica"] for response in base)
+    assert len(spread) == 2, spread
+
+
+async def test_the_cluster_view_lists_both_replicas(client, ray_gateway):
+    await chat(client, "pirate")
+    replicas = await until(lambda: _healthy_replicas(client, 2), 60)
+    assert len({r["id"] for r in replicas}) == 2 and len({r["pid"] for r in replicas}) == 2
+    assert all(r["node"] and r["in_flight"] >= 0 for r in replicas)
+    assert any("pirate" in r["resident_adapters"] for r in replicas)
+    tenant_view = await client.get("/v1/cluster", headers={"Authorization": "Bearer nope"})
+    assert tenant_view.status_code == 401
+
+
+async def _healthy_replicas(client, count: int):
+    replicas = [r for r in await cluster(client) if r["healthy"]]
+    return replicas if len(replicas) == count else None
+
+
+async def test_a_client_that_leaves_mid_stream_aborts_its_engine_request(client):
+    body = {
+        "model": "poet",
+        "prompt": "The sea",
+        "max_tokens": 1000,
+        "ignore_eos": True,
+        "temperature": 0,
+        "stream": True,
+    }
+    started = time.monotonic()
+    async with client.stream("POST", "/v1/completions", json=body) as response:
+        replica = response.headers["x-lora-gateway-replica"]
+        async for _line in response.aiter_lines():
+            break  # the first tokens arrived; leave
+
+    async def idle():
+        for r in await cluster(client):
+            if r["id"] == replica and r["in_flight"] == 0 and r["reported_at"] > started + 0.5:
+                return True
+        return False
+
+    await until(idle, 10, step=0.2)
+    idle_after = time.monotonic() - started
+    whole = time.monotonic()
+    full = await client.post("/v1/completions", json=body | {"stream": False})
+    assert full.status_code == 200 and full.json()["usage"]["completion_tokens"] == body["max_tokens"]
+    full_seconds = time.monotonic() - whole
+    # The abandoned request stopped long before it could have finished.
+    assert idle_after < full_seconds, (idle_after, full_seconds)
+
+
+async def test_an_adapter_registered_through_the_ingress_serves_after_its_replica_is_killed(
+    client, reference, demo, tmp_path
+):
+    folder = Path(shutil.copytree(demo.adapters["pirate"], tmp_path / "corsair"))
+    (folder / "README.md").write_text("corsair\n")  # new content: no replica has seen it
+    files = [("file", (p.name, p.read_bytes())) for p in sorted(folder.iterdir())]
+    assert (await client.post("/v1/adapters", data={"name": "corsair"}, files=files)).status_code == 201
+    first = await chat(client, "corsair")
+    assert text(first) == peft(reference, "pirate")
+    holder = first.headers["x-lora-gateway-replica"]
+    victim = next(r for r in await cluster(client) if r["id"] == holder)
+
+    # A request in flight on the replica when it dies ends cleanly.
+    body = {"model": "corsair", "prompt": "The sea", "max_tokens": 900, "ignore_eos": True, "stream": True}
+    async with client.stream("POST", "/v1/completions", json=body) as response:
+        assert response.status_code == 200
+        lines = response.aiter_lines()
+        await anext(lines)
+        os.kill(victim["pid"], signal.SIGKILL)
+        rest = [line async for line in lines if line]
+    assert rest[-1] == "data: [DONE]"
+    assert any('"error"' in line for line in rest), rest[-3:]
+
+    # Traffic recovers on the survivor, which had never seen the adapter, or on the replacement.
+    async def serves_again():
+        response = await chat(client, "corsair")
+        return response if response.status_code == 200 else None
+
+    again = await until(serves_again, 90, step=1)
+    assert text(again) == peft(reference, "pirate")
+    assert again.headers["x-lora-gateway-replica"] != holder
+
+    async def replaced():
+        replicas = await _healthy_replicas(client, 2)
+        return replicas if replicas and holder not in {r["id"] for r in replicas} else None
+
+    await until(replaced, 180, step=2)
+    assert text(await chat(client, "demo")) == peft(reference, None)
