@@ -66,6 +66,7 @@ def write_plot(results: Sequence[SimResult], path: Path) -> None:
     for result in results:
         series.setdefault(series_label(result.summary, several), []).append(result.summary)
     base = results[0].config
+    ticks = sorted({r.config.replicas for r in results})
     fig, (cold, spread, latency) = plt.subplots(1, 3, figsize=(16, 4.8))
     for label, rows in series.items():
         rows.sort(key=lambda row: row["replicas"])
@@ -74,15 +75,17 @@ def write_plot(results: Sequence[SimResult], path: Path) -> None:
         spread.plot(x, [row["routed_max_over_mean"] for row in rows], marker="o", label=label)
         latency.plot(x, [row["latency_p99_s"] for row in rows], marker="o", label=label)
     cold.set(title="cold loads per request", ylabel="share of requests", ylim=(0, None))
+    # Above 1 / offered load, the busiest replica is asked for more than it can serve.
+    saturated = 1 / base.offered_load
+    highest = max(r.summary["routed_max_over_mean"] for r in results)
     spread.set(title="load spread: busiest replica's requests / mean", ylabel="max / mean")
-    spread.axhline(1 / base.offered_load, color="grey", linestyle=":", linewidth=1)
-    spread.annotate(
-        "busiest replica at full capacity", (x[0], 1 / base.offered_load), textcoords="offset points", xytext=(0, 4)
-    )
+    spread.set_ylim(0.95, max(highest, saturated) * 1.08)
+    spread.axhline(saturated, color="grey", linestyle=":", linewidth=1)
+    spread.annotate("busiest replica saturated", (ticks[0], saturated), textcoords="offset points", xytext=(0, 4))
     latency.set(title="p99 latency (queue + load + service)", ylabel="seconds", yscale="log")
-    latency.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    latency.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+    latency.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}"))
     latency.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    ticks = sorted({r.config.replicas for r in results})
     for axes in (cold, spread, latency):
         axes.set_xscale("log", base=2)
         axes.set_xticks(ticks, labels=[str(tick) for tick in ticks])
