@@ -48,6 +48,10 @@ class InvalidComposition(AdapterError):
     """Adapters cannot be composed as asked; the message says why and what would work."""
 
 
+class MergeFailed(AdapterError):
+    """An adapter cannot be merged into the base model's weights; the message says why."""
+
+
 class Unavailable(AdapterError):
     """A backing service cannot be reached; the same call may succeed later."""
 

@@ -96,6 +96,7 @@ _ADAPTER_ERRORS: dict[type[adapter_errors.AdapterError], tuple[int, str, str]] =
     adapter_errors.InvalidAdapter: (400, "invalid_request_error", "invalid_adapter"),
     adapter_errors.AdapterTooLarge: (413, "invalid_request_error", "adapter_too_large"),
     adapter_errors.InvalidComposition: (400, "invalid_request_error", "invalid_composition"),
+    adapter_errors.MergeFailed: (400, "invalid_request_error", "merge_failed"),
     adapter_errors.CatalogUnavailable: (503, "service_unavailable_error", "catalog_unavailable"),
     adapter_errors.StoreUnavailable: (503, "service_unavailable_error", "store_unavailable"),
 }
