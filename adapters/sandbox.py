@@ -1,0 +1,420 @@
+"""Pickled tensors loaded in a short-lived, locked-down process: the only way a pickle is read.
+
+A pickle runs code while it is loaded. PyTorch's `torch.load(weights_only=True)` refuses every
+global outside its allow-list, and it is the only loader used here, never with
+`weights_only=False`. In case that allow-list ever has a hole (CVE-2025-32434 and
+CVE-2026-24747 were two), the load runs in a child process that:
+
+- is `python -I` (no environment variables, user site or script folder) with a minimal
+  environment, in a new session, with every descriptor closed but its three standard ones;
+- gets the file as its standard input and writes safetensors to its standard output, which is a
+  file in a private folder of the parent's: it never opens a path;
+- has limits on address space, CPU seconds, bytes it may write, and open descriptors (none new),
+  and is killed with its session past a wall-clock timeout;
+- when started as root: leaves the network (a new, empty network namespace), is chrooted into an
+  empty folder, and drops to `nobody` with no new privileges and no new processes or threads.
+
+The parent reads back only safetensors, a format with no code in it, and checks that it is a
+flat mapping of names to floating-point tensors. The child checks the same before writing, so
+the parent never sees a nested dict, a number or a string that a pickle held.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import resource
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from adapters.errors import AdapterTooLarge, InvalidAdapter, Unavailable
+
+logger = logging.getLogger(__name__)
+
+# torch.load(weights_only=True) is only safe from 2.10 on (CVE-2025-32434, CVE-2026-24747).
+MIN_TORCH = (2, 10)
+_REFUSED = 3  # the child's exit status for a file it refuses; the reason is JSON on stderr
+_MAX_ECHOED_KEY = 80
+_STDERR_READ = 64 * 1024
+_NOBODY = 65534
+
+
+@dataclass(frozen=True)
+class SandboxLimits:
+    """What one load may use. Memory grows with the file: it is read, loaded and written once each."""
+
+    max_input_bytes: int = 512 * 1024 * 1024
+    base_memory_bytes: int = 1536 * 1024 * 1024  # python, torch and safetensors themselves
+    memory_per_input_byte: int = 6
+    cpu_seconds: int = 60
+    wall_seconds: float = 120.0
+    max_tensors: int = 100_000
+    concurrent_loads: int = 2
+
+    def memory_bytes(self, input_bytes: int) -> int:
+        return self.base_memory_bytes + self.memory_per_input_byte * input_bytes
+
+    def output_bytes(self, input_bytes: int) -> int:
+        # Tensor data cannot grow; the margin covers the header and a short error report.
+        return 2 * input_bytes + (1 << 20)
+
+
+DEFAULT_LIMITS = SandboxLimits()
+_slots_lock = threading.Lock()
+_slots: dict[int, threading.BoundedSemaphore] = {}
+
+
+def torch_version() -> tuple[int, int] | None:
+    """The installed torch's (major, minor), or None when torch is missing."""
+    try:
+        version = metadata.version("torch")
+    except metadata.PackageNotFoundError:
+        return None
+    match = re.match(r"(\d+)\.(\d+)", version)
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+def check_torch() -> None:
+    """Raise InvalidAdapter unless the installed torch has a safe weights-only loader."""
+    version = torch_version()
+    if version is None:
+        raise InvalidAdapter("this server cannot read pickled weights (torch is not installed); send safetensors")
+    if version < MIN_TORCH:
+        shown = ".".join(map(str, version))
+        raise InvalidAdapter(
+            f"this server's torch {shown} has no safe loader for pickled weights (2.10 or later is needed); "
+            "send safetensors"
+        )
+
+
+def loader_problem() -> str | None:
+    """Why pickled weights cannot be loaded safely here (for a warning at start), or None."""
+    try:
+        check_torch()
+    except InvalidAdapter as exc:
+        return exc.message
+    return None
+
+
+def load_pickled_tensors(path: Path, label: str, limits: SandboxLimits = DEFAULT_LIMITS) -> dict[str, Any]:
+    """The flat {name: tensor} dict pickled in `path`, loaded in a sandboxed process.
+
+    `label` names the file in messages (never the path). Raises InvalidAdapter for a file that is
+    not such a dict or that carries code, AdapterTooLarge past the size limit, and Unavailable
+    when every sandbox slot stays busy.
+    """
+    check_torch()
+    size = path.stat().st_size
+    if size > limits.max_input_bytes:
+        raise AdapterTooLarge(f"{label} is {size} bytes; the limit is {limits.max_input_bytes} bytes")
+    slots = _slots_for(limits.concurrent_loads)
+    if not slots.acquire(timeout=limits.wall_seconds):
+        raise Unavailable("every pickle-conversion slot is busy; try again shortly", retry_after=5)
+    try:
+        with tempfile.TemporaryDirectory(prefix="lora-gateway-sandbox-") as private:
+            return _run_child(path, label, size, limits, Path(private))
+    finally:
+        slots.release()
+
+
+def _slots_for(count: int) -> threading.BoundedSemaphore:
+    with _slots_lock:
+        return _slots.setdefault(count, threading.BoundedSemaphore(count))
+
+
+def _run_child(path: Path, label: str, size: int, limits: SandboxLimits, private: Path) -> dict[str, Any]:
+    jail = private / "jail"  # the child's cwd (and root, as root): empty, and not writable by nobody
+    jail.mkdir(mode=0o755)
+    output_path, errors_path = private / "out.safetensors", private / "errors.txt"
+    plan = {
+        "memory": limits.memory_bytes(size),
+        "cpu": limits.cpu_seconds,
+        "output": limits.output_bytes(size),
+        "input": size,
+        "max_tensors": limits.max_tensors,
+        "min_torch": list(MIN_TORCH),
+        "jail": str(jail),
+        "uid": _NOBODY if os.geteuid() == 0 else None,
+    }
+    env = {"PATH": os.defpath, "LC_ALL": "C.UTF-8", "HOME": "/nonexistent"}
+    env |= {name: "1" for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)
+    with (
+        open(os.open(path, flags), "rb") as source,
+        open(output_path, "wb") as output,
+        open(errors_path, "wb") as errors,
+    ):
+        child = subprocess.Popen(
+            [sys.executable, "-I", "-m", "adapters.sandbox", json.dumps(plan)],
+            stdin=source,
+            stdout=output,
+            stderr=errors,
+            cwd=jail,
+            env=env,
+            close_fds=True,
+            start_new_session=True,
+        )
+        try:
+            status = child.wait(timeout=limits.wall_seconds)
+        except subprocess.TimeoutExpired:
+            _kill_session(child)
+            raise InvalidAdapter(
+                f"{label} did not load within {limits.wall_seconds:g} s; LoRA weights load in seconds"
+            ) from None
+        except BaseException:
+            _kill_session(child)
+            raise
+    report = _read_report(errors_path)
+    if status == 0:
+        tensors = _read_output(output_path, label, limits)
+        logger.info(
+            "loaded %s in a sandbox (%s): %d tensors", label, ", ".join(report.get("protections", [])), len(tensors)
+        )
+        return tensors
+    if status == _REFUSED and "reason" in report:
+        raise InvalidAdapter(f"{label}: {_refusal_message(report, limits.memory_bytes(size))}")
+    raise InvalidAdapter(f"{label} could not be loaded as pickled tensors: {_crash_reason(status, limits, size)}")
+
+
+def _kill_session(child: subprocess.Popen) -> None:
+    """Kill the child and its session while the child is unreaped, so that its id is still its own."""
+    try:
+        os.killpg(child.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    child.wait()
+
+
+def _read_report(errors_path: Path) -> dict[str, Any]:
+    """The child's last JSON line on stderr, or {} when it left none."""
+    with errors_path.open("rb") as errors:
+        errors.seek(max(0, errors_path.stat().st_size - _STDERR_READ))
+        lines = errors.read().decode("utf-8", "replace").strip().splitlines()
+    for line in reversed(lines):
+        try:
+            report = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(report, dict):
+            return report
+    return {}
+
+
+def _read_output(output_path: Path, label: str, limits: SandboxLimits) -> dict[str, Any]:
+    """Parse the child's safetensors and check its shape again: names to floating-point tensors."""
+    import torch
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    try:
+        tensors = load(output_path.read_bytes())
+    except (SafetensorError, ValueError, OSError):
+        raise InvalidAdapter(f"{label} could not be loaded as pickled tensors") from None
+    if not tensors:
+        raise InvalidAdapter(f"{label}: the pickled weights hold no tensors")
+    if len(tensors) > limits.max_tensors:
+        raise InvalidAdapter(f"{label}: the pickled weights hold over {limits.max_tensors} tensors")
+    for name, tensor in tensors.items():
+        if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+            raise InvalidAdapter(f"{label}: tensor {_shown(name)} is not floating point")
+    return tensors
+
+
+def _shown(key: object) -> str:
+    text = repr(key)
+    return text if len(text) <= _MAX_ECHOED_KEY else text[:_MAX_ECHOED_KEY] + "..."
+
+
+def _refusal_message(report: dict[str, Any], memory_bytes: int) -> str:
+    reason, detail = report.get("reason"), report.get("detail")
+    key = _shown(report.get("key"))
+    messages = {
+        "code": f"the pickled weights call {detail}, which is code; it was not run. Only tensors are "
+        "accepted: save a plain state dict of tensors, or safetensors",
+        "unsafe": "the pickled weights hold something other than tensors, which the safe loader refuses "
+        "(nothing in them was run); save a plain state dict of tensors, or safetensors",
+        "unreadable": "not a readable pickled state dict (a file written by torch.save)",
+        "not_a_dict": f"the pickled weights hold {detail}, not a dict of tensor names to tensors",
+        "key_type": f"the pickled weights have a key of type {detail}; tensor names are strings",
+        "nested": f"the pickled weights nest a dict under {key}; a flat dict of name to tensor is expected",
+        "not_a_tensor": f"the pickled weights hold {detail} under {key}, not a tensor",
+        "dtype": f"tensor {key} has dtype {detail}; LoRA weights are floating point",
+        "layout": f"tensor {key} is {detail}; only dense tensors are accepted",
+        "empty": "the pickled weights hold no tensors",
+        "too_many": f"the pickled weights hold over {detail} tensors",
+        "memory": f"loading the pickled weights needs more than the sandbox's {memory_bytes >> 20} MiB of memory",
+        "too_large": "the pickled weights are larger once loaded than the sandbox allows",
+        "torch": f"this server's torch {detail} has no safe loader for pickled weights (2.10 or later is needed)",
+    }
+    return messages.get(str(reason), "not a readable pickled state dict")
+
+
+def _crash_reason(status: int, limits: SandboxLimits, size: int) -> str:
+    if status == -signal.SIGXCPU:
+        return f"it needed over {limits.cpu_seconds} s of CPU"
+    if status == -signal.SIGXFSZ:
+        return "it is larger once loaded than the file itself"
+    if status in (-signal.SIGKILL, -signal.SIGSEGV, -signal.SIGABRT, -signal.SIGBUS):
+        return f"the loader stopped (over {limits.memory_bytes(size) >> 20} MiB of memory, or a corrupt file)"
+    return "the loader failed"
+
+
+# -- the child ------------------------------------------------------------------------------------
+
+
+class _Refused(Exception):
+    def __init__(self, reason: str, detail: object = None, key: object = None):
+        super().__init__(reason)
+        self.report = {"reason": reason, "detail": detail, "key": None if key is None else str(key)[:200]}
+
+
+def _child_main(plan: dict[str, Any]) -> int:
+    """Limit this process, then load standard input with torch.load(weights_only=True)."""
+    import warnings
+
+    warnings.simplefilter("ignore")  # torch's warnings would only fill stderr
+    _limit(resource.RLIMIT_CORE, 0)
+    _limit(resource.RLIMIT_AS, plan["memory"])
+    _limit(resource.RLIMIT_FSIZE, plan["output"])
+    # The soft limit sends SIGXCPU; the hard one, a second later, SIGKILL.
+    resource.setrlimit(resource.RLIMIT_CPU, (plan["cpu"], plan["cpu"] + 1))
+    try:
+        import io
+
+        import torch
+        from safetensors.torch import save
+    except MemoryError:
+        return _refuse(_Refused("memory"))
+    except ImportError as exc:
+        if "failed to map" not in str(exc):  # a shared library that did not fit in RLIMIT_AS
+            raise
+        return _refuse(_Refused("memory"))
+    version = tuple(int(part) for part in re.findall(r"\d+", torch.__version__)[:2])
+    if version < tuple(plan["min_torch"]):
+        return _refuse(_Refused("torch", torch.__version__))
+    torch.set_num_threads(1)
+    _warm_up(torch, save, io)
+    protections = _lock_down(plan)
+    try:
+        data = sys.stdin.buffer.read(plan["input"] + 1)
+        tensors = _load_flat_tensors(torch, io.BytesIO(data), plan["max_tensors"])
+        del data
+        encoded = save(tensors)
+    except _Refused as refused:
+        return _refuse(refused)
+    except MemoryError:
+        return _refuse(_Refused("memory"))
+    except RuntimeError as exc:
+        # torch reports a failed allocation as a RuntimeError.
+        return _refuse(_Refused("memory" if "alloc" in str(exc).lower() else "unreadable"))
+    try:
+        sys.stdout.buffer.write(encoded)
+        sys.stdout.buffer.flush()
+    except OSError:  # EFBIG: over RLIMIT_FSIZE
+        return _refuse(_Refused("too_large"))
+    sys.stderr.write(json.dumps({"protections": protections}) + "\n")
+    return 0
+
+
+def _limit(kind: int, value: int) -> None:
+    resource.setrlimit(kind, (value, value))
+
+
+def _warm_up(torch, save, io) -> None:
+    """Load once what the real load will use, so that nothing needs importing after the lock-down."""
+    sample = {
+        "f32": torch.zeros(2),
+        "f16": torch.zeros(2, dtype=torch.float16),
+        "bf16": torch.zeros(2, dtype=torch.bfloat16),
+    }
+    for legacy in (False, True):
+        buffer = io.BytesIO()
+        torch.save(sample, buffer, _use_new_zipfile_serialization=not legacy)
+        buffer.seek(0)
+        _load_flat_tensors(torch, buffer, 10)
+    save(sample)
+
+
+def _lock_down(plan: dict[str, Any]) -> list[str]:
+    """Cut this process off from everything but its three descriptors; returns what was applied."""
+    import ctypes
+
+    applied = ["rlimits"]
+    libc = ctypes.CDLL(None, use_errno=True)
+    if plan["uid"] is not None:
+        if libc.unshare(0x40000000) == 0:  # CLONE_NEWNET: no interfaces but a down loopback
+            applied.append("no network")
+        try:
+            os.chroot(plan["jail"])
+            os.chdir("/")
+            applied.append("chroot")
+        except OSError:
+            pass
+    if libc.prctl(38, 1, 0, 0, 0) == 0:  # PR_SET_NO_NEW_PRIVS
+        applied.append("no new privileges")
+    if plan["uid"] is not None:
+        os.setgroups([])
+        os.setgid(plan["uid"])
+        os.setuid(plan["uid"])
+        applied.append("nobody")
+        # Counted per user: nobody gets no new process or thread.
+        _limit(resource.RLIMIT_NPROC, 0)
+    os.closerange(3, 1 << 16)
+    _limit(resource.RLIMIT_NOFILE, 3)  # no descriptor can be opened beyond stdin, stdout, stderr
+    return applied
+
+
+def _load_flat_tensors(torch, stream, max_tensors: int) -> dict[str, Any]:
+    try:
+        loaded = torch.load(stream, map_location="cpu", weights_only=True)
+    except MemoryError:
+        raise
+    except Exception as exc:  # the loader's errors are many types; each means "not this"
+        message = str(exc)
+        blocked = re.search(r"GLOBAL ([\w.]+)", message)
+        if blocked:
+            raise _Refused("code", blocked.group(1)[:120]) from None
+        if "Weights only load failed" in message and "Unsupported operand" not in message:
+            raise _Refused("unsafe") from None
+        if isinstance(exc, RuntimeError) and "alloc" in message.lower():
+            raise MemoryError from None
+        raise _Refused("unreadable") from None
+    if not isinstance(loaded, dict):
+        raise _Refused("not_a_dict", type(loaded).__name__)
+    if not loaded:
+        raise _Refused("empty")
+    if len(loaded) > max_tensors:
+        raise _Refused("too_many", max_tensors)
+    tensors = {}
+    for key, value in loaded.items():
+        if not isinstance(key, str):
+            raise _Refused("key_type", type(key).__name__)
+        if isinstance(value, dict):
+            raise _Refused("nested", key=key)
+        if not isinstance(value, torch.Tensor):
+            raise _Refused("not_a_tensor", type(value).__name__, key)
+        if value.layout != torch.strided or value.is_quantized:
+            raise _Refused("layout", str(value.layout), key)
+        if not value.is_floating_point():
+            raise _Refused("dtype", str(value.dtype).removeprefix("torch."), key)
+        tensors[key] = value.detach().clone().contiguous()  # own storage each: no shared views
+    return tensors
+
+
+def _refuse(refused: _Refused) -> int:
+    sys.stderr.write(json.dumps(refused.report) + "\n")
+    sys.stderr.flush()
+    return _REFUSED
+
+
+if __name__ == "__main__":
+    sys.exit(_child_main(json.loads(sys.argv[1])))
