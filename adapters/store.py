@@ -24,7 +24,7 @@ from pathlib import Path
 
 from adapters.blobs import BlobNotFound, Blobs
 from adapters.errors import AdapterTooLarge, InvalidAdapter, StoreUnavailable
-from adapters.validate import ALLOWED_FILES, DEFAULT_MAX_BYTES
+from adapters.validate import ALLOWED_FILES, DEFAULT_MAX_BYTES, STAGING_FILES
 from adapters.validate import content_hash as folder_hash  # the parameters here are named content_hash
 
 logger = logging.getLogger(__name__)
@@ -182,7 +182,7 @@ def copy_folder(source: Path, staging: Path, max_bytes: int) -> None:
             raise InvalidAdapter(f"'{entry.name}' is a symbolic link; adapters must be plain files")
         if not entry.is_file(follow_symlinks=False):
             raise InvalidAdapter(f"'{entry.name}' is not a plain file; adapters are flat folders of files")
-        _check_member_name(entry.name)
+        _check_member_name(entry.name, STAGING_FILES)
         total += entry.stat(follow_symlinks=False).st_size
         if total > max_bytes:
             raise AdapterTooLarge(f"the adapter is over the {max_bytes}-byte limit")
@@ -196,7 +196,7 @@ def write_files(files: Iterable[tuple[str, io.BufferedIOBase]], staging: Path, m
     """Write uploaded files (name, stream) into staging, within the size limit."""
     total = 0
     for name, stream in files:
-        name = _check_member_name(os.path.basename(name or ""))
+        name = _check_member_name(os.path.basename(name or ""), STAGING_FILES)
         with open(staging / name, "wb") as writer:
             total += _copy_limited(stream, writer, max_bytes - total)
 
@@ -205,12 +205,12 @@ def extract_tarball(stream: io.BufferedIOBase, staging: Path, max_bytes: int) ->
     """Unpack a .tar.gz of adapter files: regular files only, flat or under one folder."""
     try:
         with tarfile.open(fileobj=stream, mode="r:*") as archive:
-            _unpack(archive, staging, max_bytes)
+            _unpack(archive, staging, max_bytes, STAGING_FILES)
     except (tarfile.TarError, EOFError, OSError):
         raise InvalidAdapter("the upload is not a readable .tar.gz archive") from None
 
 
-def _unpack(archive: tarfile.TarFile, staging: Path, max_bytes: int) -> None:
+def _unpack(archive: tarfile.TarFile, staging: Path, max_bytes: int, allowed: set[str] = ALLOWED_FILES) -> None:
     total = 0
     for member in archive:
         if member.isdir():
@@ -220,7 +220,7 @@ def _unpack(archive: tarfile.TarFile, staging: Path, max_bytes: int) -> None:
         parts = [p for p in member.name.split("/") if p not in ("", ".")]
         if ".." in parts or len(parts) > 2 or member.name.startswith("/"):
             raise InvalidAdapter(f"'{member.name}' in the archive points outside the adapter folder")
-        name = _check_member_name(parts[-1])
+        name = _check_member_name(parts[-1], allowed)
         if (staging / name).exists():
             raise InvalidAdapter(f"the archive holds '{name}' twice")
         total += member.size
@@ -253,14 +253,17 @@ def _check_hash(content_hash: str) -> None:
         raise InvalidAdapter("an adapter's content hash is 64 lowercase hex digits (sha256)")
 
 
-def _check_member_name(name: str) -> str:
-    if name not in ALLOWED_FILES:
-        allowed = ", ".join(sorted(ALLOWED_FILES))
+def _check_member_name(name: str, allowed: set[str] = ALLOWED_FILES) -> str:
+    """Staging takes PEFT's adapter_model.bin too (converted before it is validated); the store never does."""
+    if name not in allowed:
         if name.endswith((".bin", ".pt", ".pth", ".pkl", ".ckpt")):
-            raise InvalidAdapter(
-                f"'{name[:80]}' is a pickled checkpoint, which runs code when loaded; send adapter_model.safetensors"
+            hint = (
+                "send adapter_model.safetensors, PEFT's adapter_model.bin, or a MiniMind .pth with format=minimind"
+                if allowed is STAGING_FILES
+                else "send adapter_model.safetensors"
             )
-        raise InvalidAdapter(f"unexpected file '{name[:80]}'; an adapter holds only {allowed}")
+            raise InvalidAdapter(f"'{name[:80]}' is a pickled checkpoint, which runs code when loaded; {hint}")
+        raise InvalidAdapter(f"unexpected file '{name[:80]}'; an adapter holds only {', '.join(sorted(allowed))}")
     return name
 
 

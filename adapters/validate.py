@@ -20,6 +20,9 @@ from adapters.spec import AdapterSpec
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 ALLOWED_FILES = {CONFIG_FILE, WEIGHTS_FILE, "README.md"}
+# PEFT's pickled weights: accepted while staged, converted there (adapters/convert.py), never stored.
+PICKLED_WEIGHTS_FILE = "adapter_model.bin"
+STAGING_FILES = ALLOWED_FILES | {PICKLED_WEIGHTS_FILE}
 DEFAULT_MAX_BYTES = 512 * 1024 * 1024
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _TENSOR_NAME = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_(A|B)\.weight$")

@@ -17,6 +17,7 @@ from starlette.datastructures import UploadFile
 from starlette.responses import PlainTextResponse
 
 from adapters.compose import MAX_INPUTS, Recipe, compose_registered
+from adapters.convert import MINIMIND, MINIMIND_FILE, PEFT, SOURCE_FORMATS
 from adapters.errors import AdapterNotFound, AdapterTooLarge, InvalidComposition
 from adapters.registry import AdapterEntry, Registry
 from adapters.spec import SHARED
@@ -246,6 +247,9 @@ async def _register_upload(
             raise InvalidRequest("the form needs a 'name' field", param="name")
         owner_field = form.get("owner")
         owner = _owner_for(principal, owner_field if isinstance(owner_field, str) else None, tenants)
+        format_field = form.get("format", PEFT)
+        if not isinstance(format_field, str) or format_field not in SOURCE_FORMATS:
+            raise InvalidRequest(f"format is one of {', '.join(SOURCE_FORMATS)} (default {PEFT})", param="format")
         _check_quota(registry, tenants, owner, name)
         uploads = [value for _, value in form.multi_items() if isinstance(value, UploadFile)]
         if not uploads:
@@ -258,7 +262,13 @@ async def _register_upload(
         await form.close()
     if sum(len(blob) for _, blob in blobs) > limit:
         raise AdapterTooLarge(f"the upload is over this tenant's {limit}-byte limit")
-    if len(blobs) == 1 and blobs[0][0].endswith((".tar.gz", ".tgz", ".tar")):
+    if format_field == MINIMIND:
+        if len(blobs) != 1:
+            raise InvalidRequest("format=minimind takes one file: the MiniMind LoRA .pth", param="file")
+
+        def fill(staging: Path) -> None:
+            (staging / MINIMIND_FILE).write_bytes(blobs[0][1])
+    elif len(blobs) == 1 and blobs[0][0].endswith((".tar.gz", ".tgz", ".tar")):
 
         def fill(staging: Path) -> None:
             extract_tarball(io.BytesIO(blobs[0][1]), staging, limit)
@@ -267,7 +277,7 @@ async def _register_upload(
         def fill(staging: Path) -> None:
             write_files([(filename, io.BytesIO(blob)) for filename, blob in blobs], staging, limit)
 
-    return await registry.add_folder(owner, name, fill)
+    return await registry.add_folder(owner, name, fill, source_format=format_field)
 
 
 @router.get("/v1/adapters", response_model=None)
