@@ -66,3 +66,7 @@ class CatalogUnavailable(Unavailable):
 
 class StoreUnavailable(Unavailable):
     """The adapter store cannot be reached, so an adapter not cached here cannot be fetched."""
+
+
+class ConverterBusy(Unavailable):
+    """Every sandbox that converts pickled weights is in use; the same upload may succeed shortly."""

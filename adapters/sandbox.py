@@ -36,7 +36,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from adapters.errors import AdapterTooLarge, InvalidAdapter, Unavailable
+from adapters.errors import AdapterTooLarge, ConverterBusy, InvalidAdapter
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ def load_pickled_tensors(path: Path, label: str, limits: SandboxLimits = DEFAULT
     """The flat {name: tensor} dict pickled in `path`, loaded in a sandboxed process.
 
     `label` names the file in messages (never the path). Raises InvalidAdapter for a file that is
-    not such a dict or that carries code, AdapterTooLarge past the size limit, and Unavailable
+    not such a dict or that carries code, AdapterTooLarge past the size limit, and ConverterBusy
     when every sandbox slot stays busy.
     """
     check_torch()
@@ -118,7 +118,7 @@ def load_pickled_tensors(path: Path, label: str, limits: SandboxLimits = DEFAULT
         raise AdapterTooLarge(f"{label} is {size} bytes; the limit is {limits.max_input_bytes} bytes")
     slots = _slots_for(limits.concurrent_loads)
     if not slots.acquire(timeout=limits.wall_seconds):
-        raise Unavailable("every pickle-conversion slot is busy; try again shortly", retry_after=5)
+        raise ConverterBusy("every sandbox that converts pickled weights is busy; try again shortly", retry_after=5)
     try:
         with tempfile.TemporaryDirectory(prefix="lora-gateway-sandbox-") as private:
             return _run_child(path, label, size, limits, Path(private))

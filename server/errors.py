@@ -99,6 +99,7 @@ _ADAPTER_ERRORS: dict[type[adapter_errors.AdapterError], tuple[int, str, str]] =
     adapter_errors.MergeFailed: (400, "invalid_request_error", "merge_failed"),
     adapter_errors.CatalogUnavailable: (503, "service_unavailable_error", "catalog_unavailable"),
     adapter_errors.StoreUnavailable: (503, "service_unavailable_error", "store_unavailable"),
+    adapter_errors.ConverterBusy: (503, "service_unavailable_error", "converter_busy"),
 }
 
 

@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from adapters import sandbox
-from adapters.errors import AdapterTooLarge, InvalidAdapter
+from adapters.errors import AdapterTooLarge, ConverterBusy, InvalidAdapter
 from adapters.sandbox import SandboxLimits, load_pickled_tensors
+from server.errors import from_adapter_error
 
 
 class LeavesATrace:
@@ -150,6 +151,20 @@ def test_a_load_past_the_memory_limit_is_refused(tmp_path):
     limits = SandboxLimits(base_memory_bytes=100 << 20, memory_per_input_byte=0)
     with pytest.raises(InvalidAdapter, match="more than the sandbox's 100 MiB of memory"):
         load_pickled_tensors(path, "adapter_model.bin", limits)
+
+
+def test_past_the_concurrent_loads_an_upload_gets_a_503_to_retry(tmp_path):
+    path = saved({"a": torch.zeros(2)}, tmp_path / "w.bin")
+    limits = SandboxLimits(concurrent_loads=1, wall_seconds=0.2)
+    slots = sandbox._slots_for(1)
+    slots.acquire()  # the one sandbox is busy
+    try:
+        with pytest.raises(ConverterBusy) as busy:
+            load_pickled_tensors(path, "adapter_model.bin", limits)
+    finally:
+        slots.release()
+    answer = from_adapter_error(busy.value)
+    assert answer.status_code == 503 and answer.code == "converter_busy" and answer.headers["Retry-After"] == "5"
 
 
 def test_an_old_torch_is_refused_before_anything_is_read(tmp_path, monkeypatch):
