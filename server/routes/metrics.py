@@ -6,6 +6,8 @@ from fastapi import APIRouter, Request, Response
 from prometheus_client import REGISTRY, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
+from server.metrics_lora_info import LoraInfoView
+
 router = APIRouter()
 
 
@@ -13,6 +15,7 @@ router = APIRouter()
 async def metrics(request: Request) -> Response:
     # Async on purpose: the registry gauges are read on the event loop, never beside it.
     ours = generate_latest(request.app.state.metrics.registry)
-    # The default REGISTRY holds vLLM's vllm:* series (recorded in this process) and process_*.
-    theirs = generate_latest(REGISTRY)
+    # The default REGISTRY holds vLLM's vllm:* series (recorded in this process) and process_*;
+    # vllm:lora_requests_info names adapters as clients do, for LoRA-aware endpoint pickers.
+    theirs = generate_latest(LoraInfoView(REGISTRY, request.app.state.registry.base.adapter_id))
     return Response(ours + theirs, media_type=CONTENT_TYPE_PLAIN_0_0_4)
