@@ -111,6 +111,21 @@ def test_the_scrape_has_every_dashboard_series_and_vllm_lora_info(gateway):
     assert lora_info, "vllm:lora_requests_info has no sample"
     # --max-loras 1, and no slot for a zero adapter: base requests carry none (server/engine/lora_ops.py).
     assert {s.labels["max_lora"] for s in lora_info} == {"1"}
-    # A one-token request is queued, run and finished between two stats; pirate's answer is longer.
-    # The gateway names adapter versions name@id in the engine.
-    assert any(re.search(r"(^|,)pirate@\d+(,|$)", s.labels["running_lora_adapters"]) for s in lora_info)
+
+    # The engine names adapter versions name@id; /metrics names them as the requests did, which
+    # is what LoRA-aware endpoint pickers look the request's model up in (server/metrics_lora_info.py).
+    def listed(sample) -> set[str]:
+        return {
+            name
+            for label in ("running_lora_adapters", "waiting_lora_adapters")
+            for name in sample.labels[label].split(",")
+            if name
+        }
+
+    assert set().union(*map(listed, lora_info)) <= {"pirate", "poet"}
+    # The picker's reading: the newest series that lists an adapter. A one-token request is queued,
+    # run and finished between two stats; pirate's and poet's answers are longer.
+    busy = [s for s in lora_info if listed(s)]
+    assert busy, "no vllm:lora_requests_info series lists an adapter"
+    newest = max(busy, key=lambda s: s.value)
+    assert listed(newest) <= {"pirate", "poet"} and newest.labels["running_lora_adapters"], newest.labels
