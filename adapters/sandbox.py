@@ -235,7 +235,7 @@ def _shown(key: object) -> str:
 
 
 def _refusal_message(report: dict[str, Any], memory_bytes: int) -> str:
-    reason, detail = report.get("reason"), report.get("detail")
+    reason, detail = report.get("reason"), str(report.get("detail"))[:120]  # the child's words, bounded
     key = _shown(report.get("key"))
     messages = {
         "code": f"the pickled weights call {detail}, which is code; it was not run. Only tensors are "
