@@ -18,7 +18,6 @@ from server.config import ENV_PREFIX, Settings
 from server.convert_cli import add_convert_parser, run_convert
 from server.logs import configure_logging
 from server.merge_cli import add_merge_parser, run_merge
-from server.merge_cli import add_merge_parser, run_merge
 
 logger = logging.getLogger("lora_gateway")
 
@@ -68,7 +67,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--out", required=True, type=Path, metavar="DIR", help="folder to create")
     add_merge_parser(commands)
-    add_merge_parser(commands)
     add_convert_parser(commands)
     return parser
 
@@ -90,8 +88,6 @@ def main(argv: list[str] | None = None) -> int:
     args = vars(build_parser().parse_args(argv))
     command = args.pop("command")
     configure_logging("info", "text")
-    if command == "merge":
-        return run_merge(args)
     if command == "merge":
         return run_merge(args)
     if command == "convert":
