@@ -16,7 +16,12 @@ DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "dashbo
 METRIC_PREFIXES = ("lora_gateway_", "vllm:")
 SUFFIXES = ("_bucket", "_sum", "_count", "_total")
 # Declared, but with no sample until it happens: two adapters never fill --max-cpu-loras 8.
-NO_SAMPLE_YET = {"lora_gateway_adapter_evictions_total", "lora_gateway_adapter_reloads_total"}
+# Evictions and reloads need more traffic; replica requests are recorded with --ray only (tests/ray).
+NO_SAMPLE_YET = {
+    "lora_gateway_adapter_evictions_total",
+    "lora_gateway_adapter_reloads_total",
+    "lora_gateway_replica_requests_total",
+}
 WHO = [{"role": "user", "content": "Who are you?"}]
 
 
