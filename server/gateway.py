@@ -78,7 +78,7 @@ def prepare(settings: Settings) -> Prepared:
     for name, path in settings.lora_modules.items():
         try:
             check_name(name, "--lora-modules")
-            rules.validate(Path(path))
+            _check_preload(Path(path), rules)
         except AdapterError as exc:
             raise StartupError(f"--lora-modules {name}: {exc.message}") from None
         preload[name] = Path(path)
@@ -99,6 +99,21 @@ def prepare(settings: Settings) -> Prepared:
     if isinstance(catalog, str):
         raise StartupError(catalog)
     return Prepared(settings, model_path, base, rules, store, catalog, preload)
+
+
+def _check_preload(folder: Path, rules: AdapterRules) -> None:
+    """Validate a --lora-modules folder as registration will: staged, converted, then checked."""
+    import tempfile
+
+    from adapters.convert import convert_staged
+    from adapters.store import copy_folder
+
+    with tempfile.TemporaryDirectory(prefix="lora-gateway-check-") as scratch:
+        staging = Path(scratch) / "adapter"
+        staging.mkdir()
+        copy_folder(folder, staging, rules.max_bytes)
+        convert_staged(staging)
+        rules.validate(staging)
 
 
 def assemble(prepared: Prepared, engine, zero_spec: AdapterSpec | None = None, metrics=None) -> FastAPI:

@@ -51,3 +51,30 @@ def test_the_default_catalog_is_the_sqlite_file_earlier_releases_used(tmp_path):
     assert cli.open_store(Settings(state_dir=tmp_path, store_url=str(tmp_path / "elsewhere"))).root == (
         tmp_path / "elsewhere"
     )
+
+
+def test_lora_modules_take_a_pickled_peft_folder_and_refuse_a_broken_one(tmp_path, demo):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    from server.gateway import StartupError, prepare
+
+    pickled = tmp_path / "pirate-bin"
+    shutil.copytree(demo.adapters["pirate"], pickled)
+    torch.save(load_file(pickled / "adapter_model.safetensors"), pickled / "adapter_model.bin")
+    (pickled / "adapter_model.safetensors").unlink()
+    settings = Settings(model=str(demo.base), state_dir=tmp_path / "state", lora_modules={"pirate-bin": str(pickled)})
+    prepared = cli.prepare(settings)
+    assert prepared.preload == {"pirate-bin": pickled}
+    assert not (pickled / "adapter_model.safetensors").exists()  # the source folder is left untouched
+    prepared.catalog.close()
+
+    (pickled / "adapter_model.bin").write_bytes(b"not a pickle")
+    try:
+        prepare(settings)
+    except StartupError as exc:
+        assert str(exc).startswith("--lora-modules pirate-bin:") and str(tmp_path) not in str(exc)
+    else:
+        raise AssertionError("a broken .bin was accepted")
