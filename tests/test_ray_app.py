@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import time
 from pathlib import Path
 
 import pytest
@@ -54,3 +55,50 @@ def test_the_serve_config_builds_the_application(path, demo):
     assert type(built).__name__ == "Application"
     settings = Settings(ray=True, **args)
     assert settings.min_replicas == application["args"]["min_replicas"]
+
+
+def test_engine_processes_of_a_dead_replica_are_reaped_and_a_live_ones_are_not():
+    import os
+    import subprocess
+    import sys
+
+    from server.engine.ray_replica import OWNER_ENV, reap_orphaned_engines
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
+    orphan = subprocess.Popen(sleeper, env={**os.environ, OWNER_ENV: str(dead.pid)})
+    kept = subprocess.Popen(sleeper, env={**os.environ, OWNER_ENV: str(os.getpid())})
+    try:
+        deadline = time.monotonic() + 10
+        while b"time.sleep" not in Path(f"/proc/{orphan.pid}/cmdline").read_bytes():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert reap_orphaned_engines() >= 1
+        assert orphan.wait(timeout=10) == -9
+        assert kept.poll() is None
+    finally:
+        for process in (orphan, kept):
+            process.kill()
+            process.wait()
+
+
+async def test_an_adapter_serve_evicts_leaves_the_engine_once():
+    import asyncio
+
+    from adapters.engine import AdapterHandle
+    from server.engine.ray_replica import LoadedAdapter
+    from tests.fakes import FakeEngine
+
+    engine = FakeEngine()
+    handle = AdapterHandle(7, "abc@7", "/nowhere", "abc")
+    await engine.add_adapter(handle)
+    loaded = {"abc": handle}
+    adapter = LoadedAdapter(engine, handle, loaded)
+    # Serve's multiplexer calls a synchronous __del__ from a worker thread when it evicts.
+    await asyncio.get_running_loop().run_in_executor(None, adapter.__del__)
+    await asyncio.sleep(0.05)
+    assert engine.removed == [7] and 7 not in engine.cache and loaded == {}
+    adapter.__del__()  # the garbage collector's call later changes nothing
+    await asyncio.sleep(0.05)
+    assert engine.removed == [7]

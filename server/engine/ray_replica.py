@@ -13,8 +13,10 @@ import asyncio
 import itertools
 import logging
 import os
+import signal
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 from ray import serve
@@ -25,6 +27,9 @@ from server.engine.protocol import GenerationStep, SamplingOptions
 
 logger = logging.getLogger(__name__)
 
+# Set in a replica before its engine starts, so that the engine's processes carry their owner.
+OWNER_ENV = "LORA_GATEWAY_ENGINE_OWNER"
+REAP_EVERY_REPORTS = 10
 BOARD_NAME = "lora-gateway-cluster"
 BOARD_NAMESPACE = "lora-gateway"
 REPORT_SECONDS = 1.0
@@ -66,6 +71,10 @@ def replica_class(max_adapters: int) -> type:
             self.settings = settings
             # Replicas share a node's cores: vLLM's default pinning would put them all on core 0.
             os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+            # Ray kills a failed replica, not the engine processes it spawned; mark ours, and
+            # clear away those of replicas that died before.
+            os.environ[OWNER_ENV] = str(os.getpid())
+            reap_orphaned_engines()
             context = serve.get_replica_context()
             self.replica_id = context.replica_id.unique_id
             # vLLM's series go out through Ray's metrics export, tagged with this replica's id.
@@ -132,7 +141,9 @@ def replica_class(max_adapters: int) -> type:
             import ray
 
             board = None
-            while True:
+            for count in itertools.count(1):
+                if count % REAP_EVERY_REPORTS == 0:
+                    await asyncio.to_thread(reap_orphaned_engines)
                 try:
                     if board is None:
                         board = ray.get_actor(BOARD_NAME, namespace=BOARD_NAMESPACE)
@@ -142,6 +153,42 @@ def replica_class(max_adapters: int) -> type:
                 await asyncio.sleep(REPORT_SECONDS)
 
     return EngineReplica
+
+
+def reap_orphaned_engines(proc: Path = Path("/proc")) -> int:
+    """Kill engine processes whose replica is gone; returns how many. Linux only, else nothing."""
+    if not proc.is_dir():
+        return 0
+    marker = OWNER_ENV.encode() + b"="
+    killed = 0
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue  # gone, or not ours to read
+        owner = next((item[len(marker) :] for item in environ if item.startswith(marker)), None)
+        if owner is None or not owner.isdigit() or _alive(int(owner)):
+            continue
+        try:
+            os.kill(int(entry.name), signal.SIGKILL)
+            killed += 1
+        except OSError:
+            pass
+    if killed:
+        logger.warning("stopped %d engine processes left behind by a replica that died", killed)
+    return killed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class ClusterBoard:

@@ -3,7 +3,9 @@ replicas of the demo model on CPU."""
 
 from __future__ import annotations
 
+import random
 import shutil
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -16,11 +18,25 @@ from tests.engine.conftest import ADMIN_KEY, RunningGateway, start_gateway, stop
 pytestmark = [pytest.mark.engine, pytest.mark.ray]
 
 
+def port_outside_the_ephemeral_range() -> int:
+    """A free port that Ray's own processes, which bind ephemeral ports as they start, cannot take first."""
+    low, _high = (int(part) for part in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    for port in random.Random().sample(range(20000, min(low, 30000)), 200):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port below the ephemeral range")
+
+
 @pytest.fixture(scope="session")
 def ray_gateway(demo, tmp_path_factory) -> Iterator[RunningGateway]:
     if shutil.which("ray", path=str(Path(sys.executable).parent)) is None:
         pytest.fail("Ray Serve is not installed: pip install -e '.[test]' (the ray extra)")
     state = tmp_path_factory.mktemp("ray-state")
+    metrics_port = port_outside_the_ephemeral_range()
     running = start_gateway(
         [
             "--ray",
@@ -36,6 +52,8 @@ def ray_gateway(demo, tmp_path_factory) -> Iterator[RunningGateway]:
             ADMIN_KEY,
             "--max-cpu-loras",
             "4",
+            "--ray-metrics-port",
+            str(metrics_port),
             "--drain-seconds",
             "5",
         ],  # fmt: skip
@@ -43,6 +61,7 @@ def ray_gateway(demo, tmp_path_factory) -> Iterator[RunningGateway]:
         base_name="demo",
     )
     running.adapters = dict(demo.adapters)
+    running.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
     try:
         yield running
     finally:

@@ -82,8 +82,12 @@ async def test_each_adapter_is_served_by_one_replica_and_base_requests_spread(cl
         for model in ("pirate", "poet"):
             served[model].add((await chat(client, model)).headers["x-lora-gateway-replica"])
     assert all(len(replicas) == 1 for replicas in served.values()), served
-    base = await asyncio.gather(*(chat(client, "demo", max_tokens=64, ignore_eos=True) for _ in range(16)))
-    spread = Counter(response.headers["x-lora-gateway-replica"] for response in base)
+    spread: Counter[str] = Counter()
+    for _wave in range(4):  # Serve's router balances on the queue lengths it last probed
+        base = await asyncio.gather(*(chat(client, "demo", max_tokens=96, ignore_eos=True) for _ in range(16)))
+        spread.update(response.headers["x-lora-gateway-replica"] for response in base)
+        if len(spread) == 2:
+            break
     assert len(spread) == 2, spread
 
 
@@ -100,6 +104,82 @@ async def test_the_cluster_view_lists_both_replicas(client, ray_gateway):
 async def _healthy_replicas(client, count: int):
     replicas = [r for r in await cluster(client) if r["healthy"]]
     return replicas if len(replicas) == count else None
+
+
+async def test_every_replicas_vllm_series_reach_prometheus_with_its_replica_id(client, ray_gateway):
+    models = ("demo", "pirate", "poet", "demo")
+    served: set[str] = set()
+    last: dict = {}
+
+    async def exported():
+        # Ray exports what a replica recorded lately: keep the engines busy while looking.
+        answers = await asyncio.gather(*(chat(client, model) for model in models))
+        served.update(answer.headers["x-lora-gateway-replica"] for answer in answers)
+        try:
+            body = (await client.get(ray_gateway.metrics_url)).text
+        except httpx.HTTPError as exc:
+            last["error"] = repr(exc)
+            return None
+        lines = [line for line in body.splitlines() if line.startswith("ray_vllm_") and "ReplicaId=" in line]
+        seen = {rid for rid in served if any(f'ReplicaId="{rid}"' in line for line in lines)}
+        last.update(lines=len(lines), seen=seen, served=set(served), size=len(body))
+        return lines if seen == served else None
+
+    try:
+        lines = await until(exported, 120, step=3)
+    except AssertionError:
+        raise AssertionError(f"Ray's export at {ray_gateway.metrics_url} never had every replica: {last}") from None
+    assert any(line.startswith("ray_vllm_e2e_request_latency_seconds") for line in lines)
+    # And the ingress counts each replica's requests per adapter.
+    answers = await asyncio.gather(*(chat(client, model) for model in models))
+    wanted = {(answer.headers["x-lora-gateway-replica"], model) for model, answer in zip(models, answers, strict=True)}
+
+    async def counted():  # a request is counted as its response ends, just after the client has it
+        series = [
+            line
+            for line in (await client.get("/metrics")).text.splitlines()
+            if line.startswith("lora_gateway_replica_requests_total{")
+        ]
+        return all(
+            any(f'replica="{replica}"' in line and f'adapter="{model}"' in line for line in series)
+            for replica, model in wanted
+        )
+
+    await until(counted, 10, step=0.2)
+
+
+def engine_processes_of(replica_pid: int) -> list[int]:
+    """Live processes whose environment names this replica as their owner."""
+    from server.engine.ray_replica import OWNER_ENV
+
+    marker = f"{OWNER_ENV}={replica_pid}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and marker in (entry / "environ").read_bytes().split(b"\0"):
+                found.append(int(entry.name))
+        except OSError:
+            pass
+    return found
+
+
+async def test_a_replica_whose_engine_dies_fails_its_health_check_and_is_replaced(client, reference):
+    import psutil
+
+    target = (await cluster(client))[0]
+    engine_cores = [p for p in psutil.Process(target["pid"]).children(recursive=True) if "EngineCore" in p.name()]
+    assert engine_cores, [p.name() for p in psutil.Process(target["pid"]).children(recursive=True)]
+    for core in engine_cores:
+        core.kill()
+
+    async def replaced():
+        replicas = await _healthy_replicas(client, 2)
+        return replicas if replicas and target["id"] not in {r["id"] for r in replicas} else None
+
+    await until(replaced, 180, step=2)
+    await until(lambda: _none_left(target["pid"]), 60, step=1)
+    for model in ("demo", "poet"):
+        assert text(await chat(client, model)) == peft(reference, None if model == "demo" else model)
 
 
 async def test_a_client_that_leaves_mid_stream_aborts_its_engine_request(client):
@@ -170,4 +250,10 @@ async def test_an_adapter_registered_through_the_ingress_serves_after_its_replic
         return replicas if replicas and holder not in {r["id"] for r in replicas} else None
 
     await until(replaced, 180, step=2)
+    # Its engine processes, which outlive a killed replica, are cleared away too.
+    await until(lambda: _none_left(victim["pid"]), 60, step=1)
     assert text(await chat(client, "demo")) == peft(reference, None)
+
+
+async def _none_left(replica_pid: int) -> bool:
+    return not engine_processes_of(replica_pid)
