@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from typing import Any
 
 from ray import exceptions as ray_errors
@@ -19,6 +19,7 @@ from ray.serve.handle import DeploymentHandle
 
 from adapters.engine import AdapterLoadFailed
 from server.engine.protocol import AdapterHandle, EngineDead, EngineRejected, GenerationStep, SamplingOptions
+from server.engine.tokens import Tokenizing
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ REPLICA_LOST = (
 )
 
 
-class RayEngine:
+class RayEngine(Tokenizing):
     """Engine replicas behind one DeploymentHandle."""
 
     def __init__(self, replicas: DeploymentHandle, tokenizer: Any, max_model_len: int, board: Any = None):
@@ -48,24 +49,9 @@ class RayEngine:
         self._by_content: OrderedDict[str, DeploymentHandle] = OrderedDict()
 
     @property
-    def max_model_len(self) -> int:
-        return self._max_model_len
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self._tokenizer)
-
-    @property
     def is_healthy(self) -> bool:
         # Serve replaces a failed replica by itself; one replica's death is not the gateway's.
         return True
-
-    def encode(self, text: str) -> list[int]:
-        return self._tokenizer.encode(text)
-
-    def render_chat(self, messages: Sequence[dict[str, Any]]) -> list[int]:
-        text = self._tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
-        return self._tokenizer.encode(text, add_special_tokens=False)
 
     def _for(self, adapter: AdapterHandle | None, *, stream: bool) -> DeploymentHandle:
         base = self._streaming if stream else self._replicas

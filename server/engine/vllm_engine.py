@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from server.engine.protocol import (
     SamplingOptions,
     TokenLogprob,
 )
+from server.engine.tokens import Tokenizing
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ def default_max_model_len(model_path: str) -> int:
     return min(int(config.get("max_position_embeddings") or DEFAULT_CONTEXT_CAP), DEFAULT_CONTEXT_CAP)
 
 
-class VllmEngine:
+class VllmEngine(Tokenizing):
     """An in-process `AsyncLLM` with LoRA enabled; its core runs in a spawned process."""
 
     def __init__(self, llm: AsyncLLM, tokenizer: Any, max_model_len: int):
@@ -78,24 +79,8 @@ class VllmEngine:
         return cls(llm, tokenizer, max_model_len)
 
     @property
-    def max_model_len(self) -> int:
-        return self._max_model_len
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self._tokenizer)
-
-    @property
     def is_healthy(self) -> bool:
         return not self._llm.errored
-
-    def encode(self, text: str) -> list[int]:
-        return self._tokenizer.encode(text)
-
-    def render_chat(self, messages: Sequence[dict[str, Any]]) -> list[int]:
-        text = self._tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
-        # The template writes its own special tokens, as vLLM's server assumes too.
-        return self._tokenizer.encode(text, add_special_tokens=False)
 
     async def generate(
         self,
