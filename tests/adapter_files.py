@@ -12,17 +12,17 @@ from safetensors.numpy import save_file
 
 from adapters.base_model import BaseModelInfo
 
-# A small Llama-shaped base: what adapters for it must fit.
-TINY_BASE = BaseModelInfo.from_config(
-    {
-        "hidden_size": 64,
-        "num_attention_heads": 1,
-        "num_key_value_heads": 1,
-        "head_dim": 64,
-        "intermediate_size": 96,
-        "num_hidden_layers": 2,
-    }
-)
+# A small Llama-shaped base: what adapters for it must fit, and the numbers of a real model of
+# its shapes (transformers' LlamaConfig(**TINY_CONFIG, vocab_size=...)).
+TINY_CONFIG = {
+    "hidden_size": 64,
+    "num_attention_heads": 1,
+    "num_key_value_heads": 1,
+    "head_dim": 64,
+    "intermediate_size": 96,
+    "num_hidden_layers": 2,
+}
+TINY_BASE = BaseModelInfo.from_config(TINY_CONFIG)
 
 
 def make_adapter(

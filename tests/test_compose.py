@@ -14,7 +14,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from adapters.compose import Recipe, _combine, compose
 from adapters.errors import InvalidComposition
 from adapters.validate import validate_adapter
-from tests.adapter_files import TINY_BASE, make_adapter
+from tests.adapter_files import TINY_BASE, TINY_CONFIG, make_adapter
 from tests.routes.test_tenancy import new_tenant, upload
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -39,15 +39,7 @@ def folders(tmp_path_factory):
 @pytest.fixture(scope="module")
 def peft_model(folders):
     """A tiny Llama of TINY_BASE's shapes with every input loaded in PEFT."""
-    config = LlamaConfig(
-        vocab_size=32,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=1,
-        num_key_value_heads=1,
-        head_dim=64,
-    )
+    config = LlamaConfig(**TINY_CONFIG, vocab_size=32)
     torch.manual_seed(0)
     model = PeftModel.from_pretrained(LlamaForCausalLM(config).eval(), folders["a"], adapter_name="a")
     for name in ("b", "c"):

@@ -19,7 +19,7 @@ from adapters.merge import merge_adapter
 from adapters.store import AdapterStore, copy_folder
 from adapters.validate import validate_adapter
 from server.cli import build_parser, main
-from tests.adapter_files import TINY_BASE, make_adapter
+from tests.adapter_files import TINY_BASE, TINY_CONFIG, make_adapter
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -37,13 +37,8 @@ def make_tiny_model(folder: Path) -> Path:
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
     tokenizer.chat_template = CHAT_TEMPLATE
     config = LlamaConfig(
+        **TINY_CONFIG,
         vocab_size=len(WORDS),
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=1,
-        num_key_value_heads=1,
-        head_dim=64,
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=0,
