@@ -103,14 +103,11 @@ def gateway(demo, tmp_path_factory) -> Iterator[RunningGateway]:
 def secured_gateway(demo, tmp_path_factory) -> Iterator[RunningGateway]:
     """One gateway with an admin key, shared by the tests that need tenants and keys."""
     state = tmp_path_factory.mktemp("secured")
-    running = start_gateway(
-        [
-            "--demo-dir", str(demo.root), "--state-dir", str(state), "--admin-key", ADMIN_KEY,
-            "--max-loras", "2", "--max-cpu-loras", "8",
-        ],  # fmt: skip
-        state / "gateway.log",
-        base_name="demo",
-    )
+    args = [
+        "--demo-dir", str(demo.root), "--state-dir", str(state), "--admin-key", ADMIN_KEY,
+        "--max-loras", "2", "--max-cpu-loras", "8",
+    ]  # fmt: skip
+    running = start_gateway(args, state / "gateway.log", base_name="demo")
     running.adapters = dict(demo.adapters)
     yield running
     stop_gateway(running)
