@@ -70,3 +70,11 @@ class StoreUnavailable(Unavailable):
 
 class ConverterBusy(Unavailable):
     """Every sandbox that converts pickled weights is in use; the same upload may succeed shortly."""
+
+
+class InvalidTrainingFile(AdapterError):
+    """A fine-tuning data file cannot be trained on; the message names the line and what would be right."""
+
+
+class InvalidTrainingSettings(AdapterError):
+    """Fine-tuning hyperparameters or LoRA settings that are invalid for this base; `param` names the field."""

@@ -1,0 +1,1 @@
+"""Fine-tuning LoRA adapters: data files, settings, the training loop and its worker process."""

@@ -1,0 +1,315 @@
+"""Fine-tuning data files: JSONL in OpenAI's chat or prompt/completion format, checked and tokenized.
+
+A file holds one format. Chat lines are `{"messages": [{"role", "content", "weight"?}, ...]}` and
+are learnt on their assistant turns only, rendered through the base model's chat template, so
+that training sees exactly the tokens serving will. Prompt/completion lines are
+`{"prompt", "completion"}` and are learnt on the completion. Either way the end-of-sequence token
+that follows the answer is learnt too: that is how the tuned model knows to stop.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from adapters.errors import InvalidTrainingFile
+
+CHAT = "chat"
+PROMPT_COMPLETION = "prompt_completion"
+ROLES = ("system", "user", "assistant")
+IGNORE_INDEX = -100  # the label PyTorch's cross-entropy skips
+
+_FORMAT_NAMES = {CHAT: "chat", PROMPT_COMPLETION: "prompt/completion"}
+_MESSAGE_KEYS = {"role", "content", "weight", "name"}
+_UNSUPPORTED_CHAT_KEYS = {"tools", "functions", "parallel_tool_calls"}
+_MAX_ECHOED = 40
+
+Format = Literal["chat", "prompt_completion"]
+
+
+@dataclass(frozen=True)
+class DatasetSummary:
+    """What a valid training file holds."""
+
+    format: Format
+    examples: int
+    assistant_messages: int  # messages learnt from (chat), or completions
+    characters: int  # of all text content: a rough size before tokenizing
+
+
+@dataclass(frozen=True)
+class TokenizedExample:
+    """One example as token ids, with IGNORE_INDEX in `labels` wherever nothing is learnt."""
+
+    line: int
+    input_ids: list[int]
+    labels: list[int]
+    truncated: bool
+
+    @property
+    def learnt_tokens(self) -> int:
+        return sum(label != IGNORE_INDEX for label in self.labels)
+
+
+@dataclass(frozen=True)
+class _Record:
+    line: int
+    format: Format
+    value: dict[str, Any]
+
+
+def validate_training_file(raw: bytes, *, max_examples: int | None = None) -> DatasetSummary:
+    """Check a JSONL training file; raise InvalidTrainingFile naming the first bad line."""
+    records = _parse(raw, max_examples)
+    learnt = characters = 0
+    for record in records:
+        if record.format == CHAT:
+            messages = record.value["messages"]
+            learnt += sum(_is_learnt(message) for message in messages)
+            characters += sum(len(message["content"]) for message in messages)
+        else:
+            learnt += 1
+            characters += len(record.value["prompt"]) + len(record.value["completion"])
+    return DatasetSummary(
+        format=records[0].format, examples=len(records), assistant_messages=learnt, characters=characters
+    )
+
+
+def load_examples(
+    path: Path,
+    tokenizer: Any,
+    max_length: int,
+    *,
+    warn: Callable[[str], None] | None = None,
+) -> list[TokenizedExample]:
+    """Tokenize a training file for `tokenizer`'s model, examples cut to `max_length` tokens.
+
+    An example with nothing left to learn after the cut is dropped and reported through `warn`;
+    if none is left, InvalidTrainingFile says so.
+    """
+    if max_length < 2:
+        raise ValueError("max_length must be at least 2")
+    examples: list[TokenizedExample] = []
+    dropped: list[int] = []
+    for record in _parse(Path(path).read_bytes(), None):
+        if record.format == CHAT:
+            input_ids, labels = _tokenize_chat(record, tokenizer)
+        else:
+            input_ids, labels = _tokenize_prompt_completion(record, tokenizer)
+        truncated = len(input_ids) > max_length
+        example = TokenizedExample(record.line, input_ids[:max_length], labels[:max_length], truncated)
+        if example.learnt_tokens == 0:
+            dropped.append(record.line)
+        else:
+            examples.append(example)
+    if dropped and warn is not None:
+        shown = ", ".join(map(str, dropped[:10])) + (" ..." if len(dropped) > 10 else "")
+        warn(
+            f"{len(dropped)} example(s) skipped: nothing to learn within the first {max_length} tokens "
+            f"(lines {shown}); shorten them or raise max_length"
+        )
+    if not examples:
+        raise InvalidTrainingFile(
+            f"no example has anything to learn within its first {max_length} tokens; "
+            "shorten the prompts or raise max_length"
+        )
+    return examples
+
+
+# -- parsing --------------------------------------------------------------------------------------
+
+
+def _parse(raw: bytes, max_examples: int | None) -> list[_Record]:
+    text = _decode(raw)
+    records: list[_Record] = []
+    for line_number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue  # blank lines, a trailing newline among them, are tolerated
+        record = _parse_line(line_number, line)
+        if records and record.format != records[0].format:
+            raise InvalidTrainingFile(
+                f"line {line_number} is {_FORMAT_NAMES[record.format]} but line {records[0].line} is "
+                f"{_FORMAT_NAMES[records[0].format]}; use one format per file"
+            )
+        records.append(record)
+        if max_examples is not None and len(records) > max_examples:
+            raise InvalidTrainingFile(f"the file has more than {max_examples} examples; the limit is {max_examples}")
+    if not records:
+        raise InvalidTrainingFile(
+            'the file is empty; give one JSON object per line, {"messages": [...]} or {"prompt": ..., "completion": ...}'
+        )
+    return records
+
+
+def _decode(raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise InvalidTrainingFile(f"line {line} is not UTF-8 text; save the file as UTF-8") from None
+
+
+def _parse_line(line_number: int, line: str) -> _Record:
+    where = f"line {line_number}"
+    try:
+        value = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise InvalidTrainingFile(
+            f"{where} is not JSON: {exc.msg} at column {exc.colno}; each line must be one JSON object"
+        ) from None
+    except RecursionError:
+        raise InvalidTrainingFile(f"{where} is nested too deeply") from None
+    if not isinstance(value, dict):
+        raise InvalidTrainingFile(f"{where} is a JSON {_json_type(value)}; each line must be one JSON object")
+    if "messages" in value:
+        _check_chat(where, value)
+        return _Record(line_number, CHAT, value)
+    if "prompt" in value or "completion" in value:
+        _check_prompt_completion(where, value)
+        return _Record(line_number, PROMPT_COMPLETION, value)
+    raise InvalidTrainingFile(
+        f'{where} has neither "messages" (chat format) nor "prompt" and "completion" (prompt/completion format)'
+    )
+
+
+def _check_chat(where: str, value: dict) -> None:
+    for key in value:
+        if key in _UNSUPPORTED_CHAT_KEYS:
+            raise InvalidTrainingFile(f"{where}: '{key}' is not supported; only plain chat messages are trained")
+        if key != "messages":
+            raise InvalidTrainingFile(f"{where}: unexpected key '{_shown(key)}'; a chat line holds only \"messages\"")
+    messages = value["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise InvalidTrainingFile(f'{where}: "messages" must be a non-empty list of messages')
+    for index, message in enumerate(messages, start=1):
+        _check_message(f"{where}, message {index}", message)
+    if not any(_is_learnt(message) for message in messages):
+        raise InvalidTrainingFile(
+            f"{where}: no assistant message to learn from; add an assistant message with content "
+            "(weight 1, or no weight)"
+        )
+
+
+def _check_message(where: str, message: Any) -> None:
+    if not isinstance(message, dict):
+        raise InvalidTrainingFile(f'{where} is a JSON {_json_type(message)}; a message is {{"role", "content"}}')
+    for key in message:
+        if key in ("tool_calls", "function_call"):
+            raise InvalidTrainingFile(f"{where}: '{key}' is not supported; only plain chat messages are trained")
+        if key not in _MESSAGE_KEYS:
+            raise InvalidTrainingFile(
+                f"{where}: unexpected key '{_shown(key)}'; a message has role, content and optionally weight"
+            )
+    role = message.get("role")
+    if role not in ROLES:
+        shown = f"'{_shown(role)}'" if isinstance(role, str) else ("missing" if role is None else _json_type(role))
+        raise InvalidTrainingFile(f"{where}: role {shown} is not one of {', '.join(ROLES)}")
+    if not isinstance(message.get("content"), str):
+        raise InvalidTrainingFile(f"{where}: content must be a string")
+    if "weight" in message:
+        weight = message["weight"]
+        if role != "assistant":
+            raise InvalidTrainingFile(f"{where}: weight is only for assistant messages")
+        if isinstance(weight, bool) or weight not in (0, 1):
+            raise InvalidTrainingFile(f"{where}: weight must be 0 (not learnt) or 1 (learnt)")
+    if "name" in message and not isinstance(message["name"], str):
+        raise InvalidTrainingFile(f"{where}: name must be a string")
+
+
+def _check_prompt_completion(where: str, value: dict) -> None:
+    for key in value:
+        if key not in ("prompt", "completion"):
+            raise InvalidTrainingFile(
+                f'{where}: unexpected key \'{_shown(key)}\'; a prompt/completion line holds only "prompt" and "completion"'
+            )
+    for key in ("prompt", "completion"):
+        if key not in value:
+            raise InvalidTrainingFile(f'{where}: "{key}" is missing; prompt/completion lines need both')
+        if not isinstance(value[key], str):
+            raise InvalidTrainingFile(f'{where}: "{key}" must be a string')
+    if not value["completion"]:
+        raise InvalidTrainingFile(f'{where}: "completion" is empty; there is nothing to learn')
+
+
+def _is_learnt(message: dict) -> bool:
+    return message["role"] == "assistant" and message.get("weight", 1) == 1 and bool(message["content"])
+
+
+def _json_type(value: Any) -> str:
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, bool):
+        return "boolean"
+    if value is None:
+        return "null"
+    return "number" if isinstance(value, int | float) else "object"
+
+
+def _shown(text: str) -> str:
+    return text if len(text) <= _MAX_ECHOED else text[:_MAX_ECHOED] + "..."
+
+
+# -- tokenizing -----------------------------------------------------------------------------------
+
+
+def _tokenize_chat(record: _Record, tokenizer: Any) -> tuple[list[int], list[int]]:
+    """Token ids of the whole conversation, learning the tokens of each learnt assistant turn.
+
+    Each turn's span is found in characters, by rendering the conversation up to the turn (with
+    the generation prompt: where the model starts answering at serving time) and up to its end;
+    the rendered text is tokenized once, as serving tokenizes it, and a token is learnt when it
+    lies inside a span. Tokenizing pieces separately could merge differently at their seams.
+    """
+    messages = [{"role": m["role"], "content": m["content"]} for m in record.value["messages"]]
+    full = _render(tokenizer, messages, record.line, add_generation_prompt=False)
+    spans: list[tuple[int, int]] = []
+    for index, message in enumerate(record.value["messages"]):
+        if not _is_learnt(message):
+            continue
+        through = _render(tokenizer, messages[: index + 1], record.line, add_generation_prompt=False)
+        if index == 0:
+            # Templates render no empty conversation: an opening assistant turn starts at its content.
+            before = through[: through.find(message["content"])] if message["content"] in through else through
+        else:
+            before = _render(tokenizer, messages[:index], record.line, add_generation_prompt=True)
+        if not (full.startswith(through) and through.startswith(before)):
+            raise InvalidTrainingFile(
+                f"line {record.line}: the base model's chat template renders this conversation differently "
+                "turn by turn, so its assistant turns cannot be located; use prompt/completion lines"
+            )
+        spans.append((len(before), len(through)))
+    encoding = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    input_ids = list(encoding["input_ids"])
+    labels = [IGNORE_INDEX] * len(input_ids)
+    eos = tokenizer.eos_token_id
+    for start, end in spans:
+        positions = [i for i, (a, b) in enumerate(encoding["offset_mapping"]) if a >= start and b <= end and b > a]
+        for position in positions:
+            labels[position] = input_ids[position]
+            # Whatever the template adds after the end-of-sequence token (a newline, say) is never
+            # generated: serving stops at the EOS.
+            if input_ids[position] == eos:
+                break
+    return input_ids, labels
+
+
+def _render(tokenizer: Any, messages: list[dict], line: int, *, add_generation_prompt: bool) -> str:
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except Exception as exc:  # templates raise their own errors (jinja's TemplateError, raise_exception)
+        raise InvalidTrainingFile(f"line {line}: the base model's chat template refuses it: {exc}") from None
+
+
+def _tokenize_prompt_completion(record: _Record, tokenizer: Any) -> tuple[list[int], list[int]]:
+    # The prompt is tokenized alone, with the tokenizer's special tokens, as /v1/completions does;
+    # the completion then follows token by token, as it would be generated.
+    prompt_ids = list(tokenizer(record.value["prompt"], add_special_tokens=True)["input_ids"])
+    completion_ids = list(tokenizer(record.value["completion"], add_special_tokens=False)["input_ids"])
+    if tokenizer.eos_token_id is not None:
+        completion_ids.append(tokenizer.eos_token_id)
+    return prompt_ids + completion_ids, [IGNORE_INDEX] * len(prompt_ids) + completion_ids
