@@ -23,10 +23,11 @@ from server.generation import Generator
 from server.metrics import GatewayMetrics
 from server.middleware import RequestGate, TelemetryMiddleware
 from server.responses import JSONResponse
-from server.routes import adapters, chat, cluster, completions, health, models, tenants
+from server.routes import adapters, chat, cluster, completions, health, models, tenants, ui, usage
 from server.routes import export as export_route
 from server.routes import metrics as metrics_route
 from server.tenancy import TenantLimits, Tenants
+from server.usage import UsageWindow
 
 logger = logging.getLogger(__name__)
 
@@ -96,14 +97,16 @@ def build_app(
     if registry.store is not None:
         registry.store.on_error = app.state.metrics.store_error
     app.state.gate = RequestGate()
+    app.state.usage = UsageWindow()
     install_error_handlers(app)
     app.add_middleware(
         BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes, max_upload_bytes=settings.max_adapter_bytes
     )
     app.add_middleware(TelemetryMiddleware)
     app.include_router(metrics_route.router)
-    for module in (health, models, completions, chat, adapters, tenants, cluster):
+    for module in (health, models, completions, chat, adapters, tenants, cluster, usage, ui):
         app.include_router(module.router)
+    app.mount(ui.UI_PATH, ui.console_app(), name="console")
     app.include_router(export_route.router)
     return app
 

@@ -97,6 +97,9 @@ class TelemetryMiddleware:
         scope["app"].state.metrics.observe(
             record, endpoint, status, seconds, generation=generation, streamed=response["streamed"]
         )
+        if generation:
+            state = scope["app"].state
+            state.usage.observe(state.registry, record, status, seconds)
         self._log(scope, record, status, streamed=response["streamed"], endpoint=endpoint, seconds=seconds)
 
     @staticmethod
