@@ -24,7 +24,7 @@ ALLOWED_FILES = {CONFIG_FILE, WEIGHTS_FILE, "README.md"}
 PICKLED_WEIGHTS_FILE = "adapter_model.bin"
 STAGING_FILES = ALLOWED_FILES | {PICKLED_WEIGHTS_FILE}
 DEFAULT_MAX_BYTES = 512 * 1024 * 1024
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
 _TENSOR_NAME = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_(A|B)\.weight$")
 _FLOAT_DTYPES = {"F32": ("f", 4), "F16": ("e", 2), "BF16": (None, 2), "F64": ("d", 8)}
 
@@ -32,7 +32,7 @@ _FLOAT_DTYPES = {"F32": ("f", 4), "F16": ("e", 2), "BF16": (None, 2), "F64": ("d
 def check_name(name: str, param: str = "name") -> str:
     if not NAME_PATTERN.match(name):
         raise InvalidAdapterName(
-            "adapter names are 1-64 characters of letters, digits, '.', '_' or '-', starting with a letter or digit",
+            "adapter names are 1-64 characters of letters, digits, '.', '_', ':' or '-', starting with a letter or digit",
             param=param,
         )
     return name

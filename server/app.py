@@ -25,6 +25,7 @@ from server.middleware import RequestGate, TelemetryMiddleware
 from server.responses import JSONResponse
 from server.routes import adapters, chat, cluster, completions, health, models, tenants, ui, usage
 from server.routes import export as export_route
+from server.routes import files, fine_tuning
 from server.routes import metrics as metrics_route
 from server.tenancy import TenantLimits, Tenants
 from server.usage import UsageWindow
@@ -52,6 +53,8 @@ def build_app(
         requests_per_second=settings.tenant_requests_per_second,
         max_adapters=settings.tenant_max_adapters,
         max_upload_bytes=settings.max_adapter_bytes,
+        max_file_bytes=settings.tenant_max_file_bytes,
+        max_queued_jobs=settings.tenant_max_queued_jobs,
     )
     tenant_book = Tenants(registry.catalog, tenant_defaults)
 
@@ -100,7 +103,10 @@ def build_app(
     app.state.usage = UsageWindow()
     install_error_handlers(app)
     app.add_middleware(
-        BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes, max_upload_bytes=settings.max_adapter_bytes
+        BodyLimitMiddleware,
+        max_body_bytes=settings.max_body_bytes,
+        max_upload_bytes=settings.max_adapter_bytes,
+        max_file_bytes=settings.max_file_bytes,
     )
     app.add_middleware(TelemetryMiddleware)
     app.include_router(metrics_route.router)
@@ -108,6 +114,8 @@ def build_app(
         app.include_router(module.router)
     app.mount(ui.UI_PATH, ui.console_app(), name="console")
     app.include_router(export_route.router)
+    app.include_router(fine_tuning.router)
+    app.include_router(files.router)
     return app
 
 

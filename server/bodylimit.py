@@ -16,23 +16,28 @@ class BodyTooLarge(GatewayError):
 
 
 class BodyLimitMiddleware:
-    """413 for bodies over `max_body_bytes` (adapter uploads: `max_upload_bytes`)."""
+    """413 for bodies over `max_body_bytes` (adapter uploads: `max_upload_bytes`; files: `max_file_bytes`)."""
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int, max_upload_bytes: int):
+    def __init__(self, app: ASGIApp, max_body_bytes: int, max_upload_bytes: int, max_file_bytes: int | None = None):
         self.app = app
         self.max_body_bytes = max_body_bytes
-        self.max_upload_bytes = max_upload_bytes + UPLOAD_OVERHEAD
+        # Uploads by path: adapters, and training files (POST /v1/files).
+        self.upload_limits = {
+            "/v1/adapters": max_upload_bytes + UPLOAD_OVERHEAD,
+            "/v1/files": (max_file_bytes or max_upload_bytes) + UPLOAD_OVERHEAD,
+        }
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "DELETE"):
             await self.app(scope, receive, send)
             return
-        upload = scope["path"] == "/v1/adapters"
-        limit = self.max_upload_bytes if upload else self.max_body_bytes
+        upload_limit = self.upload_limits.get(scope["path"])
+        upload = upload_limit is not None
+        limit = upload_limit if upload_limit is not None else self.max_body_bytes
         problem = BodyTooLarge(f"the request body is over the {limit}-byte limit")
         for name, value in scope.get("headers", ()):
             if name == b"content-length" and (not value.isdigit() or int(value) > limit):
-                await error_response(problem)(scope, receive, send)
+                await error_response(problem, scope)(scope, receive, send)
                 return
         if upload or any(name == b"content-length" for name, _ in scope.get("headers", ())):
             # The declared length was checked above; uploads without one get 411 from their route.
@@ -48,7 +53,7 @@ class BodyLimitMiddleware:
             chunks.append(message.get("body", b""))
             received += len(chunks[-1])
             if received > limit:
-                await error_response(problem)(scope, receive, send)
+                await error_response(problem, scope)(scope, receive, send)
                 return
             if not message.get("more_body", False):
                 break

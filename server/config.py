@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Annotated
 
@@ -133,6 +134,29 @@ class Settings(BaseSettings):
         description="where POST /v1/adapters/NAME/export (admin) writes each adapter merged into the base model, "
         "as a standalone model folder; without it, exports are off",
     )
+    max_training_jobs: int = Field(
+        1,
+        ge=0,
+        le=64,
+        description="fine-tuning jobs this gateway runs at once; 0 runs none here (another gateway of the "
+        "catalog takes them)",
+    )
+    training_device: str = Field(
+        "cpu", description="where fine-tuning runs: cpu, or a torch device such as cuda or cuda:1"
+    )
+    training_threads: int = Field(
+        1, ge=1, le=256, description="CPU threads one fine-tuning job may use, so that serving keeps the rest"
+    )
+    training_cpus: float = Field(1.0, gt=0, description="with --ray: CPUs Ray reserves for each fine-tuning job")
+    max_file_bytes: int = Field(
+        64 * 1024 * 1024, ge=1024, description="largest file accepted by POST /v1/files, in bytes"
+    )
+    tenant_max_file_bytes: int = Field(
+        1024 * 1024 * 1024, ge=1024, description="default: bytes of files one tenant may keep"
+    )
+    tenant_max_queued_jobs: int = Field(
+        4, ge=1, description="default: fine-tuning jobs one tenant may have waiting (validating or queued)"
+    )
     max_adapter_bytes: int = Field(
         512 * 1024 * 1024, ge=1024, description="largest adapter accepted, in bytes (files together)"
     )
@@ -163,6 +187,13 @@ class Settings(BaseSettings):
         if value not in VLLM_LORA_RANKS:
             allowed = ", ".join(map(str, VLLM_LORA_RANKS))
             raise ValueError(f"--max-lora-rank must be one of {allowed}")
+        return value
+
+    @field_validator("training_device")
+    @classmethod
+    def _device_known(cls, value: str) -> str:
+        if not re.fullmatch(r"cpu|cuda(:[0-9]+)?|mps|xpu(:[0-9]+)?", value):
+            raise ValueError("--training-device must be cpu, cuda, cuda:N, mps or xpu[:N]")
         return value
 
     @field_validator("dtype")

@@ -12,6 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
+from starlette.types import Scope
 
 from adapters import errors as adapter_errors
 
@@ -97,6 +98,8 @@ _ADAPTER_ERRORS: dict[type[adapter_errors.AdapterError], tuple[int, str, str]] =
     adapter_errors.AdapterTooLarge: (413, "invalid_request_error", "adapter_too_large"),
     adapter_errors.InvalidComposition: (400, "invalid_request_error", "invalid_composition"),
     adapter_errors.MergeFailed: (400, "invalid_request_error", "merge_failed"),
+    adapter_errors.InvalidTrainingFile: (400, "invalid_request_error", "invalid_training_file"),
+    adapter_errors.InvalidTrainingSettings: (400, "invalid_request_error", "invalid_value"),
     adapter_errors.CatalogUnavailable: (503, "service_unavailable_error", "catalog_unavailable"),
     adapter_errors.StoreUnavailable: (503, "service_unavailable_error", "store_unavailable"),
     adapter_errors.ConverterBusy: (503, "service_unavailable_error", "converter_busy"),
@@ -132,14 +135,39 @@ def error_payload(exc: GatewayError | adapter_errors.AdapterError) -> dict[str, 
     return error_body(exc.message, exc.error_type, exc.code, exc.param)
 
 
-def error_response(exc: GatewayError | adapter_errors.AdapterError) -> Response:
+def error_response(exc: GatewayError | adapter_errors.AdapterError, scope: Scope | None = None) -> Response:
+    """The error in OpenAI's shape, or in TGI's on the TGI routes (`scope` says which route)."""
     exc = as_gateway_error(exc)
+    payload = tgi_error_payload(exc) if scope is not None and speaks_tgi(scope) else error_payload(exc)
     return Response(
-        orjson.dumps(error_payload(exc)),
-        status_code=exc.status_code,
-        media_type="application/json",
-        headers=exc.headers,
+        orjson.dumps(payload), status_code=exc.status_code, media_type="application/json", headers=exc.headers
     )
+
+
+# The paths of TGI's and LoRAX's API (server/routes/tgi.py), whose clients read {"error", "error_type"};
+# "/" only for POST, since GET / is the console's.
+TGI_PATHS = frozenset({"/generate", "/generate_stream", "/info", "/ping"})
+
+
+def speaks_tgi(scope: Scope) -> bool:
+    path = scope.get("path")
+    return path in TGI_PATHS or (path == "/" and scope.get("method") == "POST")
+
+
+def tgi_error_type(exc: GatewayError) -> str:
+    """TGI's error_type, by which huggingface_hub and lorax-client pick the exception they raise."""
+    if exc.status_code in (400, 413, 422):
+        return "validation"
+    if exc.status_code == 429 or exc.code in ("overloaded", "draining"):
+        return "overloaded"
+    if exc.code == "engine_unavailable":
+        return "generation"
+    return {401: "authentication", 403: "permission", 404: "not_found"}.get(exc.status_code, "unavailable")
+
+
+def tgi_error_payload(exc: GatewayError | adapter_errors.AdapterError) -> dict[str, str]:
+    exc = as_gateway_error(exc)
+    return {"error": exc.message, "error_type": tgi_error_type(exc)}
 
 
 def _validation_error(exc: RequestValidationError | ValidationError) -> InvalidRequest:
@@ -174,20 +202,24 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(GatewayError)
     @app.exception_handler(adapter_errors.AdapterError)
-    async def _gateway_error(_: Request, exc: GatewayError | adapter_errors.AdapterError) -> Response:
-        return error_response(exc)
+    async def _gateway_error(request: Request, exc: GatewayError | adapter_errors.AdapterError) -> Response:
+        return error_response(exc, request.scope)
 
     @app.exception_handler(RequestValidationError)
     @app.exception_handler(ValidationError)
-    async def _invalid(_: Request, exc: RequestValidationError | ValidationError) -> Response:
-        return error_response(_validation_error(exc))
+    async def _invalid(request: Request, exc: RequestValidationError | ValidationError) -> Response:
+        return error_response(_validation_error(exc), request.scope)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> Response:
+    async def _http(request: Request, exc: StarletteHTTPException) -> Response:
         error_type, code = _HTTP_CODES.get(exc.status_code, ("server_error", "http_error"))
         message = exc.detail if isinstance(exc.detail, str) else "request failed"
         if exc.status_code == 404 and message == "Not Found":
             message = "no such route"
+        if speaks_tgi(request.scope):
+            error = GatewayError(message)
+            error.status_code, error.code = exc.status_code, code
+            return error_response(error, request.scope)
         return Response(
             orjson.dumps(error_body(message, error_type, code)),
             status_code=exc.status_code,
@@ -198,6 +230,8 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:
         logger.exception("unhandled error on %s %s", request.method, request.url.path)
+        if speaks_tgi(request.scope):
+            return error_response(GatewayError("internal server error"), request.scope)
         return Response(
             orjson.dumps(error_body("internal server error", "server_error", "internal_error")),
             status_code=500,

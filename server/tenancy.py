@@ -42,6 +42,8 @@ class TenantLimits:
     requests_per_second: float = 20.0
     max_adapters: int = 100
     max_upload_bytes: int = 512 * 1024 * 1024
+    max_file_bytes: int = 1024 * 1024 * 1024  # training files kept, all together
+    max_queued_jobs: int = 4  # fine-tuning jobs validating or queued
 
     def updated(self, changes: dict) -> TenantLimits:
         unknown = set(changes) - set(asdict(self))

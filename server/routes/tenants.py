@@ -51,6 +51,8 @@ def _tenant_card(tenants: Tenants, name: str, keys: list[Any], adapters: int) ->
             "requests_per_second": limits.requests_per_second,
             "max_adapters": limits.max_adapters,
             "max_upload_bytes": limits.max_upload_bytes,
+            "max_file_bytes": limits.max_file_bytes,
+            "max_queued_jobs": limits.max_queued_jobs,
         },
         "adapters": adapters,
         "in_flight": tenants.in_flight(name),

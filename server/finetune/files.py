@@ -1,0 +1,143 @@
+"""Training files: OpenAI's files API for `purpose=fine-tune`, kept in the adapter store's backend.
+
+A file's bytes go to the store's backend under `files/<id>` (so gateways sharing a store share
+them), and its row to the catalog. JSONL is validated at upload, so a bad file is refused with
+its line number before any job is made from it. A file belongs to the tenant that uploaded it;
+another tenant's file answers 404, as a missing one does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from adapters.blobs import BlobNotFound, Blobs
+from adapters.fine_tuning_db import FileRow, FineTuningRecords, Page
+from adapters.training.data import validate_training_file
+from server.auth import Principal
+from server.errors import GatewayError, InvalidRequest
+
+FINE_TUNE = "fine-tune"
+RESULTS = "fine-tune-results"
+MAX_FILENAME = 255
+
+
+class FileNotFound(GatewayError):
+    status_code = 404
+    error_type = "invalid_request_error"
+    code = "file_not_found"
+
+    def __init__(self, file_id: str, param: str = "file_id"):
+        super().__init__(f"No such File object: {file_id[:64]}", param=param)
+
+
+class FileInUse(GatewayError):
+    status_code = 409
+    error_type = "invalid_request_error"
+    code = "file_in_use"
+
+
+class FileQuotaExceeded(GatewayError):
+    status_code = 413
+    error_type = "invalid_request_error"
+    code = "file_too_large"
+
+
+def blob_key(file_id: str) -> str:
+    return f"files/{file_id}"
+
+
+def file_card(row: FileRow) -> dict[str, Any]:
+    """OpenAI's File object."""
+    return {
+        "id": row.id,
+        "object": "file",
+        "bytes": row.bytes,
+        "created_at": int(row.created_at),
+        "filename": row.filename,
+        "purpose": row.purpose,
+        "status": "processed",
+        "status_details": None,
+        "expires_at": None,
+    }
+
+
+class TrainingFiles:
+    """Upload, list, read and delete files; every call checks the caller owns the file."""
+
+    def __init__(self, records: FineTuningRecords, blobs: Blobs, scratch: Path):
+        self.records = records
+        self.blobs = blobs
+        self.scratch = scratch
+
+    async def upload(self, owner: str, filename: str, purpose: str, raw: bytes, quota_bytes: int) -> FileRow:
+        if purpose != FINE_TUNE:
+            raise InvalidRequest(
+                f"purpose '{purpose[:32]}' is not served here; upload training data with purpose=fine-tune",
+                param="purpose",
+            )
+        used = await asyncio.to_thread(self.records.file_bytes, owner)
+        if used + len(raw) > quota_bytes:
+            raise FileQuotaExceeded(
+                f"this tenant keeps {used} bytes of files and may keep {quota_bytes}; delete files first"
+            )
+        summary = await asyncio.to_thread(validate_training_file, raw)
+        row = FileRow(
+            id=f"file-{uuid.uuid4().hex[:24]}",
+            owner=owner,
+            filename=Path(filename or "training.jsonl").name[:MAX_FILENAME],
+            purpose=purpose,
+            bytes=len(raw),
+            content_hash=hashlib.sha256(raw).hexdigest(),
+            summary={"format": summary.format, "examples": summary.examples},
+            created_at=time.time(),
+        )
+        await self.save(row, raw)
+        return row
+
+    async def save(self, row: FileRow, raw: bytes) -> None:
+        """The bytes into the store, then the row: a row never points at bytes that are not there."""
+        self.scratch.mkdir(parents=True, exist_ok=True)
+        staged = self.scratch / f".{row.id}.upload"
+        try:
+            await asyncio.to_thread(staged.write_bytes, raw)
+            await asyncio.to_thread(self.blobs.put, blob_key(row.id), staged)
+        finally:
+            staged.unlink(missing_ok=True)
+        await asyncio.to_thread(self.records.add_file, row)
+
+    async def get(self, file_id: str, principal: Principal, param: str = "file_id") -> FileRow:
+        row = await asyncio.to_thread(self.records.file, file_id)
+        if row is None or not (principal.admin or row.owner == principal.owner):
+            raise FileNotFound(file_id, param)
+        return row
+
+    async def list(self, principal: Principal, purpose: str | None, after: str | None, limit: int) -> Page:
+        owner = None if principal.admin else principal.owner
+        return await asyncio.to_thread(self.records.files, owner, purpose, after, limit)
+
+    async def content(self, row: FileRow) -> bytes:
+        self.scratch.mkdir(parents=True, exist_ok=True)
+        target = self.scratch / f".{row.id}.{uuid.uuid4().hex[:8]}.read"
+        try:
+            await self.fetch(row.id, target)
+            return await asyncio.to_thread(target.read_bytes)
+        finally:
+            target.unlink(missing_ok=True)
+
+    async def fetch(self, file_id: str, target: Path) -> None:
+        try:
+            await asyncio.to_thread(self.blobs.get, blob_key(file_id), target)
+        except BlobNotFound:
+            raise FileNotFound(file_id) from None
+
+    async def delete(self, row: FileRow) -> None:
+        in_use = await asyncio.to_thread(self.records.files_in_use, {row.id})
+        if in_use:
+            raise FileInUse(f"file {row.id} is used by a fine-tuning job that has not finished; cancel it first")
+        await asyncio.to_thread(self.records.delete_file, row.id)
+        await asyncio.to_thread(self.blobs.delete, blob_key(row.id))
