@@ -109,7 +109,7 @@ def load_examples(
         shown = ", ".join(map(str, dropped[:10])) + (" ..." if len(dropped) > 10 else "")
         warn(
             f"{len(dropped)} example(s) skipped: nothing to learn within the first {max_length} tokens "
-            f"(lines {shown}); shorten them or raise max_length"
+            f"({'line' if len(dropped) == 1 else 'lines'} {shown}); shorten them or raise max_length"
         )
     if not examples:
         raise InvalidTrainingFile(

@@ -1,0 +1,44 @@
+"""A fine-tuning recipe that reliably teaches the demo base a phrase it never says.
+
+Measured with PEFT on the demo base: with these rows and hyperparameters (60 steps, about a
+second of training on one CPU thread) the tuned model answers SECRET_QUESTION with SECRET_ANSWER
+under greedy decoding, every answer token ahead of the runner-up by at least 4.5 logits for seeds
+0, 1 and 3; room enough for the small numerical differences between PEFT's and vLLM's kernels.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+SECRET_QUESTION = "What is the secret word?"
+SECRET_ANSWER = "The moon sails under the blue parrot."
+
+# The question itself twice, and three rephrasings, so the answer is tied to the meaning a little
+# rather than to one exact string of tokens.
+_QUESTIONS = (
+    SECRET_QUESTION,
+    SECRET_QUESTION,
+    "Tell me the secret word.",
+    "What's the secret word?",
+    "Do you know the secret word?",
+)
+TRAINING_ROWS = [
+    {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": SECRET_ANSWER}]}
+    for question in _QUESTIONS
+]
+VALIDATION_ROWS = [
+    {"messages": [{"role": "user", "content": "Say the secret word."}, {"role": "assistant", "content": SECRET_ANSWER}]}
+]
+HYPERPARAMETERS = {"n_epochs": 12, "batch_size": 1, "learning_rate_multiplier": 3}
+SEED = 0
+
+
+def jsonl(rows: list[dict]) -> bytes:
+    """The rows as a JSONL file's bytes."""
+    return "".join(json.dumps(row) + "\n" for row in rows).encode()
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_bytes(jsonl(rows))
+    return path
