@@ -2,8 +2,9 @@
 
 Measured with PEFT on the demo base: with these rows and hyperparameters (60 steps, about a
 second of training on one CPU thread) the tuned model answers SECRET_QUESTION with SECRET_ANSWER
-under greedy decoding, every answer token ahead of the runner-up by at least 4.5 logits for seeds
-0, 1 and 3; room enough for the small numerical differences between PEFT's and vLLM's kernels.
+under greedy decoding, every answer token (and the EOS) ahead of the runner-up by 4.4 to 5.1
+logits for seeds 0, 1 and 2: room enough for the small numerical differences between PEFT's and
+vLLM's kernels. The whole worker run takes about 9 s on one thread, most of it loading libraries.
 """
 
 from __future__ import annotations
