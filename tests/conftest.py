@@ -15,8 +15,8 @@ from server.app import build_app
 from server.config import Settings
 from tests.fakes import FakeEngine, fake_spec
 
-# Session fixtures for real PostgreSQL and S3 (moto's server); each starts only when a test asks.
-pytest_plugins = ["tests.services.postgres", "tests.services.s3"]
+# Session fixtures for real PostgreSQL, S3 (moto's server) and Chromium; each starts only when a test asks.
+pytest_plugins = ["tests.services.postgres", "tests.services.s3", "tests.services.browser"]
 
 
 @pytest.fixture(scope="session")
