@@ -15,6 +15,7 @@ from server.engine.protocol import (
     ChoiceDelta,
     EngineDead,
     GenerationStep,
+    PromptToken,
     SamplingOptions,
     TokenLogprob,
 )
@@ -33,6 +34,7 @@ class FakeEngine:
     """
 
     vocab_size = 300
+    special_token_ids = frozenset({0, 1})  # 1 starts every encoded prompt
     BASE_WORD = "base-model"  # what a request without an adapter says
 
     def __init__(self, max_model_len: int = 64, cache_size: int = 1000):
@@ -60,6 +62,9 @@ class FakeEngine:
 
     def encode(self, text: str) -> list[int]:
         return [1] + [b % 255 + 2 for b in text.encode()]
+
+    def token_texts(self, token_ids: Sequence[int], context: Sequence[int] = ()) -> list[str]:
+        return [f"<{t}>" for t in token_ids]
 
     def render_chat(self, messages: Sequence[dict[str, Any]]) -> list[int]:
         return self.encode("".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>")
@@ -109,6 +114,9 @@ class FakeEngine:
                     )
             else:
                 text = "".join(words)
+                prompt_logprobs = None
+                if options.prompt_logprobs:
+                    prompt_logprobs = [PromptToken(t, None if i == 0 else -1.0) for i, t in enumerate(prompt_token_ids)]
                 yield GenerationStep(
                     len(prompt_token_ids),
                     [
@@ -118,10 +126,12 @@ class FakeEngine:
                             len(words),
                             [lp for w in words for lp in logprobs(w)] if options.logprobs is not None else None,
                             finish,
+                            [100 + i for i in range(len(words))],
                         )
                         for c in range(options.n)
                     ],
                     finished=True,
+                    prompt_logprobs=prompt_logprobs,
                 )
         finally:
             self.running -= 1

@@ -28,6 +28,10 @@ class SamplingOptions:
     stream: bool = False
     min_tokens: int = 0
     ignore_eos: bool = False
+    top_k: int = 0  # 0: every token
+    repetition_penalty: float = 1.0
+    prompt_logprobs: bool = False  # each prompt token's logprob, on the generation's first step
+    include_stop_str: bool = False  # the text keeps the stop sequence that ended it, as TGI's does
 
 
 @dataclass(slots=True)
@@ -52,6 +56,14 @@ class ChoiceDelta:
 
 
 @dataclass(slots=True)
+class PromptToken:
+    """One prompt token with its logprob; the first has none, since nothing comes before it."""
+
+    token_id: int
+    logprob: float | None
+
+
+@dataclass(slots=True)
 class GenerationStep:
     """One step of a generation: the choices that moved, and the token counts so far."""
 
@@ -59,6 +71,7 @@ class GenerationStep:
     choices: list[ChoiceDelta]
     finished: bool
     replica: str | None = None  # which engine replica ran it, when there are several
+    prompt_logprobs: list[PromptToken] | None = None  # with SamplingOptions.prompt_logprobs
 
 
 class EngineDead(Exception):
@@ -81,7 +94,12 @@ class Engine(AdapterEngine, Protocol):
     @property
     def is_healthy(self) -> bool: ...
 
+    @property
+    def special_token_ids(self) -> frozenset[int]: ...
+
     def encode(self, text: str) -> list[int]: ...
+
+    def token_texts(self, token_ids: Sequence[int], context: Sequence[int] = ()) -> list[str]: ...
 
     def render_chat(self, messages: Sequence[dict[str, Any]]) -> list[int]: ...
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+_CONTEXT_TOKENS = 6
+
 
 class Tokenizing:
     """An engine's prompt side: `_tokenizer` and `_max_model_len` are set by the engine."""
@@ -20,8 +22,29 @@ class Tokenizing:
     def vocab_size(self) -> int:
         return len(self._tokenizer)
 
+    @property
+    def special_token_ids(self) -> frozenset[int]:
+        return frozenset(self._tokenizer.all_special_ids)
+
     def encode(self, text: str) -> list[int]:
         return self._tokenizer.encode(text)
+
+    def token_texts(self, token_ids: Sequence[int], context: Sequence[int] = ()) -> list[str]:
+        """The text each token adds after `context` (the tokens before it), as TGI reports tokens.
+
+        Decoding a token alone loses what it shares with its neighbours (a SentencePiece leading
+        space, a multi-byte character), so each is decoded after a few tokens of context and the
+        context's own text cut off, as incremental detokenizers do.
+        """
+        ids = [*context[-_CONTEXT_TOKENS:], *token_ids]
+        start = len(ids) - len(token_ids)
+        texts = []
+        for i in range(start, len(ids)):
+            before = ids[max(0, i - _CONTEXT_TOKENS) : i]
+            prefix = self._tokenizer.decode(before)
+            whole = self._tokenizer.decode([*before, ids[i]])
+            texts.append(whole[len(prefix) :] if whole.startswith(prefix) else self._tokenizer.decode([ids[i]]))
+        return texts
 
     def render_chat(self, messages: Sequence[dict[str, Any]]) -> list[int]:
         text = self._tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)

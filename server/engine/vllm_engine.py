@@ -27,6 +27,7 @@ from server.engine.protocol import (
     EngineDead,
     EngineRejected,
     GenerationStep,
+    PromptToken,
     SamplingOptions,
     TokenLogprob,
 )
@@ -101,6 +102,10 @@ class VllmEngine(Tokenizing):
             logprobs=options.logprobs,
             min_tokens=options.min_tokens,
             ignore_eos=options.ignore_eos,
+            top_k=options.top_k,
+            repetition_penalty=options.repetition_penalty,
+            prompt_logprobs=0 if options.prompt_logprobs else None,
+            include_stop_str_in_output=options.include_stop_str,
             output_kind=RequestOutputKind.DELTA if options.stream else RequestOutputKind.FINAL_ONLY,
         )
         lora = LoRARequest(adapter.name, adapter.adapter_id, adapter.path) if adapter is not None else None
@@ -123,6 +128,7 @@ class VllmEngine(Tokenizing):
                         for choice in output.outputs
                     ],
                     finished=output.finished,
+                    prompt_logprobs=_prompt_logprobs(output.prompt_logprobs, prompt_token_ids),
                 )
         except EngineDeadError as exc:
             raise EngineDead(str(exc)) from exc
@@ -158,3 +164,13 @@ class VllmEngine(Tokenizing):
 
     async def shutdown(self) -> None:
         self._llm.shutdown()
+
+
+def _prompt_logprobs(positions: Any, prompt_token_ids: list[int]) -> list[PromptToken] | None:
+    """vLLM's prompt logprobs (None first, then {token id: Logprob}) as the prompt's own tokens'."""
+    if positions is None:
+        return None
+    return [
+        PromptToken(token_id, None if position is None else position[token_id].logprob)
+        for token_id, position in zip(prompt_token_ids, positions, strict=False)
+    ]
