@@ -23,10 +23,10 @@ from server.generation import Generator
 from server.metrics import GatewayMetrics
 from server.middleware import RequestGate, TelemetryMiddleware
 from server.responses import JSONResponse
-from server.routes import adapters, chat, cluster, completions, health, models, tenants, ui, usage
+from server.routes import adapters, chat, cluster, completions, files, fine_tuning, health, models, tenants, ui, usage
 from server.routes import export as export_route
-from server.routes import files, fine_tuning
 from server.routes import metrics as metrics_route
+from server.routes import tgi as tgi_route
 from server.tenancy import TenantLimits, Tenants
 from server.usage import UsageWindow
 
@@ -114,6 +114,7 @@ def build_app(
         app.include_router(module.router)
     app.mount(ui.UI_PATH, ui.console_app(), name="console")
     app.include_router(export_route.router)
+    app.include_router(tgi_route.router)  # TGI's and LoRAX's API; after the console's GET /
     app.include_router(fine_tuning.router)
     app.include_router(files.router)
     return app

@@ -15,14 +15,19 @@ from starlette.requests import Request
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.errors import error_body
+from server.errors import error_body, speaks_tgi
 from server.observe import RequestRecord, request_record
 
 logger = logging.getLogger("lora_gateway.requests")
 
 # Probes and scrapes: neither counted nor logged at info, and still answered while draining.
-QUIET_PATHS = frozenset({"/health", "/ready", "/metrics"})
-GENERATION_ENDPOINTS = {"/v1/completions": "completions", "/v1/chat/completions": "chat"}
+QUIET_PATHS = frozenset({"/health", "/ready", "/metrics", "/ping"})
+GENERATION_ENDPOINTS = {
+    "/v1/completions": "completions",
+    "/v1/chat/completions": "chat",
+    "/generate": "generate",
+    "/generate_stream": "generate_stream",
+}
 DRAIN_RETRY_AFTER = "1"
 
 
@@ -69,7 +74,7 @@ class TelemetryMiddleware:
             self._log(scope, record, response["status"], streamed=response["streamed"], quiet=True)
             return
         if gate.draining:
-            await _refuse_draining(send_with_id)
+            await _refuse_draining(send_with_id, tgi=speaks_tgi(scope))
             self._finish(scope, record, response)
             return
         gate.in_flight += 1
@@ -152,12 +157,14 @@ def _route_path(scope: Scope) -> str | None:
     return getattr(route, "path", None)
 
 
-async def _refuse_draining(send: Send) -> None:
-    body = orjson.dumps(
-        error_body(
-            "the server is shutting down; retry against another replica", "service_unavailable_error", "draining"
-        )
+async def _refuse_draining(send: Send, *, tgi: bool) -> None:
+    message = "the server is shutting down; retry against another replica"
+    payload = (
+        {"error": message, "error_type": "overloaded"}
+        if tgi
+        else error_body(message, "service_unavailable_error", "draining")
     )
+    body = orjson.dumps(payload)
     await send(
         {
             "type": "http.response.start",
