@@ -1,0 +1,159 @@
+"""Fine-tuning through the official openai client on the demo model, then chatting with the result.
+
+The job trains with tests/training_data.py's recipe (a phrase the base model never says) in the
+gateway's worker process, registers the adapter, and the same gateway serves it.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import signal
+import time
+
+import openai
+import pytest
+
+from tests.engine.conftest import ADMIN_KEY, start_gateway, stop_gateway
+from tests.training_data import HYPERPARAMETERS, SECRET_ANSWER, SECRET_QUESTION, TRAINING_ROWS, VALIDATION_ROWS, jsonl
+
+pytestmark = pytest.mark.engine
+JOB_SECONDS = 240
+
+
+def client_for(url: str, key: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=60)
+
+
+def new_tenant(url: str, name: str) -> openai.OpenAI:
+    admin = client_for(url, ADMIN_KEY)
+    card = admin.post("/tenants", body={"name": name}, cast_to=object)
+    return client_for(url, card["api_key"])
+
+
+def wait_for(client: openai.OpenAI, job_id: str, statuses: set[str], timeout: float = JOB_SECONDS):
+    deadline = time.monotonic() + timeout
+    while True:
+        job = client.fine_tuning.jobs.retrieve(job_id)
+        if job.status in statuses or time.monotonic() > deadline:
+            return job
+        time.sleep(0.5)
+
+
+def ask(client: openai.OpenAI, model: str) -> str:
+    reply = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": SECRET_QUESTION}], max_tokens=16, temperature=0
+    )
+    return reply.choices[0].message.content
+
+
+@pytest.fixture(scope="module")
+def tenant(secured_gateway):
+    return new_tenant(secured_gateway.url, "tuner")
+
+
+@pytest.fixture(scope="module")
+def tuned_job(tenant):
+    training = tenant.files.create(file=("secret.jsonl", jsonl(TRAINING_ROWS)), purpose="fine-tune")
+    validation = tenant.files.create(file=("valid.jsonl", jsonl(VALIDATION_ROWS)), purpose="fine-tune")
+    job = tenant.fine_tuning.jobs.create(
+        model="demo",
+        training_file=training.id,
+        validation_file=validation.id,
+        suffix="secret",
+        seed=0,
+        method={"type": "supervised", "supervised": {"hyperparameters": HYPERPARAMETERS}},
+    )
+    assert job.status == "validating_files"
+    return wait_for(tenant, job.id, {"succeeded", "failed", "cancelled"})
+
+
+def test_a_job_trains_and_its_model_says_what_it_was_taught(tenant, tuned_job):
+    job = tuned_job
+    assert job.status == "succeeded", job.error
+    assert job.fine_tuned_model == f"ft:demo:secret:{job.id[-8:]}"
+    assert job.trained_tokens and job.trained_tokens > 0
+    assert ask(tenant, "demo") != SECRET_ANSWER  # the base model never says it
+    assert ask(tenant, job.fine_tuned_model) == SECRET_ANSWER
+    assert job.fine_tuned_model in [m.id for m in tenant.models.list()]
+
+
+def test_events_carry_the_loss_and_each_epoch_leaves_a_checkpoint(tenant, tuned_job):
+    events = list(tenant.fine_tuning.jobs.list_events(tuned_job.id, limit=100).data)
+    metrics = [e.data for e in events if e.type == "metrics"]
+    assert len(metrics) == len(TRAINING_ROWS) * HYPERPARAMETERS["n_epochs"]
+    by_step = sorted(metrics, key=lambda m: m["step"])
+    assert by_step[-1]["train_loss"] < by_step[0]["train_loss"] / 4
+    assert sum("valid_loss" in m for m in metrics) == HYPERPARAMETERS["n_epochs"]
+    messages = [e.message for e in events]
+    assert "The job has successfully completed" in messages
+    assert f"Validating training file: {tuned_job.training_file}" in messages
+    checkpoints = tenant.fine_tuning.jobs.checkpoints.list(tuned_job.id, limit=100).data
+    assert sorted(c.step_number for c in checkpoints) == [len(TRAINING_ROWS) * (e + 1) for e in range(12)]
+    results = tenant.files.content(tuned_job.result_files[0]).text
+    rows = list(csv.DictReader(io.StringIO(results)))
+    assert len(rows) == len(metrics) and float(rows[-1]["train_loss"]) == pytest.approx(by_step[-1]["train_loss"])
+
+
+def test_another_tenant_sees_neither_the_job_nor_the_model(secured_gateway, tuned_job):
+    other = new_tenant(secured_gateway.url, "outsider")
+    with pytest.raises(openai.NotFoundError):
+        other.fine_tuning.jobs.retrieve(tuned_job.id)
+    with pytest.raises(openai.NotFoundError):
+        other.files.retrieve(tuned_job.training_file)
+    assert other.fine_tuning.jobs.list().data == []
+    assert tuned_job.fine_tuned_model not in [m.id for m in other.models.list()]
+    with pytest.raises(openai.NotFoundError):
+        ask(other, tuned_job.fine_tuned_model)
+
+
+@pytest.mark.parametrize(
+    ("raw", "phrase"),
+    [
+        (b"this is not JSON\n", "line 1"),
+        (jsonl([TRAINING_ROWS[0], {"messages": [{"role": "robot", "content": "beep"}]}]), "line 2"),
+        (b"", "empty"),
+    ],
+)
+def test_bad_files_are_refused_with_the_line(tenant, raw, phrase):
+    with pytest.raises(openai.BadRequestError) as refused:
+        tenant.files.create(file=("bad.jsonl", raw), purpose="fine-tune")
+    assert phrase in refused.value.message
+
+
+def test_cancel_stops_a_running_job_within_seconds(tenant):
+    training = tenant.files.create(file=("long.jsonl", jsonl(TRAINING_ROWS * 20)), purpose="fine-tune")
+    job = tenant.fine_tuning.jobs.create(
+        model="demo",
+        training_file=training.id,
+        method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 50}}},
+    )
+    running = wait_for(tenant, job.id, {"running", "succeeded", "failed"}, timeout=60)
+    assert running.status == "running"
+    started = time.monotonic()
+    cancelled = tenant.fine_tuning.jobs.cancel(job.id)
+    assert cancelled.status == "cancelled" and time.monotonic() - started < 10
+    assert cancelled.fine_tuned_model is None
+    assert "The job was cancelled" in [e.message for e in tenant.fine_tuning.jobs.list_events(job.id).data]
+
+
+def test_a_gateway_killed_during_a_job_fails_it_on_restart(demo, tmp_path):
+    """The job's gateway dies outright; started again on its state, it marks the job failed."""
+    args = ["--demo-dir", str(demo.root), "--state-dir", str(tmp_path / "state"), "--admin-key", ADMIN_KEY]
+    first = start_gateway(args, tmp_path / "first.log", base_name="demo")
+    try:
+        admin = client_for(first.url, ADMIN_KEY)
+        training = admin.files.create(file=("long.jsonl", jsonl(TRAINING_ROWS * 20)), purpose="fine-tune")
+        job = admin.fine_tuning.jobs.create(model="demo", training_file=training.id, hyperparameters={"n_epochs": 50})
+        assert wait_for(admin, job.id, {"running", "failed"}, timeout=60).status == "running"
+    finally:
+        first.process.send_signal(signal.SIGKILL)
+        first.process.wait()
+    second = start_gateway(args, tmp_path / "second.log", base_name="demo")
+    try:
+        admin = client_for(second.url, ADMIN_KEY)
+        failed = wait_for(admin, job.id, {"failed", "succeeded"}, timeout=30)
+        assert failed.status == "failed" and failed.error.code == "gateway_restarted"
+        assert "not resumed" in failed.error.message
+    finally:
+        stop_gateway(second)
