@@ -147,7 +147,19 @@ class RayRunner:
     async def run(self, spec: dict[str, Any], job_dir: Path, stop: asyncio.Event) -> AsyncIterator[dict[str, Any]]:
         import ray
 
+        total = ray.cluster_resources().get("CPU", 0.0)
+        if total < self.cpus:
+            yield {
+                "type": "failed",
+                "message": f"the Ray cluster has {total:g} CPUs in all and --training-cpus asks for {self.cpus:g}",
+            }
+            return
         inputs = {key: Path(spec[key]).read_bytes() for key in ("training_file", "validation_file") if spec.get(key)}
+        yield {
+            "type": "message",
+            "level": "info",
+            "message": f"Waiting for Ray to start the job with {self.cpus:g} CPUs",
+        }
         task = ray.remote(_train_in_ray_task).options(num_cpus=self.cpus, num_returns="streaming", max_retries=0)
         stream = task.remote(spec, inputs, self.threads)
         stopper = asyncio.create_task(_cancel_when(stop, stream))
@@ -182,6 +194,15 @@ def _train_in_ray_task(spec: dict[str, Any], inputs: dict[str, bytes], threads: 
     import subprocess
     import tempfile
 
+    import ray
+
+    context = ray.get_runtime_context()
+    cpus = context.get_assigned_resources().get("CPU", 0)
+    yield {
+        "type": "message",
+        "level": "info",
+        "message": f"Training as a Ray task on node {context.get_node_id()} with {cpus:g} CPUs",
+    }
     with tempfile.TemporaryDirectory(prefix="lora-gateway-ft-") as scratch:
         root = Path(scratch)
         local = dict(spec, out_dir=str(root / "out"))

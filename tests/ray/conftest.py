@@ -43,6 +43,8 @@ def ray_gateway(demo, tmp_path_factory) -> Iterator[RunningGateway]:
             "--replicas",
             "2",
             "--replica-cpus",
+            "0.5",  # two replicas leave one of this machine's two CPUs to a fine-tuning task
+            "--training-cpus",
             "1",
             "--demo-dir",
             str(demo.root),
