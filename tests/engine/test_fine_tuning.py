@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import openai
 import pytest
@@ -157,3 +161,13 @@ def test_a_gateway_killed_during_a_job_fails_it_on_restart(demo, tmp_path):
         assert "not resumed" in failed.error.message
     finally:
         stop_gateway(second)
+
+
+def test_the_readme_example_runs_as_printed(secured_gateway, tenant):
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    section = readme[readme.index("## Fine-tuning") :]
+    script = section[section.index("python - <<'PY'\n") + len("python - <<'PY'\n") : section.index("\nPY\n")]
+    env = {**os.environ, "OPENAI_BASE_URL": f"{secured_gateway.url}/v1", "OPENAI_API_KEY": tenant.api_key}
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=JOB_SECONDS)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines()[-1] == SECRET_ANSWER, run.stdout
