@@ -213,3 +213,25 @@ async def test_a_job_left_running_by_a_crash_fails_on_restart(tmp_path, demo):
         assert "not resumed" in restarted["error"]["message"]
         vanished = await wait_status(gw, lost, gw.admin, {"failed"})
         assert vanished["status"] == "failed" and vanished["error"]["code"] == "runner_lost"
+
+
+async def test_files_live_in_the_shared_store_and_a_store_down_is_a_503(tmp_path, demo, moto_server, s3_env):
+    """Two gateways on one catalog and one S3 store: a file uploaded through one reads through the other."""
+    import boto3
+
+    catalog = f"sqlite:///{tmp_path / 'shared.sqlite3'}"
+    common = {"model": str(demo.base), "max_training_jobs": 0, "catalog_url": catalog, "store_url": s3_env.url}
+    async with full_gateway(tmp_path / "one", **common) as one, full_gateway(tmp_path / "two", **common) as two:
+        raw = jsonl(CHAT)
+        file_id = (await upload(one, one.admin, raw)).json()["id"]
+        keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket=s3_env.bucket)["Contents"]]
+        assert f"{s3_env.prefix}/files/{file_id}" in keys
+        assert (await two.client.get(f"/v1/files/{file_id}/content", headers=two.admin)).content == raw
+        moto_server.stop()
+        try:
+            down = await upload(two, two.admin, raw)
+            assert down.status_code == 503 and down.json()["error"]["code"] == "store_unavailable"
+            assert s3_env.bucket not in down.text and "127.0.0.1" not in down.text
+        finally:
+            moto_server.start()
+        assert [f["id"] for f in (await two.client.get("/v1/files", headers=two.admin)).json()["data"]] == [file_id]
