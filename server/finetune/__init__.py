@@ -1,0 +1,1 @@
+"""Fine-tuning in the gateway: training files, jobs, the scheduler and where workers run."""
