@@ -250,6 +250,10 @@ class Registry:
             raise
         return await self.register(owner, name, replace(spec, path=path), load=True)
 
+    def new_adapter_id(self) -> int:
+        """An engine id no entry has had: for adapters served without a name in the catalog."""
+        return next(self._ids)
+
     def check_new_name(self, name: str) -> None:
         check_name(name)
         if name == self.base_name:

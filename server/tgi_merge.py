@@ -109,7 +109,7 @@ class MergedAdapterCache:
     def _new_adapter_id(self) -> int:
         # The engine caches adapters by integer id, so ids come from the registry's one counter,
         # which never gives an id twice; the registry has no public call for an id alone.
-        return next(self.registry._ids)  # noqa: SLF001
+        return self.registry.new_adapter_id()
 
     async def _evict(self) -> None:
         """Unregister the least recently used past the bound; ones with requests in flight wait their turn."""
