@@ -107,8 +107,7 @@ class MergedAdapterCache:
         return replace(spec, path=path)
 
     def _new_adapter_id(self) -> int:
-        # The engine caches adapters by integer id, so ids come from the registry's one counter,
-        # which never gives an id twice; the registry has no public call for an id alone.
+        # The engine caches adapters by integer id, so ids come from the registry's one counter.
         return self.registry.new_adapter_id()
 
     async def _evict(self) -> None:
