@@ -6,6 +6,7 @@ LORA_GATEWAY_SCREENSHOTS=DIR set, the tests also save the screenshots docs/conso
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import shutil
@@ -19,11 +20,15 @@ from playwright.async_api import expect
 from server.demo import DEMO_PROMPT
 from tests.engine.conftest import ADMIN_KEY
 from tests.engine.reference import PeftReference
+from tests.training_data import HYPERPARAMETERS, TRAINING_ROWS, VALIDATION_ROWS, jsonl
 
 pytestmark = pytest.mark.engine
 
 OUTPUT_MS = 60_000  # a generation, with an adapter load, on a busy 2-core machine
+JOB_SECONDS = 240
+FINISHED = {"succeeded", "failed", "cancelled"}
 SCREENSHOTS = os.environ.get("LORA_GATEWAY_SCREENSHOTS")
+KEY_SHAPE = re.compile(r"^lgw-[\w-]{20,}$")
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +47,32 @@ def bearer(key: str) -> dict[str, str]:
 
 
 ADMIN = bearer(ADMIN_KEY)
+
+
+@pytest.fixture(scope="module", autouse=True)
+async def tuning(secured_gateway) -> dict:
+    """A tenant's fine-tuning job, started first so that it trains while the other tests run."""
+    async with httpx.AsyncClient(base_url=secured_gateway.url, timeout=120) as client:
+        name, key = await new_tenant(client, "console-ft")
+        headers = bearer(key)
+        file_ids = []
+        for filename, rows in (("train.jsonl", TRAINING_ROWS), ("valid.jsonl", VALIDATION_ROWS)):
+            sent = await client.post(
+                "/v1/files", data={"purpose": "fine-tune"}, files={"file": (filename, jsonl(rows))}, headers=headers
+            )
+            assert sent.status_code == 200, sent.text
+            file_ids.append(sent.json()["id"])
+        body = {
+            "model": secured_gateway.base_name,
+            "training_file": file_ids[0],
+            "validation_file": file_ids[1],
+            "suffix": "console",
+            "seed": 0,
+            "method": {"type": "supervised", "supervised": {"hyperparameters": HYPERPARAMETERS | {"n_epochs": 3}}},
+        }
+        created = await client.post("/v1/fine_tuning/jobs", json=body, headers=headers)
+        assert created.status_code == 200, created.text
+        return {"tenant": name, "key": key, "job": created.json()["id"]}
 
 
 async def snap(page, name: str) -> None:
@@ -123,7 +154,9 @@ async def test_the_playground_streams_what_peft_gives(secured_gateway, page, ref
     chat_answer = reference.chat("pirate", (("user", DEMO_PROMPT),), 24)
     await expect(output).to_have_text(chat_answer, timeout=OUTPUT_MS)
     await expect(second).to_have_text(reference.chat(None, (("user", DEMO_PROMPT),), 24), timeout=OUTPUT_MS)
-    await expect(page.get_by_role("list", name="Chat", exact=True).get_by_role("listitem")).to_have_count(2)
+    await expect(page.get_by_role("list", name="Chat", exact=True).get_by_role("listitem")).to_contain_text(
+        [DEMO_PROMPT]
+    )
     await snap(page, "console-playground")
 
 
@@ -167,7 +200,7 @@ async def test_upload_and_delete_an_adapter(secured_gateway, page, api, tmp_path
 
 
 async def test_a_tenant_sees_only_its_own_adapters_and_usage(secured_gateway, page, api):
-    own, own_key = await new_tenant(api, "console-a")
+    _, own_key = await new_tenant(api, "console-a")
     other, other_key = await new_tenant(api, "console-b")
     await upload_by_api(api, own_key, "own-pirate", secured_gateway.adapters["pirate"])
     await upload_by_api(api, other_key, "other-poet", secured_gateway.adapters["poet"])
@@ -188,7 +221,6 @@ async def test_a_tenant_sees_only_its_own_adapters_and_usage(secured_gateway, pa
     await expect(usage_row).to_be_visible()
     await expect(usage_row.get_by_role("img").first).to_be_visible()  # its charts
     await expect(rowheader(page, "other-poet")).to_have_count(0)
-    assert own != other
 
 
 async def test_markup_from_the_api_shows_as_text(secured_gateway, page):
@@ -214,8 +246,9 @@ async def test_the_admin_manages_tenants_and_keys(secured_gateway, page, api):
     await page.get_by_label("Tenant name", exact=True).fill(name)
     await page.get_by_label("Max concurrent", exact=True).fill("3")
     await page.get_by_role("button", name="Create tenant", exact=True).click()
-    first_key = await page.get_by_label("New API key", exact=True).text_content()
-    assert re.fullmatch(r"lgw-[\w-]{20,}", first_key or "")
+    new_key = page.get_by_label("New API key", exact=True)
+    await expect(new_key).to_have_text(KEY_SHAPE)  # shown once, in full
+    first_key = await new_key.text_content()
     assert (await api.get("/v1/models", headers=bearer(first_key))).status_code == 200
     tenant = (await api.get(f"/v1/tenants/{name}", headers=ADMIN)).json()
     assert tenant["limits"]["max_concurrent"] == 3
@@ -227,8 +260,9 @@ async def test_the_admin_manages_tenants_and_keys(secured_gateway, page, api):
     assert (await api.get(f"/v1/tenants/{name}", headers=ADMIN)).json()["limits"]["requests_per_second"] == 7
 
     await page.get_by_role("button", name=f"Issue a key for {name}", exact=True).click()
-    await expect(page.get_by_label("New API key", exact=True)).not_to_have_text(first_key)
-    second_key = await page.get_by_label("New API key", exact=True).text_content()
+    await expect(new_key).not_to_have_text(first_key)
+    await expect(new_key).to_have_text(KEY_SHAPE)
+    second_key = await new_key.text_content()
     first_id = tenant["keys"][0]["id"]
     await page.get_by_role("button", name=f"Revoke {first_id}", exact=True).click()
     await expect(page.get_by_role("button", name=f"Revoke {first_id}", exact=True)).to_have_count(0)
@@ -241,3 +275,35 @@ async def test_the_admin_manages_tenants_and_keys(secured_gateway, page, api):
     await open_tab(page, "Usage")
     await expect(rowheader(page, "poet")).to_be_visible()
     await snap(page, "console-usage")
+
+
+async def test_the_fine_tuning_jobs_show_their_status_and_loss(secured_gateway, page, api, tuning):
+    key, job_id = tuning["key"], tuning["job"]
+    deadline = asyncio.get_running_loop().time() + JOB_SECONDS
+    while (job := (await api.get(f"/v1/fine_tuning/jobs/{job_id}", headers=bearer(key))).json())[
+        "status"
+    ] not in FINISHED:
+        assert asyncio.get_running_loop().time() < deadline, f"job still {job['status']} after {JOB_SECONDS} s"
+        await asyncio.sleep(0.5)
+    assert job["status"] == "succeeded", job
+    events, after = [], None
+    while True:
+        params = {"limit": 100} | ({"after": after} if after else {})
+        listing = (await api.get(f"/v1/fine_tuning/jobs/{job_id}/events", params=params, headers=bearer(key))).json()
+        events += listing["data"]
+        if not listing["has_more"]:
+            break
+        after = listing["data"][-1]["id"]
+    steps = sorted({e["data"]["step"] for e in events if e["type"] == "metrics"})
+    assert steps
+
+    await sign_in(page, secured_gateway, key)
+    await open_tab(page, "Fine-tuning")
+    row = page.get_by_role("row").filter(has=rowheader(page, job_id))
+    await expect(row.get_by_role("cell", name="succeeded", exact=True)).to_be_visible()
+    await expect(row.get_by_role("cell", name=job["fine_tuned_model"], exact=True)).to_be_visible()
+    await row.get_by_role("button", name=f"Loss curve of {job_id}", exact=True).click()
+    chart = page.get_by_role("img", name=re.compile(f"^training loss over {len(steps)} steps, last "))
+    await expect(chart).to_be_visible()
+    await expect(page.get_by_text(f"Step {steps[-1]}: training loss")).to_contain_text("validation")
+    await snap(page, "console-fine-tuning")

@@ -17,7 +17,7 @@ function niceMax(value) {
 }
 
 /**
- * A line chart. series: [{name, values: [number|null], className}] over shared x positions
+ * A line chart. series: [{values: [number|null], className, connect}] over shared x positions
  * (xs, or 0..n-1). label: what a screen reader hears; format: how the top value is written.
  */
 export function lineChart(series, { label, xs = null, width = 220, height = 64, format = String } = {}) {
@@ -44,12 +44,12 @@ export function lineChart(series, { label, xs = null, width = 220, height = 64, 
   topLabel.textContent = format(top);
   chart.append(topLabel);
 
-  for (const { values, className } of series) {
+  for (const { values, className, connect = false } of series) {
     let path = "";
     let drawing = false;
     values.forEach((value, index) => {
       if (value === null || !Number.isFinite(value)) {
-        drawing = false;
+        drawing = drawing && connect; // a sparse series (validation loss) joins its points
         return;
       }
       path += `${drawing ? "L" : "M"}${x(positions[index]).toFixed(1)},${y(value).toFixed(1)}`;
@@ -58,7 +58,7 @@ export function lineChart(series, { label, xs = null, width = 220, height = 64, 
     if (path) chart.append(svg("path", { d: path, class: `line ${className || ""}` }));
     // A lone point between gaps draws no line: mark every point that has no neighbour.
     values.forEach((value, index) => {
-      const alone = value !== null && Number.isFinite(value) && !Number.isFinite(values[index - 1] ?? NaN) && !Number.isFinite(values[index + 1] ?? NaN);
+      const alone = !connect && value !== null && Number.isFinite(value) && !Number.isFinite(values[index - 1] ?? NaN) && !Number.isFinite(values[index + 1] ?? NaN);
       if (alone) chart.append(svg("circle", { cx: x(positions[index]), cy: y(value), r: 2, class: `dot ${className || ""}` }));
     });
   }

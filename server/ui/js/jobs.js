@@ -4,7 +4,8 @@ import { api } from "./api.js";
 import { lineChart } from "./charts.js";
 import { byId, formatTime, h, showError } from "./dom.js";
 
-const EVENTS_LIMIT = 1000;
+const EVENTS_PAGE = 100; // the API's largest page
+const EVENTS_PAGES = 50;
 let started = false;
 
 export function init() {
@@ -59,8 +60,7 @@ async function showLoss(job) {
   const figure = byId("loss");
   const error = byId("jobs-error");
   try {
-    const events = await api(`/v1/fine_tuning/jobs/${encodeURIComponent(job.id)}/events?limit=${EVENTS_LIMIT}`);
-    const metrics = (events.data || [])
+    const metrics = (await allEvents(job.id))
       .filter((event) => event.type === "metrics" && event.data && Number.isFinite(event.data.step))
       .sort((a, b) => a.data.step - b.data.step);
     const steps = metrics.map((event) => event.data.step);
@@ -75,7 +75,7 @@ async function showLoss(job) {
       const last = metrics[metrics.length - 1].data;
       const label = `training loss over ${steps.length} steps, last ${Number(last.train_loss).toFixed(4)}`;
       const series = [{ values: train, className: "train" }];
-      if (valid.some((value) => value !== null)) series.push({ values: valid, className: "valid" });
+      if (valid.some((value) => value !== null)) series.push({ values: valid, className: "valid", connect: true });
       chart.replaceChildren(lineChart(series, { xs: steps, label, width: 560, height: 180, format: (v) => v.toFixed(2) }));
       const validText = Number.isFinite(last.valid_loss) ? `, validation ${last.valid_loss.toFixed(4)}` : "";
       byId("loss-summary").textContent = `Step ${last.step}: training loss ${Number(last.train_loss).toFixed(4)}${validText}. ` +
@@ -86,4 +86,19 @@ async function showLoss(job) {
   } catch (failure) {
     showError(error, failure);
   }
+}
+
+/** Every event of a job, page by page (OpenAI's `after` cursor), up to EVENTS_PAGES pages. */
+async function allEvents(jobId) {
+  const events = [];
+  let after = null;
+  for (let page = 0; page < EVENTS_PAGES; page += 1) {
+    const query = `limit=${EVENTS_PAGE}${after ? `&after=${encodeURIComponent(after)}` : ""}`;
+    const listing = await api(`/v1/fine_tuning/jobs/${encodeURIComponent(jobId)}/events?${query}`);
+    const data = listing.data || [];
+    events.push(...data);
+    if (!listing.has_more || !data.length) break;
+    after = data[data.length - 1].id;
+  }
+  return events;
 }

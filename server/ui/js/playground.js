@@ -94,6 +94,7 @@ async function runOne(column, model, prompt, settings, signal) {
   if (chat) {
     const system = byId("system").value.trim();
     const history = [...chats[column], { role: "user", content: prompt }];
+    showTranscript(column, history);
     const messages = system ? [{ role: "system", content: system }, ...history] : history;
     path = "/v1/chat/completions";
     body = { model, messages, ...settings };
@@ -139,9 +140,13 @@ async function runOne(column, model, prompt, settings, signal) {
 
 function remember(column, prompt, answer) {
   chats[column].push({ role: "user", content: prompt }, { role: "assistant", content: answer });
-  const transcript = byId(`transcript-${column}`);
-  transcript.append(
-    h("li", { class: "user" }, h("span", { class: "role" }, "you"), prompt),
-    h("li", { class: "assistant" }, h("span", { class: "role" }, "model"), answer),
+}
+
+/** The conversation so far and the question asked now; the answer streams into the output below. */
+function showTranscript(column, messages) {
+  byId(`transcript-${column}`).replaceChildren(
+    ...messages.map((message) =>
+      h("li", { class: message.role }, h("span", { class: "role" }, message.role === "user" ? "you" : "model"), message.content),
+    ),
   );
 }

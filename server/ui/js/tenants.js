@@ -1,12 +1,12 @@
 // Tenants and their keys (the admin's): create, set limits, issue a key (shown once), revoke.
 import { api } from "./api.js";
-import { byId, formatTime, h, showError } from "./dom.js";
+import { byId, formatBytes, formatTime, h, showError } from "./dom.js";
 
 const LIMITS = [
   ["max_concurrent", "limit-max-concurrent", "concurrent"],
   ["requests_per_second", "limit-rps", "req/s"],
   ["max_adapters", "limit-max-adapters", "adapters"],
-  ["max_upload_bytes", "limit-max-upload", "upload bytes"],
+  ["max_upload_bytes", "limit-max-upload", "upload"],
 ];
 let session = null;
 let started = false;
@@ -44,7 +44,14 @@ async function refresh() {
 }
 
 function row(tenant) {
-  const limits = LIMITS.map(([field, , unit]) => `${tenant.limits[field]} ${unit}`).join(" · ");
+  const limits = h(
+    "ul",
+    { class: "limits" },
+    LIMITS.map(([field, , unit]) => {
+      const value = tenant.limits[field];
+      return h("li", {}, field === "max_upload_bytes" ? `${formatBytes(value)} upload` : `${value} ${unit}`);
+    }),
+  );
   const keys = h(
     "ul",
     { class: "keys" },

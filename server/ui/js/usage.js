@@ -4,6 +4,7 @@ import { lineChart } from "./charts.js";
 import { byId, formatMs, h, showError } from "./dom.js";
 
 const POLL_MS = 5000;
+const CHART_WIDTH = 150;
 let started = false;
 let timer = null;
 
@@ -54,21 +55,21 @@ function row(entry, bucketSeconds) {
     "tr",
     { "data-model": name },
     h("th", { scope: "row", class: "name" }, name, entry.base ? h("span", { class: "badge" }, "base") : null),
-    h("td", { class: "number" }, entry.requests_per_second.toFixed(2)),
+    h("td", { class: "number" }, entry.requests_per_second.toFixed(entry.requests_per_second >= 1 ? 2 : 3)),
     h("td", { class: "number" }, entry.requests),
     h("td", { class: "number" }, entry.errors),
     h("td", { class: "number", title: `prompt ${entry.prompt_tokens}, generated ${entry.completion_tokens}` }, tokensTotal),
     h("td", { class: "number" }, formatMs(entry.p50_latency_ms)),
     h("td", { class: "number" }, formatMs(entry.p99_latency_ms)),
     h("td", {}, lineChart([{ values: rate, className: "requests" }], {
-      xs, label: `${name}: requests per second, peak ${Math.max(0, ...rate).toFixed(2)}`, format: (v) => `${v}/s`,
+      xs, width: CHART_WIDTH, label: `${name}: requests per second, peak ${Math.max(0, ...rate).toFixed(2)}`, format: (v) => `${v}/s`,
     })),
     h("td", {}, lineChart([{ values: tokens, className: "tokens" }], {
-      xs, label: `${name}: tokens per ${bucketSeconds} s, ${tokensTotal} in all`, format: (v) => `${v}`,
+      xs, width: CHART_WIDTH, label: `${name}: tokens per ${bucketSeconds} s, ${tokensTotal} in all`, format: (v) => `${v}`,
     })),
     h("td", {}, lineChart(
       [{ values: p50, className: "p50" }, { values: p99, className: "p99" }],
-      { xs, label: `${name}: latency p50 ${formatMs(entry.p50_latency_ms)}, p99 ${formatMs(entry.p99_latency_ms)}`, format: formatMs },
+      { xs, width: CHART_WIDTH, label: `${name}: latency p50 ${formatMs(entry.p50_latency_ms)}, p99 ${formatMs(entry.p99_latency_ms)}`, format: formatMs },
     )),
   );
 }
