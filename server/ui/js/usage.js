@@ -4,7 +4,7 @@ import { lineChart } from "./charts.js";
 import { byId, formatMs, h, showError } from "./dom.js";
 
 const POLL_MS = 5000;
-const CHART_WIDTH = 150;
+const CHART_WIDTH = 112;
 let started = false;
 let timer = null;
 
