@@ -5,7 +5,7 @@
 One gateway serves the demo; the rounds alternate "idle" (nothing else running) and "training"
 (a fine-tuning job of the demo base in its worker process, started before the load and cancelled
 after it). Each round is one closed-loop load of streamed completions over the base model and
-both demo adapters. The report gives each condition's median over rounds and the ratio of the
+both demo adapters, each answer --output-tokens long. The report gives each condition's median over rounds and the ratio of the
 medians (training over idle).
 """
 
@@ -116,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
                     output_tokens=args.output_tokens,
                     seed=round_index,
                     label=condition,
+                    extra_body={"ignore_eos": True},  # every answer is --output-tokens long
                 )
                 summary = summarize(asyncio.run(run_load(config)).records)
                 if job_id is not None:

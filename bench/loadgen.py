@@ -127,6 +127,7 @@ class LoadConfig:
     seed: int = 0
     timeout: float = 120.0
     label: str = ""
+    extra_body: dict[str, Any] = field(default_factory=dict)  # more request fields, e.g. {"ignore_eos": True}
 
     def __post_init__(self) -> None:
         self.prompt_tokens = _length(self.prompt_tokens, "--prompt-tokens")
@@ -306,7 +307,7 @@ def _request_body(config: LoadConfig, planned: PlannedRequest) -> tuple[str, dic
         "temperature": 0,
         "stream": True,
         "stream_options": {"include_usage": True},
-    }
+    } | config.extra_body
     if config.endpoint == "chat":
         return "/v1/chat/completions", body | {"messages": [{"role": "user", "content": planned.prompt}]}
     return "/v1/completions", body | {"prompt": planned.prompt}
