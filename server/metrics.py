@@ -156,6 +156,20 @@ class GatewayMetrics:
         )
         for backend in ("catalog", "store"):
             self.backend_errors.labels(backend)
+        self.fine_tuning_jobs = Counter(
+            PREFIX + "fine_tuning_jobs",
+            "Fine-tuning jobs this gateway ran to an end, by how they ended",
+            ["status"],
+            registry=registry,
+        )
+        for status in ("succeeded", "failed", "cancelled"):
+            self.fine_tuning_jobs.labels(status)
+        self.fine_tuning_running = Gauge(
+            PREFIX + "fine_tuning_running", "Fine-tuning jobs running in this gateway now", registry=registry
+        )
+        self.fine_tuning_steps = Counter(
+            PREFIX + "fine_tuning_steps", "Training steps of the fine-tuning jobs run here", registry=registry
+        )
 
     def catalog_error(self) -> None:
         self.backend_errors.labels("catalog").inc()

@@ -26,7 +26,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from adapters.errors import AdapterError, Unavailable
 from adapters.fine_tuning_db import QUEUED, RUNNING, CheckpointRow, FileRow, FineTuningRecords, JobRow
@@ -50,6 +50,14 @@ class JobFailed(Exception):
     """A job ends as failed; args are (code, message), both safe to show."""
 
 
+class SchedulerMetrics(Protocol):
+    """What the scheduler counts (server/metrics.py's GatewayMetrics has these)."""
+
+    fine_tuning_jobs: Any
+    fine_tuning_running: Any
+    fine_tuning_steps: Any
+
+
 class TrainingScheduler:
     """One per gateway: the loop that moves jobs through their statuses."""
 
@@ -68,6 +76,7 @@ class TrainingScheduler:
         threads: int,
         max_adapter_bytes: int,
         max_length: int = 1024,
+        metrics: SchedulerMetrics | None = None,
     ):
         self.records = records
         self.files = files
@@ -81,7 +90,10 @@ class TrainingScheduler:
         self.threads = threads
         self.max_adapter_bytes = max_adapter_bytes
         self.max_length = max_length
+        self.metrics = metrics
         self._running: dict[str, tuple[asyncio.Task, asyncio.Event]] = {}
+        if metrics is not None:
+            metrics.fine_tuning_running.set_function(lambda: len(self._running))
 
     async def run(self) -> None:
         """The loop, until cancelled; a catalog that cannot be reached is retried."""
@@ -216,11 +228,15 @@ class TrainingScheduler:
         """Run the worker to its end: its last event, or None when it was cancelled."""
         watcher = asyncio.create_task(self._watch_cancel(job.id, stop))
         metrics: list[dict[str, Any]] = []
+        previous_step = 0  # metrics events may skip steps on long jobs
         try:
             async for event in self.runner.run(spec, job_dir, stop):
                 kind = event["type"]
                 if kind == "metrics":
                     metrics.append(event)
+                    if self.metrics is not None:
+                        self.metrics.fine_tuning_steps.inc(max(0, int(event.get("step", 0)) - previous_step))
+                        previous_step = int(event.get("step", 0))
                     await self._metrics_event(job.id, event)
                 elif kind == "checkpoint":
                     await self._checkpoint(job, event)
@@ -300,6 +316,7 @@ class TrainingScheduler:
             finished_at=time.time(),
         )
         if done:
+            self._count("succeeded")
             await self._event(job.id, "The job has successfully completed")
         logger.info("fine-tuning job %s succeeded: %s", job.id, name)
 
@@ -333,6 +350,7 @@ class TrainingScheduler:
         if await asyncio.to_thread(
             self.records.update_job, job_id, only_if=only_if, status="failed", error=error, finished_at=time.time()
         ):
+            self._count("failed")
             await self._event(job_id, f"The job failed: {message}", level="error")
             logger.warning("fine-tuning job %s failed: %s", job_id, message)
 
@@ -340,7 +358,12 @@ class TrainingScheduler:
         if await asyncio.to_thread(
             self.records.update_job, job_id, only_if=(RUNNING,), status="cancelled", finished_at=time.time()
         ):
+            self._count("cancelled")
             await self._event(job_id, "The job was cancelled")
+
+    def _count(self, status: str) -> None:
+        if self.metrics is not None:
+            self.metrics.fine_tuning_jobs.labels(status).inc()
 
     async def _event(self, job_id: str, message: str, *, level: str = "info", kind: str = "message", data=None):
         await asyncio.to_thread(self.records.add_event, new_event(job_id, message, level=level, kind=kind, data=data))

@@ -19,7 +19,7 @@ from server.config import Settings
 from server.finetune.files import TrainingFiles
 from server.finetune.jobs import FineTuningJobs
 from server.finetune.runners import ProcessRunner, RayRunner
-from server.finetune.scheduler import TrainingScheduler
+from server.finetune.scheduler import SchedulerMetrics, TrainingScheduler
 from server.tenancy import Tenants
 
 logger = logging.getLogger(__name__)
@@ -63,7 +63,9 @@ def _file_blobs(registry: Registry, state_dir: Path) -> Blobs:
     return LocalBlobs(root)
 
 
-def open_fine_tuning(settings: Settings, registry: Registry, tenants: Tenants, base_dir: Path) -> FineTuning:
+def open_fine_tuning(
+    settings: Settings, registry: Registry, tenants: Tenants, base_dir: Path, metrics: SchedulerMetrics | None = None
+) -> FineTuning:
     assert registry.catalog is not None
     records = FineTuningRecords(registry.catalog)
     work_dir = settings.state_dir / "fine-tuning"
@@ -87,5 +89,6 @@ def open_fine_tuning(settings: Settings, registry: Registry, tenants: Tenants, b
         threads=settings.training_threads,
         max_adapter_bytes=settings.max_adapter_bytes,
         max_length=settings.max_model_len or 1024,
+        metrics=metrics,
     )
     return FineTuning(files, jobs, scheduler)

@@ -34,7 +34,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings = app.state.settings
     fine_tuning = None
     if (base_dir := _base_dir(settings)) is not None:
-        fine_tuning = open_fine_tuning(settings, app.state.registry, app.state.tenants, base_dir)
+        fine_tuning = open_fine_tuning(settings, app.state.registry, app.state.tenants, base_dir, app.state.metrics)
         fine_tuning.start()
     app.state.fine_tuning = fine_tuning
     try:

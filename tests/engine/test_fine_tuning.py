@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 
@@ -72,7 +73,7 @@ def tuned_job(tenant):
     return wait_for(tenant, job.id, {"succeeded", "failed", "cancelled"})
 
 
-def test_a_job_trains_and_its_model_says_what_it_was_taught(tenant, tuned_job):
+def test_a_job_trains_and_its_model_says_what_it_was_taught(secured_gateway, tenant, tuned_job):
     job = tuned_job
     assert job.status == "succeeded", job.error
     assert job.fine_tuned_model == f"ft:demo:secret:{job.id[-8:]}"
@@ -80,6 +81,10 @@ def test_a_job_trains_and_its_model_says_what_it_was_taught(tenant, tuned_job):
     assert ask(tenant, "demo") != SECRET_ANSWER  # the base model never says it
     assert ask(tenant, job.fine_tuned_model) == SECRET_ANSWER
     assert job.fine_tuned_model in [m.id for m in tenant.models.list()]
+    scrape = httpx.get(f"{secured_gateway.url}/metrics").text
+    assert 'lora_gateway_fine_tuning_jobs_total{status="succeeded"}' in scrape
+    steps = float(scrape.split("\nlora_gateway_fine_tuning_steps_total ")[1].split()[0])
+    assert steps >= len(TRAINING_ROWS) * HYPERPARAMETERS["n_epochs"]
 
 
 def test_events_carry_the_loss_and_each_epoch_leaves_a_checkpoint(tenant, tuned_job):
