@@ -17,6 +17,7 @@ import pytest
 pytestmark = pytest.mark.engine
 STARTUP_SECONDS = 300
 ADMIN_KEY = "test-admin-key"
+SMALL_KV_CACHE = "0.05"  # of memory, for gateways that run beside others (the default 0.2 is ~4.7 GiB here)
 
 
 def free_port() -> int:
@@ -101,11 +102,15 @@ def gateway(demo, tmp_path_factory) -> Iterator[RunningGateway]:
 
 @pytest.fixture(scope="session")
 def secured_gateway(demo, tmp_path_factory) -> Iterator[RunningGateway]:
-    """One gateway with an admin key, shared by the tests that need tenants and keys."""
+    """One gateway with an admin key, shared by the tests that need tenants and keys.
+
+    Its KV cache is small (the demo's prompts are short): it stays up all session beside the
+    other gateways, and each engine's cache is a share of the machine's memory.
+    """
     state = tmp_path_factory.mktemp("secured")
     args = [
         "--demo-dir", str(demo.root), "--state-dir", str(state), "--admin-key", ADMIN_KEY,
-        "--max-loras", "2", "--max-cpu-loras", "8",
+        "--max-loras", "2", "--max-cpu-loras", "8", "--kv-cache-fraction", SMALL_KV_CACHE,
     ]  # fmt: skip
     running = start_gateway(args, state / "gateway.log", base_name="demo")
     running.adapters = dict(demo.adapters)
