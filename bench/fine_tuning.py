@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -23,9 +22,9 @@ from pathlib import Path
 import httpx
 
 from bench.loadgen import LoadConfig, run_load, summarize
+from bench.replicas import METRICS, median_of
 from bench.servers import VENV_BIN, ProcessPool, free_port, wait_ready
 
-METRICS = ("req_per_s", "output_tok_per_s", "latency_p50_ms", "latency_p99_ms", "ttft_p50_ms")
 ROWS = [
     {
         "messages": [
@@ -74,11 +73,6 @@ def stop_job(url: str, job_id: str) -> str:
         if status == "running":
             status = client.post(f"/v1/fine_tuning/jobs/{job_id}/cancel").json()["status"]
         return status
-
-
-def median_of(rounds: list[dict], key: str) -> float | None:
-    values = [r[key] for r in rounds if r.get(key) is not None]
-    return round(statistics.median(values), 2) if values else None
 
 
 def main(argv: list[str] | None = None) -> int:
