@@ -774,6 +774,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="max_tokens of each request; the model may stop earlier at EOS (default: 128)",
     )
     shape.add_argument("--seed", type=int, default=0, help="seeds models, lengths, prompts and arrivals (default: 0)")
+    shape.add_argument(
+        "--extra-body",
+        type=_json_object,
+        default={},
+        metavar="JSON",
+        help="more fields for every request body, as a JSON object, e.g. '{\"ignore_eos\": true}' (default: none)",
+    )
     out = parser.add_argument_group("output")
     out.add_argument("--label", default="", help="the run's name in --json, --plot and --compare")
     out.add_argument("--json", type=Path, metavar="PATH", help="write {label, config, summary, records} as JSON")
@@ -791,6 +798,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="send nothing: print the summaries of these --json files side by side, with ratios to the first",
     )
     return parser
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("--extra-body takes a JSON object") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("--extra-body takes a JSON object")
+    return value
 
 
 def config_from_args(args: argparse.Namespace) -> LoadConfig:
