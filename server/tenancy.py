@@ -104,8 +104,18 @@ class Tenants:
         self._created[name] = time.time()
         return True
 
+    async def _require(self, name: str) -> TenantLimits:
+        """The tenant's limits; one another gateway made a moment ago is read from the catalog."""
+        if name not in self._limits:
+            stored = await asyncio.to_thread(self._catalog.tenants)
+            if name in stored:
+                overrides, created = stored[name]
+                self._limits[name] = self.defaults.updated(overrides)
+                self._created[name] = created
+        return self.limits(name)
+
     async def update(self, name: str, overrides: dict) -> TenantLimits:
-        current = self.limits(name)
+        current = await self._require(name)
         limits = current.updated(overrides)
         stored = {k: v for k, v in asdict(limits).items() if v != getattr(self.defaults, k)}
         await asyncio.to_thread(self._catalog.set_tenant_limits, name, stored)
@@ -114,7 +124,7 @@ class Tenants:
 
     async def delete(self, name: str) -> None:
         """The tenant, its keys and its adapters leave the catalog in one transaction."""
-        self.limits(name)
+        await self._require(name)
         await asyncio.to_thread(self._catalog.delete_tenant, name)
         self._forget(name)
 

@@ -123,13 +123,16 @@ async def test_every_replicas_vllm_series_reach_prometheus_with_its_replica_id(c
         lines = [line for line in body.splitlines() if line.startswith("ray_vllm_") and "ReplicaId=" in line]
         seen = {rid for rid in served if any(f'ReplicaId="{rid}"' in line for line in lines)}
         last.update(lines=len(lines), seen=seen, served=set(served), size=len(body))
-        return lines if seen == served else None
+        # Ray exports each series on its own schedule: wait for the request histogram as well.
+        latency = any(line.startswith("ray_vllm_e2e_request_latency_seconds") for line in lines)
+        return lines if seen == served and latency else None
 
     try:
-        lines = await until(exported, 120, step=3)
+        await until(exported, 120, step=3)
     except AssertionError:
-        raise AssertionError(f"Ray's export at {ray_gateway.metrics_url} never had every replica: {last}") from None
-    assert any(line.startswith("ray_vllm_e2e_request_latency_seconds") for line in lines)
+        raise AssertionError(
+            f"Ray's export at {ray_gateway.metrics_url} never had every replica's latency: {last}"
+        ) from None
     # And the ingress counts each replica's requests per adapter.
     answers = await asyncio.gather(*(chat(client, model) for model in models))
     wanted = {(answer.headers["x-lora-gateway-replica"], model) for model, answer in zip(models, answers, strict=True)}

@@ -196,3 +196,14 @@ async def test_keys_never_reach_the_logs(tmp_path, caplog):
     assert "quiet" in logged  # the tenant was logged, so the check below looks at real output
     for secret in [key, ADMIN_KEY, "lgw-wrong-key-value"]:
         assert secret not in logged
+
+
+async def test_a_tenant_another_gateway_just_made_can_be_changed_and_deleted_here(tmp_path):
+    """Before this gateway's sync has seen it, the catalog still decides that the tenant exists."""
+    async with full_gateway(tmp_path / "state", catalog_poll_seconds=60) as gw:
+        gw.registry.catalog.add_tenant("elsewhere", {})  # as another gateway of the catalog would
+        assert not gw.app.state.tenants.exists("elsewhere")
+        patched = await gw.client.patch("/v1/tenants/elsewhere", json={"limits": {"max_adapters": 3}}, headers=gw.admin)
+        assert patched.status_code == 200 and patched.json()["limits"]["max_adapters"] == 3
+        assert (await gw.client.delete("/v1/tenants/elsewhere", headers=gw.admin)).status_code == 200
+        assert (await gw.client.patch("/v1/tenants/nobody", json={"limits": {}}, headers=gw.admin)).status_code == 404
