@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 
 from bench.loadgen import LoadConfig, run_load, summarize
-from bench.replicas import METRICS, median_of
+from bench.replicas import write_report
 from bench.servers import VENV_BIN, ProcessPool, free_port, wait_ready
 
 ROWS = [
@@ -123,17 +123,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
     finally:
         pool.stop_all()
-    report = {
-        "config": vars(args) | {"out": str(out)},
-        "rounds": results,
-        "median": {name: {key: median_of(rounds, key) for key in METRICS} for name, rounds in results.items()},
-    }
-    idle, training = report["median"]["idle"], report["median"]["training"]
-    report["ratio_training_over_idle"] = {
-        key: round(training[key] / idle[key], 3) if training[key] and idle[key] else None for key in METRICS
-    }
-    (out / "results.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-    print(json.dumps({"median": report["median"], "ratio": report["ratio_training_over_idle"]}, indent=2))
+    write_report(out, vars(args) | {"out": str(out)}, results, "training", "idle")
     return 0
 
 

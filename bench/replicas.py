@@ -41,6 +41,23 @@ def median_of(rounds: list[dict], key: str) -> float | None:
     return round(statistics.median(values), 2) if values else None
 
 
+def write_report(out: Path, config: dict, results: dict[str, list[dict]], top: str, bottom: str) -> dict:
+    """Each side's median over rounds and `top` over `bottom`, to out/results.json and stdout."""
+    report = {
+        "config": config,
+        "rounds": results,
+        "median": {name: {key: median_of(rounds, key) for key in METRICS} for name, rounds in results.items()},
+    }
+    upper, lower = report["median"][top], report["median"][bottom]
+    ratio_key = f"ratio_{top}_over_{bottom}"
+    report[ratio_key] = {
+        key: round(upper[key] / lower[key], 3) if upper[key] and lower[key] else None for key in METRICS
+    }
+    (out / "results.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    print(json.dumps({"median": report["median"], "ratio": report[ratio_key]}, indent=2))
+    return report
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     out = args.out or Path(tempfile.mkdtemp(prefix="replicas-"))
@@ -80,17 +97,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"round {round_index + 1} {name}: {summary['req_per_s']} req/s", file=sys.stderr)
     finally:
         pool.stop_all()
-    report = {
-        "config": vars(args) | {"out": str(out)},
-        "rounds": results,
-        "median": {name: {key: median_of(rounds, key) for key in METRICS} for name, rounds in results.items()},
-    }
-    single, ray = report["median"]["single"], report["median"]["ray"]
-    report["ratio_ray_over_single"] = {
-        key: round(ray[key] / single[key], 3) if ray[key] and single[key] else None for key in METRICS
-    }
-    (out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps({"median": report["median"], "ratio": report["ratio_ray_over_single"]}, indent=2))
+    write_report(out, vars(args) | {"out": str(out)}, results, "ray", "single")
     return 0
 
 
