@@ -289,11 +289,7 @@ class FineTuningRecords:
     def events(self, job_id: str, after: str | None, limit: int) -> Page:
         """A job's events, newest first (as OpenAI lists them), older than the event `after`."""
         statement = sa.select(events_table).where(events_table.c.job_id == job_id)
-        if after is not None:
-            cursor = sa.select(events_table.c.seq).where(events_table.c.id == after).scalar_subquery()
-            statement = statement.where(events_table.c.seq < cursor)
-        rows = self._read(statement.order_by(events_table.c.seq.desc()).limit(limit + 1))
-        return Page([_event_row(r) for r in rows[:limit]], len(rows) > limit)
+        return self._page(statement, events_table, after, limit, _event_row, order=events_table.c.seq)
 
     def add_checkpoint(self, row: CheckpointRow) -> None:
         with self._write() as conn:
