@@ -86,21 +86,21 @@ class TrainingFiles:
                 f"this tenant keeps {used} bytes of files and may keep {quota_bytes}; delete files first"
             )
         summary = await asyncio.to_thread(validate_training_file, raw)
+        described = {"format": summary.format, "examples": summary.examples}
+        return await self.add(owner, filename or "training.jsonl", purpose, raw, described)
+
+    async def add(self, owner: str, filename: str, purpose: str, raw: bytes, summary: dict[str, Any]) -> FileRow:
+        """A new file: the bytes into the store, then the row, so a row never points at missing bytes."""
         row = FileRow(
             id=f"file-{uuid.uuid4().hex[:24]}",
             owner=owner,
-            filename=Path(filename or "training.jsonl").name[:MAX_FILENAME],
+            filename=Path(filename).name[:MAX_FILENAME],
             purpose=purpose,
             bytes=len(raw),
             content_hash=hashlib.sha256(raw).hexdigest(),
-            summary={"format": summary.format, "examples": summary.examples},
+            summary=summary,
             created_at=time.time(),
         )
-        await self.save(row, raw)
-        return row
-
-    async def save(self, row: FileRow, raw: bytes) -> None:
-        """The bytes into the store, then the row: a row never points at bytes that are not there."""
         self.scratch.mkdir(parents=True, exist_ok=True)
         staged = self.scratch / f".{row.id}.upload"
         try:
@@ -109,6 +109,7 @@ class TrainingFiles:
         finally:
             staged.unlink(missing_ok=True)
         await asyncio.to_thread(self.records.add_file, row)
+        return row
 
     async def get(self, file_id: str, principal: Principal, param: str = "file_id") -> FileRow:
         row = await asyncio.to_thread(self.records.file, file_id)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import csv
-import hashlib
 import io
 import logging
 import shutil
@@ -328,19 +327,7 @@ class TrainingScheduler:
         writer.writerow(columns)
         for event in metrics:
             writer.writerow(["" if event.get(c) is None else event[c] for c in columns])
-        raw = text.getvalue().encode()
-        row = FileRow(
-            id=f"file-{uuid.uuid4().hex[:24]}",
-            owner=job.owner,
-            filename="step_metrics.csv",
-            purpose=RESULTS,
-            bytes=len(raw),
-            content_hash=hashlib.sha256(raw).hexdigest(),
-            summary={"job": job.id},
-            created_at=time.time(),
-        )
-        await self.files.save(row, raw)
-        return row
+        return await self.files.add(job.owner, "step_metrics.csv", RESULTS, text.getvalue().encode(), {"job": job.id})
 
     # -- endings -------------------------------------------------------------------------------
 
