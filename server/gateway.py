@@ -61,6 +61,18 @@ def with_demo(settings: Settings) -> Settings:
     return settings.model_copy(update=update)
 
 
+def base_model_dir(settings: Settings) -> Path | None:
+    """The base model's folder: --model, or the demo's once built; None when it is not known."""
+    if settings.model is not None:
+        return Path(settings.model)
+    from server.demo import IncompleteDemo, load_demo
+
+    try:
+        return load_demo(settings.demo_dir).base
+    except IncompleteDemo:
+        return None
+
+
 def prepare(settings: Settings) -> Prepared:
     """Check everything that can fail fast and open the catalog and store; raises StartupError."""
     assert settings.model is not None, "call with_demo first"

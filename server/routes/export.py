@@ -32,6 +32,7 @@ from adapters.spec import SHARED
 from server.config import Settings
 from server.deps import AdminDep, RegistryDep
 from server.errors import GatewayError, InvalidRequest
+from server.gateway import base_model_dir
 from server.responses import JSONResponse
 from server.routes.adapters import UnknownAdapter
 
@@ -226,23 +227,12 @@ async def _stop(process: asyncio.subprocess.Process) -> None:
         await process.wait()
 
 
-def _base_dir(settings: Settings) -> Path | None:
-    if settings.model is not None:
-        return Path(settings.model)
-    from server.demo import IncompleteDemo, load_demo
-
-    try:
-        return load_demo(settings.demo_dir).base
-    except IncompleteDemo:
-        return None
-
-
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     jobs = None
     if settings.export_dir is not None:
-        if (base_dir := _base_dir(settings)) is not None:
+        if (base_dir := base_model_dir(settings)) is not None:
             jobs = ExportJobs(settings.export_dir, base_dir, app.state.registry)
         else:
             logger.warning("--export-dir is set but the base model's folder is unknown; exports are off")

@@ -17,8 +17,8 @@ from server.deps import PrincipalDep
 from server.errors import GatewayError
 from server.finetune.jobs import CreateJob, event_card, job_card
 from server.finetune.service import FineTuning, open_fine_tuning
+from server.gateway import base_model_dir
 from server.responses import JSONResponse
-from server.routes.export import _base_dir
 
 CANCEL_WAIT_SECONDS = 10.0
 
@@ -33,7 +33,7 @@ class FineTuningOff(GatewayError):
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings = app.state.settings
     fine_tuning = None
-    if (base_dir := _base_dir(settings)) is not None:
+    if (base_dir := base_model_dir(settings)) is not None:
         fine_tuning = open_fine_tuning(settings, app.state.registry, app.state.tenants, base_dir, app.state.metrics)
         fine_tuning.start()
     app.state.fine_tuning = fine_tuning
