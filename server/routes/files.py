@@ -17,7 +17,6 @@ from server.routes.adapters import LengthRequired
 from server.routes.fine_tuning import FineTuningDep, list_body
 
 router = APIRouter()
-_MULTIPART_OVERHEAD = 64 * 1024
 
 
 @router.post("/v1/files", response_model=None)
@@ -26,12 +25,10 @@ async def upload_file(
 ) -> JSONResponse:
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise InvalidRequest("send multipart/form-data with 'file' and 'purpose'")
-    declared = request.headers.get("content-length")
-    if declared is None:
+    # BodyLimitMiddleware has refused a declared length over --max-file-bytes already.
+    if request.headers.get("content-length") is None:
         raise LengthRequired("uploads need a Content-Length header")
     limit = settings.max_file_bytes
-    if not declared.isdigit() or int(declared) > limit + _MULTIPART_OVERHEAD:
-        raise FileQuotaExceeded(f"the file is over the {limit}-byte limit (--max-file-bytes)")
     form = await request.form(max_files=1, max_fields=4)
     try:
         purpose = form.get("purpose")

@@ -238,3 +238,11 @@ async def test_files_live_in_the_shared_store_and_a_store_down_is_a_503(tmp_path
         finally:
             moto_server.start()
         assert [f["id"] for f in (await two.client.get("/v1/files", headers=two.admin)).json()["data"]] == [file_id]
+
+
+async def test_a_file_over_max_file_bytes_is_refused_before_it_is_read(tmp_path, demo):
+    async with full_gateway(tmp_path / "state", model=str(demo.base), max_training_jobs=0, max_file_bytes=2048) as gw:
+        too_big = await upload(gw, gw.admin, jsonl(CHAT * 200))
+        assert too_big.status_code == 413 and too_big.json()["error"]["code"] == "request_too_large"
+        assert (await upload(gw, gw.admin, jsonl(CHAT))).status_code == 200
+        assert len((await gw.client.get("/v1/files", headers=gw.admin)).json()["data"]) == 1
