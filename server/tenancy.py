@@ -109,9 +109,7 @@ class Tenants:
         if name not in self._limits:
             stored = await asyncio.to_thread(self._catalog.tenants)
             if name in stored:
-                overrides, created = stored[name]
-                self._limits[name] = self.defaults.updated(overrides)
-                self._created[name] = created
+                self._take(name, *stored[name])
         return self.limits(name)
 
     async def update(self, name: str, overrides: dict) -> TenantLimits:
@@ -138,8 +136,11 @@ class Tenants:
         for name in set(self._limits) - set(tenants):
             self._forget(name)
         for name, (overrides, created) in tenants.items():
-            self._limits[name] = self.defaults.updated(overrides)
-            self._created[name] = created
+            self._take(name, overrides, created)
+
+    def _take(self, name: str, overrides: dict, created: float) -> None:
+        self._limits[name] = self.defaults.updated(overrides)
+        self._created[name] = created
 
     def in_flight(self, name: str) -> int:
         usage = self._usage.get(name)
