@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from adapters.errors import AdapterNotFound
 from adapters.fine_tuning_db import DONE, EventRow, FineTuningRecords, JobRow, Page
 from adapters.registry import Registry
 from adapters.training.hyperparams import resolve_hyperparameters
@@ -222,7 +223,7 @@ class FineTuningJobs:
     def _is_visible_adapter(self, name: str, principal: Principal) -> bool:
         try:
             self.registry.resolve(name, tenant=principal.tenant, admin=principal.admin)
-        except Exception:  # noqa: BLE001 - not found or not allowed: the caller sees a 404 either way
+        except AdapterNotFound:  # missing or another tenant's: the caller sees a 404 either way
             return False
         return True
 
