@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from adapters.convert import MINIMIND_FILE, convert_staged, minimind_to_peft, write_peft_weights
 from adapters.errors import InvalidAdapter
 from server import cli
-from tests.adapter_files import TINY_BASE, make_adapter, tarball
+from tests.adapter_files import TINY_BASE, TINY_CONFIG, make_adapter, tarball
 from tests.test_sandbox import LeavesATrace
 
 HIDDEN = TINY_BASE.module_shapes["q_proj"][0]
@@ -287,18 +287,7 @@ def test_convert_help_explains_every_flag(capsys):
 def tiny_base_dir(tmp_path: Path) -> Path:
     folder = tmp_path / "base"
     folder.mkdir()
-    (folder / "config.json").write_text(
-        json.dumps(
-            {
-                "hidden_size": 64,
-                "num_attention_heads": 1,
-                "num_key_value_heads": 1,
-                "head_dim": 64,
-                "intermediate_size": 96,
-                "num_hidden_layers": 2,
-            }
-        )
-    )
+    (folder / "config.json").write_text(json.dumps(TINY_CONFIG))
     return folder
 
 
