@@ -31,7 +31,6 @@ from adapters.errors import AdapterError, Unavailable
 from adapters.fine_tuning_db import QUEUED, RUNNING, CheckpointRow, FileRow, FineTuningRecords, JobRow
 from adapters.registry import Registry
 from adapters.store import copy_folder
-from adapters.training.data import validate_training_file
 from server.finetune.files import RESULTS, TrainingFiles
 from server.finetune.jobs import VALIDATING, new_event
 from server.finetune.runners import Runner, pack
@@ -131,7 +130,7 @@ class TrainingScheduler:
 
     async def _fail_left_running(self) -> None:
         for job in await asyncio.to_thread(self.records.running):
-            if job.runner == self.runner_id and job.id not in self._running:
+            if job.runner == self.runner_id:  # at start nothing runs here yet: these are the last run's
                 await self._finish_failed(job.id, "gateway_restarted", RESTARTED, only_if=(RUNNING,))
 
     async def _tick(self) -> None:
@@ -151,7 +150,10 @@ class TrainingScheduler:
             task.add_done_callback(lambda _, job_id=job.id: self._running.pop(job_id, None))
 
     async def _validate(self, job: JobRow) -> None:
-        """Read the files again (they may be gone since), then queue the job."""
+        """Check the files are still there, then queue the job.
+
+        Their content was validated at upload and never changes, so it is not read again here.
+        """
         problem = None
         for key in ("training_file", "validation_file"):
             file_id = job.request.get(key)
@@ -160,11 +162,6 @@ class TrainingScheduler:
             row = await asyncio.to_thread(self.records.file, file_id)
             if row is None or row.owner != job.owner:
                 problem = f"the {key.replace('_', ' ')} {file_id} was deleted"
-                break
-            try:
-                await asyncio.to_thread(validate_training_file, await self.files.content(row))
-            except AdapterError as exc:
-                problem = f"the {key.replace('_', ' ')} {file_id} is invalid: {exc.message}"
                 break
         if problem is not None:
             await self._finish_failed(job.id, "invalid_training_file", problem, only_if=(VALIDATING,))
