@@ -170,8 +170,17 @@ async def test_a_replica_whose_engine_dies_fails_its_health_check_and_is_replace
     import psutil
 
     target = (await cluster(client))[0]
-    engine_cores = [p for p in psutil.Process(target["pid"]).children(recursive=True) if "EngineCore" in p.name()]
-    assert engine_cores, [p.name() for p in psutil.Process(target["pid"]).children(recursive=True)]
+
+    async def named_engine_cores():
+        # A busy machine can show the engine's processes before they have renamed themselves.
+        children = psutil.Process(target["pid"]).children(recursive=True)
+        return [p for p in children if "EngineCore" in p.name()] or None
+
+    try:
+        engine_cores = await until(named_engine_cores, 30, step=1)
+    except AssertionError:
+        names = [p.name() for p in psutil.Process(target["pid"]).children(recursive=True)]
+        raise AssertionError(f"no EngineCore under replica {target['pid']}: {names}") from None
     for core in engine_cores:
         core.kill()
 
