@@ -1,7 +1,7 @@
 """The adapter layer's errors, in its own types.
 
 They carry a message that says what was wrong and, where one field is to blame, its name
-(`param`). They carry no HTTP status: `server/errors.py` maps each type to a status and an
+(`param`). They carry no HTTP status: `server/http/errors.py` maps each type to a status and an
 OpenAI error code, in one place.
 """
 

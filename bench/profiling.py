@@ -25,7 +25,7 @@ IDLE = re.compile(
     r"anyio/_backends/_asyncio)\.py"
 )
 # Frames every sample of the main thread has: the command and uvicorn's start, not costs.
-ENTRY = re.compile(r"(^|/)server/(cli|serving|__main__)\.py$")
+ENTRY = re.compile(r"(^|/)server/(commands/cli|commands/serving|__main__)\.py$")
 FRAME = re.compile(r"^(?P<function>.*) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
 
 # The first matching pattern names a frame's area.

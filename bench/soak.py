@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx
 import psutil
 
-from server.demo import BASE_ANSWER, DEMO_PROMPT, ensure_demo
+from adapters.demo import BASE_ANSWER, DEMO_PROMPT, ensure_demo
 
 
 def rss_mib(pid: int) -> float:

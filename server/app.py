@@ -13,22 +13,27 @@ from fastapi import FastAPI
 from adapters.registry import Registry
 from adapters.spec import SHARED
 from adapters.store import copy_folder
-from server.auth import KeyRing
-from server.bodylimit import BodyLimitMiddleware
-from server.catalog_sync import CatalogSync
+from server.admin import adapters, cluster, tenants, usage
+from server.admin import export as export_route
 from server.config import Settings
+from server.console import router as ui
 from server.engine.protocol import Engine
-from server.errors import install_error_handlers
-from server.generation import Generator
-from server.metrics import GatewayMetrics
-from server.middleware import RequestGate, TelemetryMiddleware
-from server.responses import JSONResponse
-from server.routes import adapters, chat, cluster, completions, files, fine_tuning, health, models, tenants, ui, usage
-from server.routes import export as export_route
-from server.routes import metrics as metrics_route
-from server.routes import tgi as tgi_route
-from server.tenancy import TenantLimits, Tenants
-from server.usage import UsageWindow
+from server.finetune import files_router as files
+from server.finetune import jobs_router as fine_tuning
+from server.http.auth import KeyRing
+from server.http.bodylimit import BodyLimitMiddleware
+from server.http.errors import install_error_handlers
+from server.http.middleware import RequestGate, TelemetryMiddleware
+from server.http.responses import JSONResponse
+from server.http.tenancy import TenantLimits, Tenants
+from server.openai import chat, completions, models
+from server.openai.generation import Generator
+from server.ops import health
+from server.ops import metrics_router as metrics_route
+from server.ops.catalog_sync import CatalogSync
+from server.ops.metrics import GatewayMetrics
+from server.ops.usage import UsageWindow
+from server.tgi import router as tgi_route
 
 logger = logging.getLogger(__name__)
 

@@ -49,7 +49,7 @@ def with_demo(settings: Settings) -> Settings:
     """With no --model: the embedded demo (built once), its adapters, and float32 for parity."""
     if settings.model is not None:
         return settings
-    from server.demo import ensure_demo
+    from adapters.demo import ensure_demo
 
     demo = ensure_demo(settings.demo_dir, progress=lambda line: logger.info("demo: %s", line))
     update: dict = {"model": str(demo.base), "served_model_name": settings.served_model_name or "demo"}
@@ -65,7 +65,7 @@ def base_model_dir(settings: Settings) -> Path | None:
     """The base model's folder: --model, or the demo's once built; None when it is not known."""
     if settings.model is not None:
         return Path(settings.model)
-    from server.demo import IncompleteDemo, load_demo
+    from adapters.demo import IncompleteDemo, load_demo
 
     try:
         return load_demo(settings.demo_dir).base
@@ -131,7 +131,7 @@ def _check_preload(folder: Path, rules: AdapterRules) -> None:
 def assemble(prepared: Prepared, engine, zero_spec: AdapterSpec | None = None, metrics=None) -> FastAPI:
     """The registry and the app around a started engine."""
     from server.app import build_app
-    from server.metrics import GatewayMetrics
+    from server.ops.metrics import GatewayMetrics
 
     settings = prepared.settings
     metrics = metrics or GatewayMetrics(settings.base_name, settings.metrics_adapter_labels)

@@ -86,7 +86,7 @@ class GatewayIngress:
         from server.engine.ray_replica import BOARD_NAME, BOARD_NAMESPACE, ClusterBoard
         from server.engine.vllm_engine import default_max_model_len
         from server.gateway import StartupError, assemble, prepare
-        from server.logs import configure_logging
+        from server.ops.logs import configure_logging
 
         configure_logging(settings.log_level, settings.log_format)
         try:

@@ -22,7 +22,7 @@ pytest_plugins = ["tests.services.postgres", "tests.services.s3", "tests.service
 @pytest.fixture(scope="session")
 def demo(tmp_path_factory):
     """The embedded demo (a base model and two adapters), built once per session."""
-    from server.demo import ensure_demo
+    from adapters.demo import ensure_demo
 
     return ensure_demo(tmp_path_factory.mktemp("demo-cache"))
 

@@ -1,4 +1,4 @@
-"""The FakeEngine gateway with slow streams, served by server.serving: what test_serving.py signals.
+"""The FakeEngine gateway with slow streams, served by server.commands.serving: what test_serving.py signals.
 
 python -m tests.drain_server PORT STATE_DIR DRAIN_SECONDS
 """
@@ -14,10 +14,10 @@ from pathlib import Path
 from adapters.database import Database
 from adapters.registry import Registry
 from server.app import build_app
+from server.commands.serving import serve_app
 from server.config import Settings
 from server.engine.protocol import AdapterHandle, GenerationStep, SamplingOptions
-from server.logs import configure_logging
-from server.serving import serve_app
+from server.ops.logs import configure_logging
 from tests.fakes import FakeEngine, fake_spec
 
 STEP_SECONDS = 0.2

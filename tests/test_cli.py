@@ -1,4 +1,4 @@
-"""server/cli.py: the shared-state flags, and their secrets kept out of help, logs and messages."""
+"""server/commands/cli.py: the shared-state flags, and their secrets kept out of help, logs and messages."""
 
 from __future__ import annotations
 

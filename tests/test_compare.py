@@ -86,7 +86,7 @@ def _flag(argv: list[str], name: str) -> str:
 
 
 def test_both_servers_get_the_same_engine_limits(tmp_path):
-    from server.cli import build_parser as gateway_parser
+    from server.commands.cli import build_parser as gateway_parser
 
     limits = EngineLimits(max_loras=4, max_cpu_loras=8, max_lora_rank=16, max_model_len=1024)
     adapters = {"lora0": tmp_path / "lora0", "lora1": tmp_path / "lora1"}
@@ -386,9 +386,9 @@ def test_floor_session_reads_answers_and_notices_errors(tmp_path):
 def test_stack_summary_shares_and_areas():
     text = "\n".join(
         [
-            "<module> (lora-gateway:6);main (server/cli.py:95);serve_app (server/serving.py:79);"
-            "_stream (server/routes/completions.py:80);sse_event (server/responses.py:34) 6",
-            "<module> (lora-gateway:6);main (server/cli.py:95);Registry.lease (adapters/registry.py:292) 2",
+            "<module> (lora-gateway:6);main (server/commands/cli.py:95);serve_app (server/commands/serving.py:79);"
+            "_stream (server/openai/completions.py:80);sse_event (server/http/responses.py:34) 6",
+            "<module> (lora-gateway:6);main (server/commands/cli.py:95);Registry.lease (adapters/registry.py:292) 2",
             "<module> (lora-gateway:6);OutputProcessor.process_outputs (vllm/v1/engine/output_processor.py:739) 2",
             "Thread._bootstrap (threading.py:1002);Condition.wait (threading.py:327) 40",
         ]
@@ -397,7 +397,7 @@ def test_stack_summary_shares_and_areas():
     assert summary["samples"] == 10 and summary["idle_samples_dropped"] == 40
     assert summary["areas_self_pct"] == {"gateway: server/": 60.0, "gateway: adapters/": 20.0, "vllm": 20.0}
     own = {row["function"]: row["inclusive_pct"] for row in summary["gateway_inclusive"]}
-    assert own["_stream (server/routes/completions.py)"] == 60.0 and "main (server/cli.py)" not in own
+    assert own["_stream (server/openai/completions.py)"] == 60.0 and "main (server/commands/cli.py)" not in own
 
 
 # -- stopping what was started --------------------------------------------------------------------

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from adapters.convert import MINIMIND_FILE, convert_staged, minimind_to_peft, write_peft_weights
 from adapters.errors import InvalidAdapter
-from server import cli
+from server.commands import cli
 from tests.adapter_files import TINY_BASE, TINY_CONFIG, make_adapter, tarball
 from tests.test_sandbox import LeavesATrace
 

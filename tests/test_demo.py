@@ -1,4 +1,4 @@
-"""Tests for server/demo.py: the embedded tiny base model and its two LoRA adapters."""
+"""Tests for adapters/demo.py: the embedded tiny base model and its two LoRA adapters."""
 
 import json
 import logging
@@ -11,8 +11,8 @@ from peft import PeftModel
 from safetensors import safe_open
 from transformers import AutoTokenizer, LlamaForCausalLM
 
-from server import demo as demo_module
-from server.demo import (
+from adapters import demo as demo_module
+from adapters.demo import (
     DEMO_PROMPT,
     DEMO_VERSION,
     DemoModel,
@@ -178,7 +178,7 @@ def test_ensure_demo_rebuilds_incomplete_build(demo, tmp_path, caplog, damage):
     with pytest.raises(IncompleteDemo):
         load_demo(cache_dir)
 
-    with caplog.at_level(logging.INFO, logger="server.demo"):
+    with caplog.at_level(logging.INFO, logger="adapters.demo"):
         rebuilt = ensure_demo(cache_dir)
 
     assert rebuilt.root == cache_dir

@@ -52,5 +52,5 @@ def test_only_the_engine_room_imports_vllm():
 
 def test_the_check_sees_imports_inside_functions(tmp_path):
     sample = tmp_path / "sample.py"
-    sample.write_text("def load():\n    from server.errors import GatewayError\n    import vllm.lora\n")
-    assert imported_modules(sample) == {"server.errors", "vllm.lora"}
+    sample.write_text("def load():\n    from server.http.errors import GatewayError\n    import vllm.lora\n")
+    assert imported_modules(sample) == {"server.http.errors", "vllm.lora"}

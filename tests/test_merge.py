@@ -18,7 +18,7 @@ from adapters.errors import InvalidAdapter, MergeFailed
 from adapters.merge import merge_adapter
 from adapters.store import AdapterStore, copy_folder
 from adapters.validate import validate_adapter
-from server.cli import build_parser, main
+from server.commands.cli import build_parser, main
 from tests.adapter_files import TINY_BASE, TINY_CONFIG, make_adapter
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

@@ -20,8 +20,8 @@ from adapters.registry import Registry
 from adapters.spec import SHARED
 from server.app import build_app
 from server.config import Settings
-from server.logs import JsonFormatter, configure_logging
-from server.metrics import GatewayMetrics
+from server.ops.logs import JsonFormatter, configure_logging
+from server.ops.metrics import GatewayMetrics
 from tests.conftest import ADMIN_KEY, full_gateway
 from tests.fakes import FakeEngine, fake_spec
 

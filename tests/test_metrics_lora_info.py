@@ -18,7 +18,7 @@ import yaml
 from prometheus_client import REGISTRY, CollectorRegistry, Gauge, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.metrics_lora_info import LORA_INFO, LoraInfoView, model_name, model_names
+from server.ops.metrics_lora_info import LORA_INFO, LoraInfoView, model_name, model_names
 from tests.adapter_files import make_adapter
 from tests.routes.test_tenancy import new_tenant, upload
 

@@ -17,7 +17,7 @@ import torch
 from adapters import sandbox
 from adapters.errors import AdapterTooLarge, ConverterBusy, InvalidAdapter
 from adapters.sandbox import SandboxLimits, load_pickled_tensors
-from server.errors import from_adapter_error
+from server.http.errors import from_adapter_error
 
 
 class LeavesATrace:

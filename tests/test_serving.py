@@ -222,7 +222,7 @@ def test_a_port_in_use_fails_fast_before_the_engine_starts(tmp_path):
 
 
 def test_the_listener_is_bound_before_serving():
-    from server.serving import bind_listener
+    from server.commands.serving import bind_listener
 
     sock = bind_listener("127.0.0.1", 0)
     try:

@@ -5,7 +5,7 @@ import pytest
 from adapters.errors import AdapterTooLarge, InvalidAdapter
 from adapters.store import copy_folder
 from adapters.validate import validate_adapter
-from server.errors import http_status
+from server.http.errors import http_status
 from tests.adapter_files import BAD_CASES, TINY_BASE, bad_adapters, make_adapter
 
 

@@ -18,8 +18,8 @@ from typing import Any
 from adapters.blobs import BlobNotFound, Blobs
 from adapters.fine_tuning_db import FileRow, FineTuningRecords, Page
 from adapters.training.data import validate_training_file
-from server.auth import Principal
-from server.errors import GatewayError, InvalidRequest
+from server.http.auth import Principal
+from server.http.errors import GatewayError, InvalidRequest
 
 FINE_TUNE = "fine-tune"
 RESULTS = "fine-tune-results"

@@ -25,10 +25,10 @@ from adapters.registry import Registry
 from adapters.training.hyperparams import resolve_hyperparameters
 from adapters.training.lora_settings import resolve_lora_settings
 from adapters.validate import NAME_PATTERN
-from server.auth import Principal
-from server.errors import GatewayError, InvalidRequest, ModelNotFound, UnsupportedParameter
 from server.finetune.files import FINE_TUNE, TrainingFiles
-from server.tenancy import RateLimited, Tenants
+from server.http.auth import Principal
+from server.http.errors import GatewayError, InvalidRequest, ModelNotFound, UnsupportedParameter
+from server.http.tenancy import RateLimited, Tenants
 
 VALIDATING = "validating_files"
 MAX_METADATA_PAIRS = 16

@@ -49,7 +49,7 @@ class JobFailed(Exception):
 
 
 class SchedulerMetrics(Protocol):
-    """What the scheduler counts (server/metrics.py's GatewayMetrics has these)."""
+    """What the scheduler counts (server/ops/metrics.py's GatewayMetrics has these)."""
 
     fine_tuning_jobs: Any
     fine_tuning_running: Any

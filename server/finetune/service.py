@@ -20,7 +20,7 @@ from server.finetune.files import TrainingFiles
 from server.finetune.jobs import FineTuningJobs
 from server.finetune.runners import ProcessRunner, RayRunner
 from server.finetune.scheduler import SchedulerMetrics, TrainingScheduler
-from server.tenancy import Tenants
+from server.http.tenancy import Tenants
 
 logger = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from server.demo import DEMO_PROMPT
+from adapters.demo import DEMO_PROMPT
 from tests.engine.reference import PeftReference
 
 pytestmark = pytest.mark.engine

@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from adapters.demo import DEMO_PROMPT
 from adapters.merge import merge_adapter
-from server.demo import DEMO_PROMPT
 from tests.engine.conftest import start_gateway, stop_gateway
 from tests.engine.reference import PeftReference
 

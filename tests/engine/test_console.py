@@ -17,7 +17,7 @@ import httpx
 import pytest
 from playwright.async_api import expect
 
-from server.demo import DEMO_PROMPT
+from adapters.demo import DEMO_PROMPT
 from tests.engine.conftest import ADMIN_KEY
 from tests.engine.reference import PeftReference
 from tests.training_data import HYPERPARAMETERS, TRAINING_ROWS, VALIDATION_ROWS, jsonl

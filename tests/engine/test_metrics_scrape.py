@@ -118,7 +118,7 @@ def test_the_scrape_has_every_dashboard_series_and_vllm_lora_info(gateway):
     assert {s.labels["max_lora"] for s in lora_info} == {"1"}
 
     # The engine names adapter versions name@id; /metrics names them as the requests did, which
-    # is what LoRA-aware endpoint pickers look the request's model up in (server/metrics_lora_info.py).
+    # is what LoRA-aware endpoint pickers look the request's model up in (server/ops/metrics_lora_info.py).
     def listed(sample) -> set[str]:
         return {
             name

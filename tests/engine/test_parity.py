@@ -8,7 +8,7 @@ import itertools
 import openai
 import pytest
 
-from server.demo import BASE_ANSWER, DEMO_PROMPT
+from adapters.demo import BASE_ANSWER, DEMO_PROMPT
 from tests.engine.conftest import start_gateway, stop_gateway
 from tests.engine.reference import PeftReference
 

@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from adapters.base_model import BaseModelInfo
-from server.demo import BASE_ANSWER, DEMO_PROMPT
+from adapters.demo import BASE_ANSWER, DEMO_PROMPT
 from tests.adapter_files import bad_adapters
 
 pytestmark = pytest.mark.engine

@@ -11,7 +11,7 @@ import httpx
 import psutil
 import pytest
 
-from server.demo import DEMO_PROMPT
+from adapters.demo import DEMO_PROMPT
 from tests.engine.conftest import start_gateway, stop_gateway
 
 pytestmark = pytest.mark.engine

@@ -13,7 +13,7 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from adapters.base_model import fingerprint
-from server.demo import DEMO_PROMPT
+from adapters.demo import DEMO_PROMPT
 from tests.engine.conftest import ADMIN_KEY, start_gateway, stop_gateway
 from tests.engine.reference import PeftReference
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from server.demo import DEMO_PROMPT
+from adapters.demo import DEMO_PROMPT
 from tests.engine.conftest import ADMIN_KEY
 from tests.engine.reference import PeftReference
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from server.routes.ui import UI_DIR
+from server.console.router import UI_DIR
 
 UI_FILES = sorted(p.relative_to(UI_DIR).as_posix() for p in UI_DIR.rglob("*") if p.is_file())
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from server.usage import ModelKey, UsageWindow, percentile
+from server.ops.usage import ModelKey, UsageWindow, percentile
 from tests.adapter_files import make_adapter
 from tests.conftest import full_gateway
 from tests.routes.test_tenancy import new_tenant, upload

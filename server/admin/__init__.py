@@ -1,0 +1,1 @@
+"""Administration: adapters, tenants and keys, exports, the cluster view, usage."""

@@ -1,0 +1,1 @@
+"""The command line: serve, convert, merge, demo-model."""

@@ -1,0 +1,1 @@
+"""The web console at /ui: static files and the route that serves them."""

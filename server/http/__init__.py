@@ -1,0 +1,1 @@
+"""The HTTP edge every surface shares: auth, dependencies, errors, middleware, limits, responses."""

@@ -1,0 +1,168 @@
+"""Tenants, their limits, and admission: concurrency and a token bucket per tenant."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+
+from adapters.database import Database, KeyRow
+from server.http.errors import GatewayError, InvalidRequest
+
+TENANT_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-_")
+
+
+class RateLimited(GatewayError):
+    """A tenant is over one of its limits."""
+
+    status_code = 429
+    error_type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, retry_after: float):
+        super().__init__(message, headers={"Retry-After": str(max(1, math.ceil(retry_after)))})
+
+
+class TenantNotFound(GatewayError):
+    status_code = 404
+    error_type = "invalid_request_error"
+    code = "tenant_not_found"
+
+    def __init__(self, name: str):
+        super().__init__(f"no tenant named '{name[:64]}'", param="name")
+
+
+@dataclass(frozen=True)
+class TenantLimits:
+    """Per-tenant limits; the gateway's settings give the defaults."""
+
+    max_concurrent: int = 16
+    requests_per_second: float = 20.0
+    max_adapters: int = 100
+    max_upload_bytes: int = 512 * 1024 * 1024
+    max_file_bytes: int = 1024 * 1024 * 1024  # training files kept, all together
+    max_queued_jobs: int = 4  # fine-tuning jobs validating or queued
+
+    def updated(self, changes: dict) -> TenantLimits:
+        unknown = set(changes) - set(asdict(self))
+        if unknown:
+            raise InvalidRequest(f"unknown limit '{sorted(unknown)[0]}'", param="limits")
+        for key, value in changes.items():
+            if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
+                raise InvalidRequest(f"limit '{key}' must be a positive number", param=f"limits.{key}")
+        return replace(self, **{k: type(getattr(self, k))(v) for k, v in changes.items()})
+
+
+@dataclass
+class _Usage:
+    in_flight: int = 0
+    tokens: float = 0.0
+    refilled_at: float = field(default_factory=time.monotonic)
+
+
+class Tenants:
+    """The tenants in the catalog, their limits, and their current usage."""
+
+    def __init__(self, catalog: Database, defaults: TenantLimits):
+        self._catalog = catalog
+        self.defaults = defaults
+        self._limits: dict[str, TenantLimits] = {}
+        self._created: dict[str, float] = {}
+        for name, (overrides, created) in catalog.tenants().items():
+            self._limits[name] = defaults.updated(overrides)
+            self._created[name] = created
+        self._usage: dict[str, _Usage] = {}
+
+    def names(self) -> list[str]:
+        return sorted(self._limits)
+
+    def exists(self, name: str) -> bool:
+        return name in self._limits
+
+    def limits(self, name: str) -> TenantLimits:
+        limits = self._limits.get(name)
+        if limits is None:
+            raise TenantNotFound(name)
+        return limits
+
+    def created_at(self, name: str) -> float:
+        return self._created.get(name, 0.0)
+
+    async def create(self, name: str, overrides: dict, first_key: KeyRow | None = None) -> bool:
+        """Add a tenant, with its first key in the same transaction; False when the name is taken."""
+        if not (1 <= len(name) <= 64 and set(name) <= TENANT_NAME_CHARS and name[0].isalnum()):
+            raise InvalidRequest(
+                "tenant names are 1-64 lowercase letters, digits, '-' or '_', starting with a letter or digit",
+                param="name",
+            )
+        limits = self.defaults.updated(overrides)
+        if not await asyncio.to_thread(self._catalog.add_tenant, name, overrides, first_key):
+            return False
+        self._limits[name] = limits
+        self._created[name] = time.time()
+        return True
+
+    async def _require(self, name: str) -> TenantLimits:
+        """The tenant's limits; one another gateway made a moment ago is read from the catalog."""
+        if name not in self._limits:
+            stored = await asyncio.to_thread(self._catalog.tenants)
+            if name in stored:
+                self._take(name, *stored[name])
+        return self.limits(name)
+
+    async def update(self, name: str, overrides: dict) -> TenantLimits:
+        current = await self._require(name)
+        limits = current.updated(overrides)
+        stored = {k: v for k, v in asdict(limits).items() if v != getattr(self.defaults, k)}
+        await asyncio.to_thread(self._catalog.set_tenant_limits, name, stored)
+        self._limits[name] = limits
+        return limits
+
+    async def delete(self, name: str) -> None:
+        """The tenant, its keys and its adapters leave the catalog in one transaction."""
+        await self._require(name)
+        await asyncio.to_thread(self._catalog.delete_tenant, name)
+        self._forget(name)
+
+    def _forget(self, name: str) -> None:
+        self._limits.pop(name, None)
+        self._created.pop(name, None)
+        self._usage.pop(name, None)
+
+    def apply(self, tenants: dict[str, tuple[dict, float]]) -> None:
+        """Take the catalog's tenants and limits, whichever process wrote them; usage stays."""
+        for name in set(self._limits) - set(tenants):
+            self._forget(name)
+        for name, (overrides, created) in tenants.items():
+            self._take(name, overrides, created)
+
+    def _take(self, name: str, overrides: dict, created: float) -> None:
+        self._limits[name] = self.defaults.updated(overrides)
+        self._created[name] = created
+
+    def in_flight(self, name: str) -> int:
+        usage = self._usage.get(name)
+        return usage.in_flight if usage else 0
+
+    def admit(self, name: str) -> Callable[[], None]:
+        """Count one request against the tenant's limits; returns what gives it back."""
+        limits = self.limits(name)
+        usage = self._usage.setdefault(name, _Usage(tokens=max(1.0, limits.requests_per_second)))
+        now = time.monotonic()
+        burst = max(1.0, limits.requests_per_second)
+        usage.tokens = min(burst, usage.tokens + (now - usage.refilled_at) * limits.requests_per_second)
+        usage.refilled_at = now
+        if usage.in_flight >= limits.max_concurrent:
+            raise RateLimited(f"at most {limits.max_concurrent} requests at once for this key's tenant", 1)
+        if usage.tokens < 1.0:
+            wait = (1.0 - usage.tokens) / limits.requests_per_second
+            raise RateLimited(f"at most {limits.requests_per_second:g} requests per second for this key's tenant", wait)
+        usage.tokens -= 1.0
+        usage.in_flight += 1
+
+        def release() -> None:  # called once, by the generator's admission
+            usage.in_flight -= 1
+
+        return release

@@ -1,0 +1,1 @@
+"""OpenAI inference: completions, chat and models, and the generation service behind them."""

@@ -1,0 +1,143 @@
+"""POST /v1/chat/completions."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+
+from server.engine.protocol import SamplingOptions, TokenLogprob
+from server.http.deps import GeneratorDep, PrincipalDep, RecordDep
+from server.http.errors import InvalidRequest
+from server.http.responses import DONE, JSONResponse, sse_response, unless_disconnected
+from server.openai.generation import Generator, Job, Usage, new_request_id
+from server.openai.protocol import ChatCompletionRequest
+
+router = APIRouter()
+
+
+@router.post("/v1/chat/completions", response_model=None)
+async def create_chat_completion(
+    request: Request, body: ChatCompletionRequest, generator: GeneratorDep, principal: PrincipalDep, record: RecordDep
+) -> Response:
+    record.endpoint, record.model = "chat", body.model
+    entry = await generator.resolve(body.model, principal)
+    try:
+        prompt = generator.engine.render_chat([m.as_template_input() for m in body.messages])
+    except Exception as exc:  # the template is the model's code: any failure is the input's
+        raise InvalidRequest(f"the chat template rejected these messages: {exc}", param="messages") from None
+    max_tokens = generator.check_fits(prompt, body.requested_max_tokens, "messages")
+    options = SamplingOptions(
+        max_tokens=max_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        n=body.n,
+        stop=body.stop_sequences,
+        seed=body.seed,
+        presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty,
+        logprobs=(body.top_logprobs or 0) if body.logprobs else None,
+        stream=body.stream,
+        min_tokens=body.min_tokens,
+        ignore_eos=body.ignore_eos,
+    )
+    admission = generator.admit(entry, principal)
+    job = Job(new_request_id("chatcmpl"), body.model, [prompt], options, record, admission, body.return_token_ids)
+    top = body.top_logprobs or 0
+    if body.stream:
+        return sse_response(_stream(generator, job, body.include_usage, top), admission.release)
+    outcome = await unless_disconnected(request, generator.complete(job))
+    return JSONResponse(
+        {
+            "id": job.request_id,
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": job.model,
+            "choices": [
+                job.with_ids(
+                    {
+                        "index": choice.index,
+                        "message": {"role": "assistant", "content": choice.text},
+                        "logprobs": _logprobs(choice.logprobs, top),
+                        "finish_reason": choice.finish_reason,
+                    },
+                    choice.token_ids,
+                )
+                for choice in outcome.choices
+            ],
+            "usage": outcome.usage.as_dict(),
+        }
+    )
+
+
+async def _stream(generator: Generator, job: Job, include_usage: bool, top: int) -> AsyncIterator[list[Any]]:
+    """A batch of chunks per engine step; the first also opens each choice with its role, and the
+    job's last also carries the usage and DONE."""
+    created = int(time.time())
+    usage = Usage()
+
+    def chunk(choices: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "id": job.request_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": job.model,
+            "choices": choices,
+        }
+
+    batch: list[Any] = [
+        chunk(
+            [
+                {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+                for i in range(job.options.n)
+            ]
+        )
+    ]
+    async for _, step, last in generator.stream(job):
+        for delta in step.choices:
+            usage.completion_tokens += delta.token_count
+            batch.append(
+                chunk(
+                    [
+                        job.with_ids(
+                            {
+                                "index": delta.index,
+                                "delta": {"content": delta.text} if delta.text else {},
+                                "logprobs": _logprobs(delta.logprobs, top),
+                                "finish_reason": delta.finish_reason,
+                            },
+                            delta.token_ids,
+                        )
+                    ]
+                )
+            )
+        if step.finished:
+            usage.prompt_tokens += step.prompt_tokens
+        if last:
+            if include_usage:
+                batch.append(chunk([]) | {"usage": usage.as_dict()})
+            batch.append(DONE)
+        yield batch
+        batch = []
+
+
+def _logprobs(entries: list[TokenLogprob] | None, top: int) -> dict[str, list[Any]] | None:
+    if entries is None:
+        return None
+
+    def item(token: str, logprob: float) -> dict[str, Any]:
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+
+    return {
+        "content": [
+            item(entry.token, entry.logprob)
+            | {
+                "top_logprobs": [
+                    item(token, logprob) for token, logprob in sorted(entry.top.items(), key=lambda kv: -kv[1])[:top]
+                ]
+            }
+            for entry in entries
+        ]
+    }

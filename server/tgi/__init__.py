@@ -1,0 +1,1 @@
+"""TGI's and LoRAX's API: /generate, /generate_stream, /info, and merged adapters."""
