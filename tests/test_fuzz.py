@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 
@@ -15,13 +16,17 @@ from adapters.registry import AdapterRules, Registry  # noqa: E402
 from adapters.store import AdapterStore  # noqa: E402
 from server.app import build_app  # noqa: E402
 from server.config import Settings  # noqa: E402
-from tests.adapter_files import TINY_BASE  # noqa: E402
+from tests.adapter_files import TINY_BASE, TINY_CONFIG  # noqa: E402
 from tests.fakes import FakeEngine, fake_spec  # noqa: E402
 
 
 def _app():
     state = Path(tempfile.mkdtemp(prefix="fuzz-"))
-    config = Settings(served_model_name="base", state_dir=state, max_cpu_loras=3, max_loras=2)
+    # A base folder of its own: fine-tuning's routes need one, and the demo may not be built yet.
+    base_dir = state / "base"
+    base_dir.mkdir()
+    (base_dir / "config.json").write_text(json.dumps(TINY_CONFIG))
+    config = Settings(model=str(base_dir), served_model_name="base", state_dir=state, max_cpu_loras=3, max_loras=2)
     registry = Registry(
         FakeEngine(),
         base_name="base",
