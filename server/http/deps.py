@@ -15,7 +15,6 @@ from server.config import Settings
 from server.http.auth import AdminOnly, KeyRing, Principal
 from server.http.observe import RequestRecord, request_record
 from server.http.tenancy import Tenants
-from server.openai.generation import Generator
 
 
 async def get_settings(request: Request) -> Settings:
@@ -24,10 +23,6 @@ async def get_settings(request: Request) -> Settings:
 
 async def get_registry(request: Request) -> Registry:
     return request.app.state.registry
-
-
-async def get_generator(request: Request) -> Generator:
-    return request.app.state.generator
 
 
 async def get_keyring(request: Request) -> KeyRing:
@@ -62,7 +57,6 @@ async def require_admin(request: Request) -> Principal:
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 RegistryDep = Annotated[Registry, Depends(get_registry)]
-GeneratorDep = Annotated[Generator, Depends(get_generator)]
 RecordDep = Annotated[RequestRecord, Depends(get_record)]
 KeyRingDep = Annotated[KeyRing, Depends(get_keyring)]
 TenantsDep = Annotated[Tenants, Depends(get_tenants)]

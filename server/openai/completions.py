@@ -9,9 +9,9 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 
 from server.engine.protocol import SamplingOptions, TokenLogprob
-from server.http.deps import GeneratorDep, PrincipalDep, RecordDep
+from server.http.deps import PrincipalDep, RecordDep
 from server.http.responses import DONE, JSONResponse, sse_response, unless_disconnected
-from server.openai.generation import Generator, Job, Usage, new_request_id
+from server.openai.generation import Generator, GeneratorDep, Job, Usage, new_request_id
 from server.openai.protocol import CompletionRequest
 
 router = APIRouter()

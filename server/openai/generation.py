@@ -7,6 +7,9 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
+
+from fastapi import Depends, Request
 
 from adapters.errors import AdapterNotFound
 from adapters.registry import AdapterEntry, Registry
@@ -281,3 +284,10 @@ async def _merge(streams: list[AsyncIterator[GenerationStep]]) -> AsyncIterator[
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def get_generator(request: Request) -> Generator:
+    return request.app.state.generator
+
+
+GeneratorDep = Annotated[Generator, Depends(get_generator)]

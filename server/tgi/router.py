@@ -19,10 +19,10 @@ from starlette.background import BackgroundTask
 
 from adapters.errors import AdapterError
 from server.engine.protocol import GenerationStep, PromptToken, SamplingOptions, TokenLogprob
-from server.http.deps import GeneratorDep, PrincipalDep, RecordDep
+from server.http.deps import PrincipalDep, RecordDep
 from server.http.errors import EngineUnavailable, GatewayError, tgi_error_payload
 from server.http.responses import JSONResponse, SSEResponse, unless_disconnected
-from server.openai.generation import ENGINE_DEAD_MESSAGE, Generator, Job, new_request_id
+from server.openai.generation import ENGINE_DEAD_MESSAGE, Generator, GeneratorDep, Job, new_request_id
 from server.openai.protocol import MAX_STOP
 from server.tgi.merge import DEFAULT_MAX_ENTRIES, MergedAdapterCache
 from server.tgi.protocol import GenerateRequest, TgiInvalid, parse_request
