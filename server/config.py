@@ -236,15 +236,16 @@ class Settings(BaseSettings):
             raise ValueError("--min-replicas must not exceed --max-replicas")
         return self
 
-    def engine_plugin_env(self) -> dict[str, str]:
-        """What the gateway's vLLM plugins read in its engine's processes, which inherit it."""
-        from server.engine import lora_ops as engine_lora
-        from server.engine import wait as engine_wait
+    def base_model_dir(self) -> Path | None:
+        """The base model's folder: --model, or the demo's once built; None when it is not known."""
+        if self.model is not None:
+            return Path(self.model)
+        from adapters.demo import IncompleteDemo, load_demo
 
-        return {
-            engine_wait.ENV: engine_wait.encode(self.engine_spin_us, self.engine_nap_us),
-            engine_lora.ENV: "1" if self.lora_ops == "grouped" else "0",
-        }
+        try:
+            return load_demo(self.demo_dir).base
+        except IncompleteDemo:
+            return None
 
     @property
     def base_uses_zero_adapter(self) -> bool:

@@ -19,7 +19,7 @@ from adapters.database import BaseIdentity, Database
 from adapters.errors import AdapterError
 from adapters.registry import AdapterRules, Registry
 from adapters.spec import AdapterSpec
-from adapters.store import AdapterStore
+from adapters.store import AdapterStore, open_adapter_store
 from adapters.validate import check_name
 from server.config import Settings
 
@@ -59,18 +59,6 @@ def with_demo(settings: Settings) -> Settings:
     if not settings.lora_modules:
         update["lora_modules"] = {name: str(path) for name, path in demo.adapters.items()}
     return settings.model_copy(update=update)
-
-
-def base_model_dir(settings: Settings) -> Path | None:
-    """The base model's folder: --model, or the demo's once built; None when it is not known."""
-    if settings.model is not None:
-        return Path(settings.model)
-    from adapters.demo import IncompleteDemo, load_demo
-
-    try:
-        return load_demo(settings.demo_dir).base
-    except IncompleteDemo:
-        return None
 
 
 def prepare(settings: Settings) -> Prepared:
@@ -150,12 +138,7 @@ def assemble(prepared: Prepared, engine, zero_spec: AdapterSpec | None = None, m
 
 def open_store(settings: Settings) -> AdapterStore:
     """The adapter store: a local folder, or a local cache in front of a shared folder or bucket."""
-    from adapters.blobs import open_blobs
-
-    url = settings.store_url
-    if url and "://" not in url:
-        return AdapterStore(Path(url), max_bytes=settings.max_adapter_bytes)
-    return AdapterStore(settings.state_dir / "adapters", blobs=open_blobs(url), max_bytes=settings.max_adapter_bytes)
+    return open_adapter_store(settings.store_url, settings.state_dir / "adapters", settings.max_adapter_bytes)
 
 
 def open_catalog(settings: Settings, identity: BaseIdentity | None) -> Database | str:

@@ -31,7 +31,6 @@ from adapters.registry import AdapterEntry, Registry
 from adapters.spec import SHARED
 from server.admin.adapters import UnknownAdapter
 from server.config import Settings
-from server.gateway import base_model_dir
 from server.http.deps import AdminDep, RegistryDep
 from server.http.errors import GatewayError, InvalidRequest
 from server.http.responses import JSONResponse
@@ -232,7 +231,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     jobs = None
     if settings.export_dir is not None:
-        if (base_dir := base_model_dir(settings)) is not None:
+        if (base_dir := settings.base_model_dir()) is not None:
             jobs = ExportJobs(settings.export_dir, base_dir, app.state.registry)
         else:
             logger.warning("--export-dir is set but the base model's folder is unknown; exports are off")

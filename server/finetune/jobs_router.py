@@ -15,7 +15,6 @@ from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from adapters.fine_tuning_db import Page
 from server.finetune.jobs import CreateJob, event_card, job_card
 from server.finetune.service import FineTuning, open_fine_tuning
-from server.gateway import base_model_dir
 from server.http.deps import PrincipalDep
 from server.http.errors import GatewayError
 from server.http.responses import JSONResponse
@@ -33,7 +32,7 @@ class FineTuningOff(GatewayError):
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings = app.state.settings
     fine_tuning = None
-    if (base_dir := base_model_dir(settings)) is not None:
+    if (base_dir := settings.base_model_dir()) is not None:
         fine_tuning = open_fine_tuning(settings, app.state.registry, app.state.tenants, base_dir, app.state.metrics)
         fine_tuning.start()
     app.state.fine_tuning = fine_tuning
