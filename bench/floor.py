@@ -54,9 +54,10 @@ def start_engine(model: str, served_name: str, limits: dict[str, Any]) -> Any:
     from vllm.v1.engine.async_llm import AsyncLLM
 
     from server.config import Settings
+    from server.engine.plugins import plugin_env
 
     # The gateway's engine plugins at their defaults (server/engine/wait.py, server/engine/lora_ops.py).
-    os.environ.update(Settings().engine_plugin_env())
+    os.environ.update(plugin_env(Settings()))
 
     args = AsyncEngineArgs(
         model=model,

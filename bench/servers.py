@@ -20,6 +20,7 @@ from pathlib import Path
 import httpx
 
 from server.config import Settings
+from server.engine.plugins import plugin_env
 
 VENV_BIN = Path(sys.executable).parent
 STOP_SECONDS = 45.0  # the gateway drains first; an idle one exits within a second or two
@@ -91,7 +92,7 @@ class ProcessPool:
         pipes to talk over, and only stderr goes to the log."""
         log = log_path.open("wb")
         # The gateway's engine plugins act on these variables; no system inherits them from here.
-        plugin_vars = Settings.model_construct().engine_plugin_env().keys()
+        plugin_vars = plugin_env(Settings.model_construct()).keys()
         inherited = {key: value for key, value in os.environ.items() if key not in plugin_vars}
         try:
             process = subprocess.Popen(

@@ -30,6 +30,7 @@ from bench.floor import PROTOCOL
 from bench.loadgen import LoadConfig, run_load, write_json
 from bench.servers import VENV_BIN, Launched, ProcessPool, cpu_seconds, free_port, gateway_argv, vllm_argv, wait_ready
 from server.config import Settings
+from server.engine.plugins import plugin_env
 
 
 class Context(Protocol):
@@ -93,7 +94,7 @@ def system_env(system: str) -> dict[str, str]:
     # Lets POST /v1/load_lora_adapter time a cold load, as the gateway's admin API does.
     env = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
     if system == "vllm-plugins":  # the gateway's vLLM plugins, installed in this environment, act on it
-        env.update(Settings().engine_plugin_env())
+        env.update(plugin_env(Settings()))
     return env
 
 

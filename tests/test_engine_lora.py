@@ -13,6 +13,7 @@ from vllm.lora.punica_wrapper.punica_base import PunicaWrapperBase
 from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
 from server.engine import lora_ops as engine_lora
+from server.engine.plugins import plugin_env
 
 MAX_LORAS, RANK = 4, 8
 # (input size, output slices) of the demo model's layers: qkv, o, gate_up, down
@@ -176,8 +177,8 @@ def test_the_setting_reaches_the_engines_environment():
 
     from server.config import Settings
 
-    assert Settings().engine_plugin_env()[engine_lora.ENV] == "1"
-    assert Settings(lora_ops="vllm").engine_plugin_env()[engine_lora.ENV] == "0"
+    assert plugin_env(Settings())[engine_lora.ENV] == "1"
+    assert plugin_env(Settings(lora_ops="vllm"))[engine_lora.ENV] == "0"
     with pytest.raises(ValidationError, match="--lora-ops must be grouped or vllm"):
         Settings(lora_ops="fast")
 

@@ -22,6 +22,7 @@ from vllm.v1.engine.exceptions import EngineDeadError
 from adapters.engine import AdapterLoadFailed
 from server.config import Settings
 from server.engine import sampler_ops
+from server.engine.plugins import plugin_env
 from server.engine.protocol import (
     AdapterHandle,
     ChoiceDelta,
@@ -75,7 +76,7 @@ class VllmEngine(Tokenizing):
             generation_config="vllm",
         )
         logger.info("starting engine for %s (max_model_len %d)", settings.base_name, max_model_len)
-        os.environ.update(settings.engine_plugin_env())  # server/engine/wait.py, server/engine/lora_ops.py
+        os.environ.update(plugin_env(settings))
         os.environ[sampler_ops.ENV] = "1"  # server/engine/sampler_ops.py
         llm = AsyncLLM.from_engine_args(args, stat_loggers=stat_loggers)
         tokenizer = AutoTokenizer.from_pretrained(model_path)
