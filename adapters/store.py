@@ -166,6 +166,15 @@ class AdapterStore:
             self.on_error()
 
 
+def open_adapter_store(url: str | None, cache_dir: Path, max_bytes: int) -> AdapterStore:
+    """A local folder (a path), or a local cache in `cache_dir` in front of a shared folder or bucket (a URL)."""
+    from adapters.blobs import open_blobs
+
+    if url and "://" not in url:
+        return AdapterStore(Path(url), max_bytes=max_bytes)
+    return AdapterStore(cache_dir, blobs=open_blobs(url), max_bytes=max_bytes)
+
+
 def copy_folder(source: Path, staging: Path, max_bytes: int) -> None:
     """Copy an adapter folder's files into staging without following links."""
     try:

@@ -65,8 +65,8 @@ def replica_class(max_adapters: int) -> type:
         def __init__(self, settings: Settings):
             from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
 
+            from adapters.store import open_adapter_store
             from server.engine.vllm_engine import VllmEngine
-            from server.gateway import open_store
 
             self.settings = settings
             # Replicas share a node's cores: vLLM's default pinning would put them all on core 0.
@@ -81,7 +81,9 @@ def replica_class(max_adapters: int) -> type:
             self.engine = VllmEngine.start(
                 self.settings, self.settings.model or "", stat_loggers=[RayPrometheusStatLogger]
             )
-            self.store = open_store(self.settings)
+            self.store = open_adapter_store(
+                settings.store_url, settings.state_dir / "adapters", settings.max_adapter_bytes
+            )
             self._ids = itertools.count(1)
             self.loaded: dict[str, AdapterHandle] = {}
             self.in_flight = 0
