@@ -31,7 +31,7 @@ queue them at the replica. Left out: several routers (Ray runs one per proxy and
 with its own view), Ray's FIFO hand-over of replicas between pending requests of one model,
 locality, base-model requests, and service times that grow with the batch.
 
-`python -m bench.routing_sim --help` lists every flag (the command line, its table, JSON and plot
+`python -m bench.routing_sim_cli --help` lists every flag (the command line, its table, JSON and plot
 are in bench/routing_sim_cli.py); bench/README.md and docs/benchmarks.md describe the runs.
 """
 
@@ -44,7 +44,6 @@ import itertools
 import math
 import random
 import statistics
-import sys
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -503,9 +502,3 @@ def sweep(
             progress(config)
         results.append(simulate(config))
     return results
-
-
-if __name__ == "__main__":
-    from bench.routing_sim_cli import main
-
-    sys.exit(main())

@@ -1,6 +1,6 @@
 """The command line of bench.routing_sim: the sweep's table, its JSON and its plot.
 
-`python -m bench.routing_sim --help` (or `python -m bench.routing_sim_cli --help`) lists the flags.
+`python -m bench.routing_sim_cli --help` lists the flags.
 """
 
 from __future__ import annotations
@@ -155,7 +155,7 @@ _FIELD_FLAGS = {
 def build_parser() -> argparse.ArgumentParser:
     defaults = SimConfig()
     parser = argparse.ArgumentParser(
-        prog="python -m bench.routing_sim",
+        prog="python -m bench.routing_sim_cli",
         description="Simulate routing requests for many LoRA adapters over many replicas, each with an adapter "
         "LRU cache, and measure cold loads per request and load spread. Deterministic for a seed.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
