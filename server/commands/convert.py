@@ -9,6 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from adapters.validate import DEFAULT_MAX_BYTES
+from server.commands.common import add_command, add_out_flag, fail
 
 _DESCRIPTION = """\
 Convert an adapter into the form the gateway serves: a folder of adapter_config.json and
@@ -36,12 +37,12 @@ examples:
 
 
 def add_convert_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    convert = commands.add_parser(
+    convert = add_command(
+        commands,
         "convert",
-        help="convert PEFT's adapter_model.bin or a MiniMind .pth into a PEFT safetensors adapter (offline)",
+        summary="convert PEFT's adapter_model.bin or a MiniMind .pth into a PEFT safetensors adapter (offline)",
         description=_DESCRIPTION,
-        epilog=_EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        examples=_EXAMPLES,
     )
     convert.add_argument(
         "source",
@@ -49,13 +50,7 @@ def add_convert_parser(commands: argparse._SubParsersAction) -> argparse.Argumen
         metavar="SOURCE",
         help="a PEFT adapter folder holding adapter_model.bin and adapter_config.json, or a MiniMind LoRA .pth file",
     )
-    convert.add_argument(
-        "--out",
-        required=True,
-        type=Path,
-        metavar="DIR",
-        help="folder to write the adapter into; it must not exist yet, or be empty",
-    )
+    add_out_flag(convert, "the adapter")
     convert.add_argument(
         "--format",
         choices=("auto", "peft", "minimind"),
@@ -147,5 +142,4 @@ def _base_model_check(model_dir: Path, max_rank: int, max_bytes: int):
 
 
 def _fail(message: str) -> int:
-    print(f"lora-gateway convert: error: {message}", file=sys.stderr)
-    return 2
+    return fail("convert", message)

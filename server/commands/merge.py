@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from adapters.merge import DTYPES
+from server.commands.common import add_command, add_out_flag, fail
 
 _DESCRIPTION = """\
 Merge a LoRA adapter into its base model with PEFT's merge_and_unload(safe_merge=True), for
@@ -32,12 +33,12 @@ examples:
 
 
 def add_merge_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    merge = commands.add_parser(
+    merge = add_command(
+        commands,
         "merge",
-        help="merge an adapter into its base model: a standalone model folder for static deployment",
+        summary="merge an adapter into its base model: a standalone model folder for static deployment",
         description=_DESCRIPTION,
-        epilog=_EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        examples=_EXAMPLES,
     )
     merge.add_argument(
         "--model", required=True, type=Path, metavar="BASE", help="the base model's folder (Llama or Qwen2 family)"
@@ -49,9 +50,7 @@ def add_merge_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentP
         help="a PEFT adapter folder (adapter_config.json + adapter_model.safetensors), or a registered "
         "adapter's name (NAME, or TENANT/NAME)",
     )
-    merge.add_argument(
-        "--out", required=True, type=Path, metavar="DIR", help="folder to create; it must not exist yet, or be empty"
-    )
+    add_out_flag(merge, "the merged model")
     merge.add_argument(
         "--dtype",
         choices=DTYPES,
@@ -82,8 +81,7 @@ def add_merge_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentP
 
 
 def _fail(message: str) -> int:
-    print(f"lora-gateway merge: error: {message}", file=sys.stderr)
-    return 2
+    return fail("merge", message)
 
 
 def run_merge(args: dict) -> int:
@@ -157,14 +155,10 @@ def _adapter_folder(args: dict, model: Path) -> Path:
         raise _Unresolved(
             f"--adapter: {given} is not a folder, nor an adapter registered on this base model (registered: {known})"
         )
-    from adapters.blobs import open_blobs
-    from adapters.store import AdapterStore
+    from adapters.store import open_adapter_store
 
     try:  # as serve opens it: a local folder, or a local cache of a shared folder or bucket
-        if settings.store_url and "://" not in settings.store_url:
-            store = AdapterStore(Path(settings.store_url))
-        else:
-            store = AdapterStore(settings.state_dir / "adapters", blobs=open_blobs(settings.store_url))
+        store = open_adapter_store(settings.store_url, settings.state_dir / "adapters", settings.max_adapter_bytes)
     except ValueError as exc:
         raise _Unresolved(str(exc)) from None
     except ModuleNotFoundError:
