@@ -36,8 +36,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from adapters.errors import InvalidComposition
-from adapters.validate import CONFIG_FILE, WEIGHTS_FILE, content_hash
+from adapters.errors import InvalidAdapter, InvalidComposition
+from adapters.limits import MAX_CONFIG_BYTES, OverLimit, load_json, read_capped
+from adapters.validate import CONFIG_FILE, WEIGHTS_FILE, content_hash, read_safetensors_header
 
 if TYPE_CHECKING:
     from adapters.registry import AdapterEntry, Registry
@@ -234,8 +235,12 @@ def _read_input(folder: Path, label: str):
     from safetensors.torch import load_file
 
     try:
-        config = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
+        config = load_json(read_capped(folder / CONFIG_FILE, MAX_CONFIG_BYTES))
+        read_safetensors_header(folder / WEIGHTS_FILE)  # its size and nesting, before safetensors parses it
         raw = load_file(str(folder / WEIGHTS_FILE))
+    except (OverLimit, InvalidAdapter) as exc:
+        shown = f"{CONFIG_FILE} {exc}" if isinstance(exc, OverLimit) else str(exc)
+        raise InvalidComposition(f"{label}: {shown}") from None
     except (OSError, ValueError, SafetensorError):
         raise InvalidComposition(f"{label}: its files cannot be read as a PEFT LoRA adapter") from None
     if not isinstance(config, dict) or config.get("peft_type") != "LORA":

@@ -1,12 +1,18 @@
 from __future__ import annotations
 
+import json
+import struct
+import time
+
 import pytest
 
 from adapters.errors import AdapterTooLarge, InvalidAdapter
+from adapters.limits import MAX_CONFIG_BYTES, MAX_SAFETENSORS_HEADER_BYTES, json_depth
 from adapters.store import copy_folder
 from adapters.validate import validate_adapter
 from server.errors import http_status
 from tests.adapter_files import BAD_CASES, TINY_BASE, bad_adapters, make_adapter
+from tests.security.bombs import nested_json, safetensors_with_header
 
 
 def stage_and_validate(source, tmp_path, max_bytes=10_000_000):
@@ -64,3 +70,108 @@ def test_size_limit_is_413(tmp_path):
     with pytest.raises(AdapterTooLarge) as refused:
         stage_and_validate(folder, tmp_path, max_bytes=4096)
     assert http_status(refused.value) == 413
+
+
+# -- caps before parsing -------------------------------------------------------------------------
+
+
+def with_config_text(folder, text: bytes):
+    (folder / "adapter_config.json").write_bytes(text)
+    return folder
+
+
+def test_adapter_config_is_capped_at_64_kib_before_it_is_parsed(tmp_path):
+    config = json.loads((make_adapter(tmp_path / "source") / "adapter_config.json").read_text())
+    just_fits = json.dumps(config).encode().ljust(MAX_CONFIG_BYTES)  # JSON allows trailing whitespace
+    assert validate_adapter(with_config_text(make_adapter(tmp_path / "fits"), just_fits), TINY_BASE, max_rank=16)
+    over = with_config_text(make_adapter(tmp_path / "over"), just_fits + b" ")
+    with pytest.raises(InvalidAdapter) as refused:
+        validate_adapter(over, TINY_BASE, max_rank=16)
+    assert refused.value.message == "adapter_config.json is over 65536 bytes; at most 65536 bytes are accepted"
+    assert http_status(refused.value) == 400
+
+
+def test_adapter_config_nesting_is_bounded_before_json_recurses(tmp_path):
+    config = json.loads((make_adapter(tmp_path / "source") / "adapter_config.json").read_text())
+    deep = 31  # the config object is the first level
+    fits = (
+        json.dumps(config | {"notes": "[" * 100 + "{" * 100}).encode()[:-1]
+        + b', "x": '
+        + b"[" * deep
+        + b"]" * deep
+        + b"}"
+    )
+    assert validate_adapter(with_config_text(make_adapter(tmp_path / "fits"), fits), TINY_BASE, max_rank=16)
+    too_deep = fits.replace(b"[" * deep, b"[" * (deep + 1)).replace(b"]" * deep, b"]" * (deep + 1))
+    with pytest.raises(InvalidAdapter, match="adapter_config.json is nested 33 levels deep; at most 32"):
+        validate_adapter(with_config_text(make_adapter(tmp_path / "deep"), too_deep), TINY_BASE, max_rank=16)
+    # 30,000 levels: once a RecursionError (a 500); refused before json sees it
+    bomb = with_config_text(make_adapter(tmp_path / "bomb"), b"[" * 30_000 + b"]" * 30_000)
+    with pytest.raises(InvalidAdapter, match="nested 30000 levels deep"):
+        validate_adapter(bomb, TINY_BASE, max_rank=16)
+
+
+def test_a_safetensors_header_is_capped_before_it_is_read(tmp_path):
+    folder = make_adapter(tmp_path / "big")
+    weights = folder / "adapter_model.safetensors"
+    declared = MAX_SAFETENSORS_HEADER_BYTES + 1
+    weights.write_bytes(struct.pack("<Q", declared) + b"{" * declared)
+    with pytest.raises(InvalidAdapter) as refused:
+        validate_adapter(folder, TINY_BASE, max_rank=16)
+    assert refused.value.message.startswith(f"adapter_model.safetensors has a header of {declared} bytes; at most")
+    weights.write_bytes(struct.pack("<Q", 1 << 40) + b"{}")
+    with pytest.raises(InvalidAdapter, match="its header runs past its end"):
+        validate_adapter(folder, TINY_BASE, max_rank=16)
+
+
+def test_a_nested_safetensors_header_is_refused_before_it_is_parsed(tmp_path):
+    folder = make_adapter(tmp_path / "nested")
+    (folder / "adapter_model.safetensors").write_bytes(safetensors_with_header(nested_json(50 * 1024)))
+    with pytest.raises(InvalidAdapter, match=r"adapter_model.safetensors's header is nested 10240 levels deep"):
+        validate_adapter(folder, TINY_BASE, max_rank=16)
+
+
+@pytest.mark.parametrize(
+    "change, phrase",
+    [
+        (lambda info: info.update(dtype=["F32"]), "has dtype ['F32']"),
+        (lambda info: info.update(data_offsets=[0, 1, 2]), "points outside"),
+        (lambda info: info.update(data_offsets=7), "points outside"),
+        (lambda info: info.update(shape="x" * 10_000), "has shape " + "x" * 80 + ";"),
+    ],
+    ids=["unhashable-dtype", "three-offsets", "number-offsets", "long-shape"],
+)
+def test_odd_header_values_are_refused_not_crashed_on(tmp_path, change, phrase):
+    folder = make_adapter(tmp_path / "odd")
+    weights = folder / "adapter_model.safetensors"
+    raw = weights.read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + length])
+    change(header[sorted(name for name in header if name != "__metadata__")[0]])
+    text = json.dumps(header).encode()
+    weights.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + length :])
+    with pytest.raises(InvalidAdapter) as refused:
+        validate_adapter(folder, TINY_BASE, max_rank=16)
+    assert phrase in refused.value.message
+
+
+@pytest.mark.parametrize(
+    "text, depth",
+    [
+        (b"{}", 1),
+        (b'{"a": [[1, {"b": []}]]}', 5),
+        (b'{"brackets in strings": "[[[[{{{{", "escaped": "\\"[[["}', 1),
+        (b'"\\\\"', 0),
+        (b"[[[]]][]", 3),
+        (b"", 0),
+    ],
+)
+def test_json_depth_skips_strings(text, depth):
+    assert json_depth(text) == depth
+
+
+def test_json_depth_is_linear_on_unterminated_strings():
+    started = time.perf_counter()
+    assert json_depth(b'"' + b'\\"[' * 1_000_000) == 0  # one string that never ends: no brackets
+    assert json_depth(b'["' + b"[" * 1_000_000) == 1
+    assert time.perf_counter() - started < 1.0
