@@ -54,7 +54,9 @@ _SAME_RANK = ("linear", "ties", "dare_linear", "dare_ties")
 _USES_DENSITY = ("ties", "dare_linear", "dare_ties")
 _USES_SIGN = ("ties", "dare_ties")
 _USES_SEED = ("dare_linear", "dare_ties")
-_TENSOR_NAME = re.compile(r"^(?P<prefix>.*\.layers\.(?P<layer>\d+)\.\w+\.(?P<module>\w+))\.lora_(?P<ab>[AB])\.weight$")
+_TENSOR_NAME = re.compile(
+    r"(?P<prefix>.*\.layers\.(?P<layer>\d+)\.\w+\.(?P<module>\w+))\.lora_(?P<ab>[AB])\.weight", re.ASCII
+)
 # The order in which Llama and Qwen2 declare their projections: PEFT's module order, which
 # decides the order of dare's random draws.
 _MODULE_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -260,7 +262,7 @@ def _read_input(folder: Path, label: str):
         raise InvalidComposition(f"{label}: its adapter_config.json needs an integer r and a numeric lora_alpha")
     modules: dict[str, list] = {}
     for name, tensor in raw.items():
-        match = _TENSOR_NAME.match(name)
+        match = _TENSOR_NAME.fullmatch(name)
         if match is None:
             raise InvalidComposition(f"{label}: tensor '{name[:120]}' is not a LoRA A/B weight of a decoder layer")
         pair = modules.setdefault(match["prefix"], [None, None])
@@ -297,7 +299,7 @@ def _result_rank(inputs: list[_Input], recipe: Recipe, method: str, max_rank: in
 
 
 def _module_sort_key(prefix: str) -> tuple[int, int, str]:
-    match = re.search(r"\.layers\.(\d+)\.\w+\.(\w+)$", prefix)
+    match = re.search(r"\.layers\.(\d+)\.\w+\.(\w+)\Z", prefix, re.ASCII)
     assert match is not None
     module = match[2]
     order = _MODULE_ORDER.index(module) if module in _MODULE_ORDER else len(_MODULE_ORDER)

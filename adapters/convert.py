@@ -35,8 +35,11 @@ SOURCE_FORMATS = (PEFT, MINIMIND)
 MINIMIND_FILE = "minimind_lora.pth"  # what a staged MiniMind upload is called
 MINIMIND_LABEL = "the MiniMind LoRA file"
 
-_PEFT_KEY = re.compile(r"^base_model\.model\.[\w.]+\.lora_[AB]\.weight$")
-_MINIMIND_KEY = re.compile(r"^(?:module\.)?(model\.layers\.\d+\.(?:self_attn|mlp)\.(\w+))\.lora\.([AB])\.weight$")
+# Matched whole (fullmatch): "$" would also take a key that ends in a newline.
+_PEFT_KEY = re.compile(r"base_model\.model\.[\w.]+\.lora_[AB]\.weight", re.ASCII)
+_MINIMIND_KEY = re.compile(
+    r"(?:module\.)?(model\.layers\.\d+\.(?:self_attn|mlp)\.(\w+))\.lora\.([AB])\.weight", re.ASCII
+)
 _MAX_ECHOED_KEY = 80
 
 
@@ -79,7 +82,7 @@ def write_peft_weights(tensors: dict[str, Any], dest: Path) -> None:
     from safetensors.torch import save_file
 
     for name in tensors:
-        if not _PEFT_KEY.match(name):
+        if not isinstance(name, str) or not _PEFT_KEY.fullmatch(name):
             raise InvalidAdapter(
                 f"{PICKLED_WEIGHTS_FILE}: tensor {_shown(name)} is not a PEFT LoRA weight "
                 "(base_model.model.<module>.lora_A.weight or .lora_B.weight)"
@@ -92,7 +95,7 @@ def minimind_to_peft(tensors: dict[str, Any]) -> tuple[dict[str, Any], dict[str,
     pairs: dict[str, dict[str, Any]] = {}
     targets: set[str] = set()
     for key, tensor in tensors.items():
-        match = _MINIMIND_KEY.match(key)
+        match = _MINIMIND_KEY.fullmatch(key) if isinstance(key, str) else None
         if match is None:
             raise InvalidAdapter(
                 f"{MINIMIND_LABEL}: key {_shown(key)} is not a MiniMind LoRA weight "

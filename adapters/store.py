@@ -34,7 +34,7 @@ from adapters.validate import content_hash as folder_hash  # the parameters here
 logger = logging.getLogger(__name__)
 
 _CHUNK = 1 << 20
-_CONTENT_HASH = re.compile(r"^[0-9a-f]{64}$")
+_CONTENT_HASH = re.compile(r"[0-9a-f]{64}")
 _TAMPERED = "the stored adapter's files do not match their content hash"
 
 
@@ -261,7 +261,7 @@ def _blob_key(content_hash: str) -> str:
 
 def _check_hash(content_hash: str) -> None:
     # The hash names a folder and an object key; a catalog row must not steer either elsewhere.
-    if not _CONTENT_HASH.match(content_hash):
+    if not _CONTENT_HASH.fullmatch(content_hash):
         raise InvalidAdapter("an adapter's content hash is 64 lowercase hex digits (sha256)")
 
 

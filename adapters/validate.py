@@ -30,15 +30,22 @@ ALLOWED_FILES = {CONFIG_FILE, WEIGHTS_FILE, "README.md"}
 PICKLED_WEIGHTS_FILE = "adapter_model.bin"
 STAGING_FILES = ALLOWED_FILES | {PICKLED_WEIGHTS_FILE}
 DEFAULT_MAX_BYTES = 512 * 1024 * 1024
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
-_TENSOR_NAME = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_(A|B)\.weight$")
+MAX_NAME_LENGTH = 64
+# Anchored with \A and \Z, not ^ and $: "$" also matches before a final newline, and callers in
+# server/ use .match. The whole name must match, whichever method is called.
+NAME_PATTERN = re.compile(rf"\A[A-Za-z0-9][A-Za-z0-9._:-]{{0,{MAX_NAME_LENGTH - 1}}}\Z")
+# ASCII: \d would take other scripts' digits, which int() reads and vLLM's module names never hold.
+_TENSOR_NAME = re.compile(
+    r"base_model\.model\.model\.layers\.(\d{1,6})\.(self_attn|mlp)\.(\w{1,64})\.lora_(A|B)\.weight", re.ASCII
+)
 _FLOAT_DTYPES = {"F32": ("f", 4), "F16": ("e", 2), "BF16": (None, 2), "F64": ("d", 8)}
 
 
 def check_name(name: str, param: str = "name") -> str:
-    if not NAME_PATTERN.match(name):
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
         raise InvalidAdapterName(
-            "adapter names are 1-64 characters of letters, digits, '.', '_', ':' or '-', starting with a letter or digit",
+            f"adapter names are 1-{MAX_NAME_LENGTH} characters of letters, digits, '.', '_', ':' or '-', "
+            "starting with a letter or digit",
             param=param,
         )
     return name
@@ -178,7 +185,7 @@ def _check_weights(path: Path, base: BaseModelInfo, rank: int, targets: set[str]
     if not header:
         raise InvalidAdapter(f"{WEIGHTS_FILE} holds no tensors")
     for name, info in header.items():
-        match = _TENSOR_NAME.match(name)
+        match = _TENSOR_NAME.fullmatch(name)
         if match is None:
             raise InvalidAdapter(f"tensor '{name[:120]}' is not a LoRA A/B weight of a decoder layer")
         layer, _, module, which = int(match[1]), match[2], match[3], match[4]

@@ -128,6 +128,18 @@ def test_peft_weights_with_other_names_are_refused(tmp_path):
     assert not (tmp_path / "w.safetensors").exists()
 
 
+@pytest.mark.parametrize("suffix", ["\n", "\u0661"], ids=["newline", "arabic-digit"])
+def test_keys_are_matched_whole_and_in_ascii(tmp_path, suffix):
+    peft_key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" + suffix
+    with pytest.raises(InvalidAdapter, match="is not a PEFT LoRA weight"):
+        write_peft_weights({peft_key: torch.zeros(2, 2)}, tmp_path / "w.safetensors")
+    tensors = minimind_tensors(rank=4)
+    key = next(iter(tensors))
+    tensors[key.replace(".0.", f".{suffix}.") if suffix != "\n" else key + suffix] = tensors.pop(key)
+    with pytest.raises(InvalidAdapter, match="is not a MiniMind LoRA weight"):
+        minimind_to_peft(tensors)
+
+
 def test_with_safetensors_beside_it_the_pickle_is_deleted_unread(tmp_path):
     staging = make_adapter(tmp_path / "staging")
     before = (staging / "adapter_model.safetensors").read_bytes()

@@ -197,7 +197,7 @@ def test_a_local_store_has_no_backend_to_fetch_from(tmp_path):
     assert errors.count == 0
 
 
-@pytest.mark.parametrize("bad", ["../../etc", "ABC" * 21 + "D", "", "0" * 63])
+@pytest.mark.parametrize("bad", ["../../etc", "ABC" * 21 + "D", "", "0" * 63, "0" * 64 + "\n"])
 def test_a_content_hash_cannot_name_another_folder(tmp_path, bad):
     store, _ = make_store(tmp_path / "adapters", None)
     with pytest.raises(InvalidAdapter, match="64 lowercase hex digits"):
@@ -308,7 +308,7 @@ def test_a_failed_local_put_leaves_no_partial_object(tmp_path):
     assert list((tmp_path / "adapters").iterdir()) == []
 
 
-@pytest.mark.parametrize("key", ["../escape", "/abs", "adapters/../../x", "a//b", ""])
+@pytest.mark.parametrize("key", ["../escape", "/abs", "adapters/../../x", "a//b", "", "adapters/x.tar\n"])
 def test_keys_stay_inside_the_store(tmp_path, key):
     with pytest.raises(ValueError):
         LocalBlobs(tmp_path).exists(key)

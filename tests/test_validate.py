@@ -6,10 +6,10 @@ import time
 
 import pytest
 
-from adapters.errors import AdapterTooLarge, InvalidAdapter
+from adapters.errors import AdapterTooLarge, InvalidAdapter, InvalidAdapterName
 from adapters.limits import MAX_CONFIG_BYTES, MAX_SAFETENSORS_HEADER_BYTES, json_depth
 from adapters.store import copy_folder
-from adapters.validate import validate_adapter
+from adapters.validate import NAME_PATTERN, check_name, validate_adapter
 from server.errors import http_status
 from tests.adapter_files import BAD_CASES, TINY_BASE, bad_adapters, make_adapter
 from tests.security.bombs import nested_json, safetensors_with_header
@@ -175,3 +175,36 @@ def test_json_depth_is_linear_on_unterminated_strings():
     assert json_depth(b'"' + b'\\"[' * 1_000_000) == 0  # one string that never ends: no brackets
     assert json_depth(b'["' + b"[" * 1_000_000) == 1
     assert time.perf_counter() - started < 1.0
+
+
+# -- names are matched whole -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["alpha\n", "alpha\n\n", "a" * 65, "", "-lead", "al pha", "\u0661", "a/b", None, 7])
+def test_a_name_is_matched_whole(name):
+    with pytest.raises(InvalidAdapterName) as refused:
+        check_name(name)
+    assert refused.value.message.startswith("adapter names are 1-64 characters") and refused.value.param == "name"
+    if isinstance(name, str):  # server/ calls NAME_PATTERN.match: it must not take a prefix either
+        assert NAME_PATTERN.match(name) is None
+
+
+@pytest.mark.parametrize("name", ["a", "a" * 64, "Support-Bot_v2.1:beta"])
+def test_names_up_to_64_characters_are_accepted(name):
+    assert check_name(name) == name and NAME_PATTERN.match(name)
+
+
+@pytest.mark.parametrize("suffix", ["\n", "\u0661"], ids=["newline", "arabic-digit"])
+def test_tensor_names_are_matched_whole_and_in_ascii(tmp_path, suffix):
+    folder = make_adapter(tmp_path / "odd")
+    weights = folder / "adapter_model.safetensors"
+    raw = weights.read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + length])
+    name = sorted(n for n in header if n.startswith("base_model.model.model.layers.0."))[0]
+    renamed = name + suffix if suffix == "\n" else name.replace(".layers.0.", f".layers.{suffix}.")
+    header[renamed] = header.pop(name)
+    text = json.dumps(header).encode()
+    weights.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + length :])
+    with pytest.raises(InvalidAdapter, match="is not a LoRA A/B weight of a decoder layer"):
+        validate_adapter(folder, TINY_BASE, max_rank=16)

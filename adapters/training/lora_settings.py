@@ -23,7 +23,7 @@ DEFAULT_ALPHA = 16
 ENGINE_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 FIELDS = ("r", "lora_alpha", "target_modules", "lora_dropout")
 
-_LAYER_WEIGHT = re.compile(r"\.layers\.\d+\.(?:self_attn|mlp)\.(\w+)\.weight$")
+_LAYER_WEIGHT = re.compile(r"\.layers\.\d+\.(?:self_attn|mlp)\.(\w+)\.weight\Z", re.ASCII)
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 
