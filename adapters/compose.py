@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from adapters.errors import InvalidAdapter, InvalidComposition
-from adapters.limits import MAX_CONFIG_BYTES, OverLimit, load_json, read_capped
+from adapters.limits import MAX_CONFIG_BYTES, OverLimit, load_json, lora_alpha_problem, read_capped
 from adapters.validate import CONFIG_FILE, WEIGHTS_FILE, content_hash, read_safetensors_header
 
 if TYPE_CHECKING:
@@ -260,6 +260,8 @@ def _read_input(folder: Path, label: str):
     rank, alpha = config.get("r"), config.get("lora_alpha")
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1 or not isinstance(alpha, int | float):
         raise InvalidComposition(f"{label}: its adapter_config.json needs an integer r and a numeric lora_alpha")
+    if problem := lora_alpha_problem(alpha, rank):
+        raise InvalidComposition(f"{label}: {problem}")
     modules: dict[str, list] = {}
     for name, tensor in raw.items():
         match = _TENSOR_NAME.fullmatch(name)

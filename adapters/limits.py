@@ -12,6 +12,7 @@ The helpers raise `OverLimit`, a ValueError whose message completes a sentence n
 from __future__ import annotations
 
 import json
+import math
 import re
 from itertools import accumulate
 from pathlib import Path
@@ -24,6 +25,8 @@ MAX_JSON_DEPTH = 32  # PEFT's configs, safetensors headers and training lines ne
 MAX_ARCHIVE_MEMBERS = 64  # tar headers of every kind: files, folders and extended headers
 MAX_EXTENDED_HEADER_BYTES = 64 * 1024  # one PAX or GNU long-name header
 ARCHIVE_OVERHEAD_BYTES = 1024 * 1024  # what a tar adds to its files' bytes: headers, padding, end blocks
+# PEFT scales the delta B A by lora_alpha / r (alpha / sqrt(r) with rsLoRA); its defaults give 1 or 2.
+MAX_LORA_SCALING = 10_000
 
 # A JSON string, through its closing quote or the end of the input, whichever comes first: the
 # possessive quantifiers and the end as a way out keep this linear on any input.
@@ -69,3 +72,24 @@ def read_capped(path: Path, max_bytes: int) -> bytes:
     if len(raw) > max_bytes:
         raise OverLimit(f"is over {max_bytes} bytes; at most {max_bytes} bytes are accepted")
     return raw
+
+
+def lora_alpha_problem(alpha: Any, rank: int) -> str | None:
+    """What is wrong with `lora_alpha` for an adapter of rank `rank` (a valid one), or None."""
+    most = MAX_LORA_SCALING * rank
+    expected = f"a number above 0 and at most {most} ({MAX_LORA_SCALING} × r); PEFT's usual values are r or 2 × r"
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float):
+        return f"lora_alpha is {_json_type(alpha)}; it must be {expected}"
+    if (isinstance(alpha, float) and not math.isfinite(alpha)) or not 0 < alpha <= most:
+        return f"lora_alpha is {_shown_number(alpha)}; it must be {expected}"
+    return None
+
+
+def _shown_number(value: int | float) -> str:
+    text = repr(value)
+    return text if len(text) <= 24 else text[:24] + "..."
+
+
+def _json_type(value: Any) -> str:
+    names = {bool: "a boolean", str: "a string", list: "an array", dict: "an object", type(None): "null"}
+    return names.get(type(value), "not a number")

@@ -19,6 +19,7 @@ from adapters.limits import (
     MAX_SAFETENSORS_HEADER_BYTES,
     OverLimit,
     load_json,
+    lora_alpha_problem,
     read_capped,
 )
 from adapters.spec import AdapterSpec
@@ -131,11 +132,13 @@ def _check_config(config: dict, base: BaseModelInfo, max_rank: int) -> int:
         raise InvalidAdapter(f"peft_type is {repr(config.get('peft_type'))[:40]}; only LORA adapters are served")
     rank = config.get("r")
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
-        raise InvalidAdapter("r (the rank) must be a positive integer")
+        raise InvalidAdapter(f"r (the rank) must be a whole number from 1 to --max-lora-rank {max_rank}")
     if rank > max_rank:
         raise InvalidAdapter(f"adapter rank {rank} exceeds --max-lora-rank {max_rank}")
-    if not isinstance(config.get("lora_alpha", rank), int | float):
-        raise InvalidAdapter("lora_alpha must be a number")
+    # Missing, it is PEFT's default (8). NaN, infinite, zero, negative or huge, it scales the delta
+    # into nonsense: NaN logits, or an adapter that does nothing.
+    if problem := lora_alpha_problem(config.get("lora_alpha", 8), rank):
+        raise InvalidAdapter(problem)
     unknown = sorted(set(_target_names(config)) - set(base.module_names))
     if unknown:
         raise InvalidAdapter(

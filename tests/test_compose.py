@@ -322,3 +322,11 @@ def test_inputs_past_the_read_caps_are_refused(folders, tmp_path, file, content,
     with pytest.raises(InvalidComposition) as raised:
         compose([folders["a"], odd], Recipe.of("cat", [1, 1]), tmp_path / "out", max_rank=64, names=["a", "odd"])
     assert phrase in raised.value.message
+
+
+@pytest.mark.parametrize("alpha", [float("nan"), 0, -8, 1e308])
+def test_inputs_with_senseless_lora_alpha_are_refused(folders, tmp_path, alpha):
+    odd = make_adapter(tmp_path / "odd", config_overrides={"lora_alpha": alpha})
+    with pytest.raises(InvalidComposition) as raised:
+        compose([folders["a"], odd], Recipe.of("cat", [1, 1]), tmp_path / "out", max_rank=64, names=["a", "odd"])
+    assert raised.value.message.startswith("odd: lora_alpha is") and "at most 80000" in raised.value.message

@@ -208,3 +208,43 @@ def test_tensor_names_are_matched_whole_and_in_ascii(tmp_path, suffix):
     weights.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + length :])
     with pytest.raises(InvalidAdapter, match="is not a LoRA A/B weight of a decoder layer"):
         validate_adapter(folder, TINY_BASE, max_rank=16)
+
+
+# -- lora_alpha and r ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "alpha, shown",
+    [(float("nan"), "nan"), (float("inf"), "inf"), (-16, "-16"), (0, "0"), (1e308, "1e+308"), (80_001, "80001")],
+)
+def test_lora_alpha_must_be_finite_positive_and_at_most_10000_r(tmp_path, alpha, shown):
+    folder = make_adapter(tmp_path / "odd", rank=8, config_overrides={"lora_alpha": alpha})
+    with pytest.raises(InvalidAdapter) as refused:
+        validate_adapter(folder, TINY_BASE, max_rank=16)
+    assert refused.value.message.startswith(
+        f"lora_alpha is {shown}; it must be a number above 0 and at most 80000 (10000 × r); "
+        "PEFT's usual values are r or 2 × r"
+    )
+    assert http_status(refused.value) == 400
+
+
+@pytest.mark.parametrize("alpha", [0.5, 8, 16, 80_000])
+def test_sensible_lora_alphas_are_accepted(tmp_path, alpha):
+    folder = make_adapter(tmp_path / "fine", rank=8, config_overrides={"lora_alpha": alpha})
+    assert validate_adapter(folder, TINY_BASE, max_rank=16).rank == 8
+
+
+def test_nan_in_the_config_file_itself_is_refused(tmp_path):
+    # Python's json reads NaN and Infinity, which JSON does not have; the value check catches them.
+    folder = make_adapter(tmp_path / "nan")
+    config = (folder / "adapter_config.json").read_text().replace('"lora_alpha": 16', '"lora_alpha": NaN')
+    (folder / "adapter_config.json").write_text(config)
+    with pytest.raises(InvalidAdapter, match="lora_alpha is nan"):
+        validate_adapter(folder, TINY_BASE, max_rank=16)
+
+
+@pytest.mark.parametrize("rank", [0, -1, 1.5, True, "8", 1e308])
+def test_r_must_be_a_whole_number_within_the_limit(tmp_path, rank):
+    folder = make_adapter(tmp_path / "odd", config_overrides={"r": rank})
+    with pytest.raises(InvalidAdapter, match="r \\(the rank\\) must be a whole number from 1 to --max-lora-rank 16"):
+        validate_adapter(folder, TINY_BASE, max_rank=16)
