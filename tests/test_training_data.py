@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 
 import pytest
@@ -96,6 +97,66 @@ def test_refusals_name_the_line(raw, message):
     with pytest.raises(InvalidTrainingFile) as refused:
         validate_training_file(raw)
     assert message in refused.value.message
+
+
+class EndlessLine:
+    """A binary stream of one line that never ends; counts the bytes it handed out."""
+
+    def __init__(self, prefix: bytes = b""):
+        self.pending = prefix
+        self.handed_out = 0
+
+    def readline(self, limit: int = -1) -> bytes:
+        assert limit > 0, "a line was asked for without a cap"
+        if b"\n" in self.pending[:limit]:
+            chunk, self.pending = self.pending.split(b"\n", 1)
+            chunk += b"\n"
+        else:
+            chunk, self.pending = (self.pending + b"a" * limit)[:limit], b""
+        self.handed_out += len(chunk)
+        return chunk
+
+
+def test_a_line_over_the_cap_is_refused_after_reading_the_cap():
+    stream = EndlessLine(lines(GOOD, GOOD))  # two good lines, then one that never ends
+    with pytest.raises(InvalidTrainingFile) as refused:
+        validate_training_file(stream, max_line_bytes=4096)
+    assert refused.value.message == (
+        "line 3 is over 4096 bytes; each example must fit in 4096 bytes (shorten it or split it into several examples)"
+    )
+    assert stream.handed_out <= len(lines(GOOD, GOOD)) + 4096 + 2
+
+
+def test_a_line_at_the_cap_is_accepted_and_its_line_ending_not_counted():
+    line = json.dumps({"prompt": "x", "completion": "y" * 100})
+    padded = line[:-1] + " " * (4096 - len(line)) + "}"  # JSON allows the spaces
+    assert len(padded.encode()) == 4096
+    summary = validate_training_file(lines(padded, PAIR).replace(b"\n", b"\r\n"), max_line_bytes=4096)
+    assert summary.examples == 2
+    with pytest.raises(InvalidTrainingFile, match="line 2 is over 4096 bytes"):
+        validate_training_file(lines(PAIR, padded[:-1] + " }"), max_line_bytes=4096)
+
+
+def test_nesting_is_bounded_before_json_parses_a_line():
+    deep = {"prompt": "a", "completion": "b", "x": json.loads("[" * 40 + "]" * 40)}
+    with pytest.raises(InvalidTrainingFile) as refused:
+        validate_training_file(lines(PAIR, deep))
+    assert refused.value.message.startswith("line 2 is nested 41 levels deep; at most 32 are accepted")
+    with pytest.raises(InvalidTrainingFile, match="line 1 is nested 100000 levels deep"):
+        validate_training_file(b"[" * 100_000 + b"]" * 100_000)
+
+
+def test_a_stream_is_validated_line_by_line_with_the_same_messages(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(codecs.BOM_UTF8 + lines(GOOD, PAIR))
+    with path.open("rb") as stream, pytest.raises(InvalidTrainingFile, match="line 2 is prompt/completion but line 1"):
+        validate_training_file(stream)
+    path.write_bytes(codecs.BOM_UTF8 + lines(GOOD, GOOD) + b'{"messages": "\xff"}\n')
+    with path.open("rb") as stream, pytest.raises(InvalidTrainingFile, match="line 3 is not UTF-8 text"):
+        validate_training_file(stream)
+    # A JSON string may hold U+2028 raw; it is not a line break in JSONL.
+    separator = json.dumps(chat(("user", "a\u2028b"), ("assistant", "c")), ensure_ascii=False)
+    assert validate_training_file(lines(separator, GOOD)).examples == 2
 
 
 def test_example_limit():
