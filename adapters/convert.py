@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from adapters.errors import InvalidAdapter
+from adapters.limits import MAX_CONFIG_BYTES
 from adapters.sandbox import DEFAULT_LIMITS, SandboxLimits, load_pickled_tensors
 from adapters.spec import AdapterSpec
 from adapters.validate import CONFIG_FILE, PICKLED_WEIGHTS_FILE, WEIGHTS_FILE
@@ -73,6 +74,7 @@ def convert_staged(staging: Path, source_format: str = PEFT, limits: SandboxLimi
     if (staging / WEIGHTS_FILE).exists():
         logger.info("adapter has both %s and %s; serving the safetensors", PICKLED_WEIGHTS_FILE, WEIGHTS_FILE)
     else:
+        _check_config_size(staging)
         write_peft_weights(load_pickled_tensors(pickled, PICKLED_WEIGHTS_FILE, limits), staging / WEIGHTS_FILE)
     pickled.unlink()
 
@@ -181,6 +183,7 @@ def convert_into(
                 raise InvalidAdapter(f"{source} is not a folder; --format peft takes the adapter's folder")
             if not (source / PICKLED_WEIGHTS_FILE).is_file():
                 raise InvalidAdapter(f"{source} holds no {PICKLED_WEIGHTS_FILE}; there is nothing to convert")
+            _check_config_size(source)
             for name in (CONFIG_FILE, PICKLED_WEIGHTS_FILE, "README.md"):  # not a trainer's other files
                 if (source / name).is_file():
                     shutil.copyfile(source / name, work / name, follow_symlinks=False)
@@ -191,6 +194,13 @@ def convert_into(
         shutil.rmtree(work, ignore_errors=True)
         raise
     return spec
+
+
+def _check_config_size(folder: Path) -> None:
+    # Validation would refuse it too, once the sandbox had spent its seconds on the pickle.
+    config = folder / CONFIG_FILE
+    if config.is_file() and config.stat().st_size > MAX_CONFIG_BYTES:
+        raise InvalidAdapter(f"{CONFIG_FILE} is over {MAX_CONFIG_BYTES} bytes; at most {MAX_CONFIG_BYTES} are accepted")
 
 
 def _shown(key: object) -> str:

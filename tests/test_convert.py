@@ -16,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from adapters import convert
 from adapters.convert import MINIMIND_FILE, convert_staged, minimind_to_peft, write_peft_weights
 from adapters.errors import InvalidAdapter
 from server import cli
@@ -366,3 +367,16 @@ def test_convert_errors_exit_2_with_a_message_and_write_nothing(tmp_path, capsys
     assert not marker.exists()
     assert not any((tmp_path / name).exists() for name in ("o1", "o2", "o3", "o4", "o5", "o6", "o7"))
     assert not list(tmp_path.glob(".convert-*"))
+
+
+def test_an_oversized_config_is_refused_before_the_pickle_is_loaded(tmp_path, monkeypatch):
+    source = make_adapter(tmp_path / "src")
+    (source / "adapter_model.safetensors").unlink()
+    (source / "adapter_model.bin").write_bytes(b"\x80\x04K\x01.")
+    (source / "adapter_config.json").write_bytes(b" " * (64 * 1024 + 1))
+    monkeypatch.setattr(convert, "load_pickled_tensors", lambda *args: pytest.fail("the sandbox was started"))
+    with pytest.raises(InvalidAdapter, match="adapter_config.json is over 65536 bytes; at most 65536 are accepted"):
+        convert.convert_into(source, tmp_path / "out", convert.PEFT)
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(InvalidAdapter, match="adapter_config.json is over 65536 bytes"):  # an upload, staged
+        convert.convert_staged(source, convert.PEFT)
