@@ -23,9 +23,9 @@ from adapters.errors import StoreUnavailable
 logger = logging.getLogger(__name__)
 
 UNREACHABLE = "the adapter store is unreachable"
-_KEY_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_KEY_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 # AWS's rules for new buckets, which MinIO enforces too.
-_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 _ACCEPTED = "--store-url takes a local folder, file:///absolute/path or s3://bucket/optional/prefix"
 _NOT_FOUND_CODES = {"404", "NoSuchKey", "NotFound"}
 
@@ -216,13 +216,13 @@ def open_blobs(url: str | None) -> Blobs | None:
         return LocalBlobs(Path(path))
     if scheme == "s3":
         # netloc, not hostname: hostname lowercases, and a port means an endpoint was put here.
-        if not _BUCKET.match(parts.netloc):
+        if not _BUCKET.fullmatch(parts.netloc):
             raise ValueError(
                 f"{_ACCEPTED}; the bucket is 3-63 lowercase letters, digits, '.' or '-' "
                 "(set the endpoint with AWS_ENDPOINT_URL)"
             )
         prefix = unquote(parts.path).strip("/")
-        if prefix and not all(_KEY_PART.match(part) for part in prefix.split("/")):
+        if prefix and not all(_KEY_PART.fullmatch(part) for part in prefix.split("/")):
             raise ValueError(f"{_ACCEPTED}; the prefix is '/'-separated names of letters, digits, '.', '_' and '-'")
         return S3Blobs(parts.netloc, prefix)
     # Only the scheme is echoed: the rest of the URL may hold a token or a password.
@@ -231,7 +231,7 @@ def open_blobs(url: str | None) -> Blobs | None:
 
 def _check_key(key: str) -> list[str]:
     parts = key.split("/")
-    if not all(_KEY_PART.match(part) for part in parts):
+    if not all(_KEY_PART.fullmatch(part) for part in parts):
         raise ValueError("an object key is '/'-separated names of letters, digits, '.', '_' and '-'")
     return parts
 

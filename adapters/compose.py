@@ -36,8 +36,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from adapters.errors import InvalidComposition
-from adapters.validate import CONFIG_FILE, WEIGHTS_FILE, content_hash
+from adapters.errors import InvalidAdapter, InvalidComposition
+from adapters.limits import MAX_CONFIG_BYTES, OverLimit, load_json, lora_alpha_problem, read_capped
+from adapters.validate import CONFIG_FILE, WEIGHTS_FILE, content_hash, read_safetensors_header
 
 if TYPE_CHECKING:
     from adapters.registry import AdapterEntry, Registry
@@ -53,7 +54,9 @@ _SAME_RANK = ("linear", "ties", "dare_linear", "dare_ties")
 _USES_DENSITY = ("ties", "dare_linear", "dare_ties")
 _USES_SIGN = ("ties", "dare_ties")
 _USES_SEED = ("dare_linear", "dare_ties")
-_TENSOR_NAME = re.compile(r"^(?P<prefix>.*\.layers\.(?P<layer>\d+)\.\w+\.(?P<module>\w+))\.lora_(?P<ab>[AB])\.weight$")
+_TENSOR_NAME = re.compile(
+    r"(?P<prefix>.*\.layers\.(?P<layer>\d+)\.\w+\.(?P<module>\w+))\.lora_(?P<ab>[AB])\.weight", re.ASCII
+)
 # The order in which Llama and Qwen2 declare their projections: PEFT's module order, which
 # decides the order of dare's random draws.
 _MODULE_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -234,8 +237,12 @@ def _read_input(folder: Path, label: str):
     from safetensors.torch import load_file
 
     try:
-        config = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
+        config = load_json(read_capped(folder / CONFIG_FILE, MAX_CONFIG_BYTES))
+        read_safetensors_header(folder / WEIGHTS_FILE)  # its size and nesting, before safetensors parses it
         raw = load_file(str(folder / WEIGHTS_FILE))
+    except (OverLimit, InvalidAdapter) as exc:
+        shown = f"{CONFIG_FILE} {exc}" if isinstance(exc, OverLimit) else str(exc)
+        raise InvalidComposition(f"{label}: {shown}") from None
     except (OSError, ValueError, SafetensorError):
         raise InvalidComposition(f"{label}: its files cannot be read as a PEFT LoRA adapter") from None
     if not isinstance(config, dict) or config.get("peft_type") != "LORA":
@@ -253,9 +260,11 @@ def _read_input(folder: Path, label: str):
     rank, alpha = config.get("r"), config.get("lora_alpha")
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1 or not isinstance(alpha, int | float):
         raise InvalidComposition(f"{label}: its adapter_config.json needs an integer r and a numeric lora_alpha")
+    if problem := lora_alpha_problem(alpha, rank):
+        raise InvalidComposition(f"{label}: {problem}")
     modules: dict[str, list] = {}
     for name, tensor in raw.items():
-        match = _TENSOR_NAME.match(name)
+        match = _TENSOR_NAME.fullmatch(name)
         if match is None:
             raise InvalidComposition(f"{label}: tensor '{name[:120]}' is not a LoRA A/B weight of a decoder layer")
         pair = modules.setdefault(match["prefix"], [None, None])
@@ -292,7 +301,7 @@ def _result_rank(inputs: list[_Input], recipe: Recipe, method: str, max_rank: in
 
 
 def _module_sort_key(prefix: str) -> tuple[int, int, str]:
-    match = re.search(r"\.layers\.(\d+)\.\w+\.(\w+)$", prefix)
+    match = re.search(r"\.layers\.(\d+)\.\w+\.(\w+)\Z", prefix, re.ASCII)
     assert match is not None
     module = match[2]
     order = _MODULE_ORDER.index(module) if module in _MODULE_ORDER else len(_MODULE_ORDER)

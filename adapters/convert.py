@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from adapters.errors import InvalidAdapter
+from adapters.limits import MAX_CONFIG_BYTES
 from adapters.sandbox import DEFAULT_LIMITS, SandboxLimits, load_pickled_tensors
 from adapters.spec import AdapterSpec
 from adapters.validate import CONFIG_FILE, PICKLED_WEIGHTS_FILE, WEIGHTS_FILE
@@ -35,8 +36,11 @@ SOURCE_FORMATS = (PEFT, MINIMIND)
 MINIMIND_FILE = "minimind_lora.pth"  # what a staged MiniMind upload is called
 MINIMIND_LABEL = "the MiniMind LoRA file"
 
-_PEFT_KEY = re.compile(r"^base_model\.model\.[\w.]+\.lora_[AB]\.weight$")
-_MINIMIND_KEY = re.compile(r"^(?:module\.)?(model\.layers\.\d+\.(?:self_attn|mlp)\.(\w+))\.lora\.([AB])\.weight$")
+# Matched whole (fullmatch): "$" would also take a key that ends in a newline.
+_PEFT_KEY = re.compile(r"base_model\.model\.[\w.]+\.lora_[AB]\.weight", re.ASCII)
+_MINIMIND_KEY = re.compile(
+    r"(?:module\.)?(model\.layers\.\d+\.(?:self_attn|mlp)\.(\w+))\.lora\.([AB])\.weight", re.ASCII
+)
 _MAX_ECHOED_KEY = 80
 
 
@@ -70,6 +74,7 @@ def convert_staged(staging: Path, source_format: str = PEFT, limits: SandboxLimi
     if (staging / WEIGHTS_FILE).exists():
         logger.info("adapter has both %s and %s; serving the safetensors", PICKLED_WEIGHTS_FILE, WEIGHTS_FILE)
     else:
+        _check_config_size(staging)
         write_peft_weights(load_pickled_tensors(pickled, PICKLED_WEIGHTS_FILE, limits), staging / WEIGHTS_FILE)
     pickled.unlink()
 
@@ -79,7 +84,7 @@ def write_peft_weights(tensors: dict[str, Any], dest: Path) -> None:
     from safetensors.torch import save_file
 
     for name in tensors:
-        if not _PEFT_KEY.match(name):
+        if not isinstance(name, str) or not _PEFT_KEY.fullmatch(name):
             raise InvalidAdapter(
                 f"{PICKLED_WEIGHTS_FILE}: tensor {_shown(name)} is not a PEFT LoRA weight "
                 "(base_model.model.<module>.lora_A.weight or .lora_B.weight)"
@@ -92,7 +97,7 @@ def minimind_to_peft(tensors: dict[str, Any]) -> tuple[dict[str, Any], dict[str,
     pairs: dict[str, dict[str, Any]] = {}
     targets: set[str] = set()
     for key, tensor in tensors.items():
-        match = _MINIMIND_KEY.match(key)
+        match = _MINIMIND_KEY.fullmatch(key) if isinstance(key, str) else None
         if match is None:
             raise InvalidAdapter(
                 f"{MINIMIND_LABEL}: key {_shown(key)} is not a MiniMind LoRA weight "
@@ -178,6 +183,7 @@ def convert_into(
                 raise InvalidAdapter(f"{source} is not a folder; --format peft takes the adapter's folder")
             if not (source / PICKLED_WEIGHTS_FILE).is_file():
                 raise InvalidAdapter(f"{source} holds no {PICKLED_WEIGHTS_FILE}; there is nothing to convert")
+            _check_config_size(source)
             for name in (CONFIG_FILE, PICKLED_WEIGHTS_FILE, "README.md"):  # not a trainer's other files
                 if (source / name).is_file():
                     shutil.copyfile(source / name, work / name, follow_symlinks=False)
@@ -188,6 +194,13 @@ def convert_into(
         shutil.rmtree(work, ignore_errors=True)
         raise
     return spec
+
+
+def _check_config_size(folder: Path) -> None:
+    # Validation would refuse it too, once the sandbox had spent its seconds on the pickle.
+    config = folder / CONFIG_FILE
+    if config.is_file() and config.stat().st_size > MAX_CONFIG_BYTES:
+        raise InvalidAdapter(f"{CONFIG_FILE} is over {MAX_CONFIG_BYTES} bytes; at most {MAX_CONFIG_BYTES} are accepted")
 
 
 def _shown(key: object) -> str:

@@ -19,18 +19,22 @@ import shutil
 import stat
 import tarfile
 import uuid
+import zlib
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import BinaryIO
 
+from adapters.archive import members, tar_stream
 from adapters.blobs import BlobNotFound, Blobs
 from adapters.errors import AdapterTooLarge, InvalidAdapter, StoreUnavailable
+from adapters.limits import MAX_ARCHIVE_MEMBERS
 from adapters.validate import ALLOWED_FILES, DEFAULT_MAX_BYTES, STAGING_FILES
 from adapters.validate import content_hash as folder_hash  # the parameters here are named content_hash
 
 logger = logging.getLogger(__name__)
 
 _CHUNK = 1 << 20
-_CONTENT_HASH = re.compile(r"^[0-9a-f]{64}$")
+_CONTENT_HASH = re.compile(r"[0-9a-f]{64}")
 _TAMPERED = "the stored adapter's files do not match their content hash"
 
 
@@ -146,10 +150,10 @@ class AdapterStore:
             except BlobNotFound:
                 raise StoreUnavailable("the adapter's files are not in the store") from None
             try:
-                with tarfile.open(archive, mode="r:") as tar:
-                    _unpack(tar, staging, self.max_bytes)
+                with open(archive, "rb") as raw:
+                    _unpack(tar_stream(raw, self.max_bytes, compressed=False), staging, self.max_bytes)
                 intact = folder_hash(staging) == content_hash
-            except (tarfile.TarError, EOFError, InvalidAdapter) as exc:
+            except (OSError, InvalidAdapter) as exc:
                 logger.warning("stored adapter %s is unreadable: %s", content_hash[:12], exc)
                 intact = False
             if not intact:
@@ -185,20 +189,27 @@ def copy_folder(source: Path, staging: Path, max_bytes: int) -> None:
         raise InvalidAdapter("the adapter path is a symbolic link; give the folder itself")
     if not stat.S_ISDIR(source_stat.st_mode):
         raise InvalidAdapter("no adapter folder at that path")
+    with os.scandir(source) as scan:
+        entries = []
+        for entry in scan:  # counted while listed: a folder of a million entries stops at the cap
+            entries.append(entry)
+            if len(entries) > MAX_ARCHIVE_MEMBERS:
+                raise InvalidAdapter(
+                    f"the adapter folder holds more than {MAX_ARCHIVE_MEMBERS} entries; an adapter is a few files"
+                )
     total = 0
-    for entry in sorted(os.scandir(source), key=lambda e: e.name):
+    for entry in sorted(entries, key=lambda e: e.name):
         if entry.is_symlink():
             raise InvalidAdapter(f"'{entry.name}' is a symbolic link; adapters must be plain files")
         if not entry.is_file(follow_symlinks=False):
             raise InvalidAdapter(f"'{entry.name}' is not a plain file; adapters are flat folders of files")
         _check_member_name(entry.name, STAGING_FILES)
-        total += entry.stat(follow_symlinks=False).st_size
-        if total > max_bytes:
+        if total + entry.stat(follow_symlinks=False).st_size > max_bytes:
             raise AdapterTooLarge(f"the adapter is over the {max_bytes}-byte limit")
         flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)
         fd = os.open(os.path.join(source, entry.name), flags)
         with os.fdopen(fd, "rb") as reader, open(staging / entry.name, "wb") as writer:
-            _copy_limited(reader, writer, max_bytes)
+            total += _copy_limited(reader, writer, max_bytes - total)  # a file may grow after its stat
 
 
 def write_files(files: Iterable[tuple[str, io.BufferedIOBase]], staging: Path, max_bytes: int) -> None:
@@ -210,35 +221,36 @@ def write_files(files: Iterable[tuple[str, io.BufferedIOBase]], staging: Path, m
             total += _copy_limited(stream, writer, max_bytes - total)
 
 
-def extract_tarball(stream: io.BufferedIOBase, staging: Path, max_bytes: int) -> None:
-    """Unpack a .tar.gz of adapter files: regular files only, flat or under one folder."""
+def extract_tarball(stream: BinaryIO, staging: Path, max_bytes: int) -> None:
+    """Unpack a .tar.gz (or .tar) of adapter files: regular files only, flat or under one folder.
+
+    The archive is read within bounds as it is unpacked (adapters/archive.py): a bomb stops at
+    its first header or at `max_bytes`, never after.
+    """
     try:
-        with tarfile.open(fileobj=stream, mode="r:*") as archive:
-            _unpack(archive, staging, max_bytes, STAGING_FILES)
-    except (tarfile.TarError, EOFError, OSError):
+        _unpack(tar_stream(stream, max_bytes), staging, max_bytes, STAGING_FILES)
+    except (EOFError, OSError, zlib.error):  # gzip's errors: BadGzipFile is an OSError
         raise InvalidAdapter("the upload is not a readable .tar.gz archive") from None
 
 
-def _unpack(archive: tarfile.TarFile, staging: Path, max_bytes: int, allowed: set[str] = ALLOWED_FILES) -> None:
+def _unpack(tar: BinaryIO, staging: Path, max_bytes: int, allowed: set[str] = ALLOWED_FILES) -> None:
     total = 0
-    for member in archive:
-        if member.isdir():
+    for member, data in members(tar):
+        if member.kind == "dir":
             continue
-        if not member.isfile():
-            raise InvalidAdapter(f"'{member.name}' in the archive is a link or device; only plain files")
+        if member.kind != "file":
+            raise InvalidAdapter(f"'{member.name[:80]}' in the archive is a link or device; only plain files")
         parts = [p for p in member.name.split("/") if p not in ("", ".")]
-        if ".." in parts or len(parts) > 2 or member.name.startswith("/"):
-            raise InvalidAdapter(f"'{member.name}' in the archive points outside the adapter folder")
+        if not parts or ".." in parts or len(parts) > 2 or member.name.startswith("/"):
+            raise InvalidAdapter(f"'{member.name[:80]}' in the archive points outside the adapter folder")
         name = _check_member_name(parts[-1], allowed)
         if (staging / name).exists():
             raise InvalidAdapter(f"the archive holds '{name}' twice")
         total += member.size
         if total > max_bytes:
             raise AdapterTooLarge(f"the adapter is over the {max_bytes}-byte limit")
-        reader = archive.extractfile(member)
-        assert reader is not None
         with open(staging / name, "wb") as writer:
-            _copy_limited(reader, writer, member.size)
+            _copy_limited(data, writer, member.size)
 
 
 def _write_tar(folder: Path, dest: Path) -> None:
@@ -258,7 +270,7 @@ def _blob_key(content_hash: str) -> str:
 
 def _check_hash(content_hash: str) -> None:
     # The hash names a folder and an object key; a catalog row must not steer either elsewhere.
-    if not _CONTENT_HASH.match(content_hash):
+    if not _CONTENT_HASH.fullmatch(content_hash):
         raise InvalidAdapter("an adapter's content hash is 64 lowercase hex digits (sha256)")
 
 

@@ -7,7 +7,6 @@ so the engine only ever sees adapters that passed these checks.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import re
 import struct
@@ -15,6 +14,14 @@ from pathlib import Path
 
 from adapters.base_model import BaseModelInfo
 from adapters.errors import InvalidAdapter, InvalidAdapterName
+from adapters.limits import (
+    MAX_CONFIG_BYTES,
+    MAX_SAFETENSORS_HEADER_BYTES,
+    OverLimit,
+    load_json,
+    lora_alpha_problem,
+    read_capped,
+)
 from adapters.spec import AdapterSpec
 
 CONFIG_FILE = "adapter_config.json"
@@ -24,15 +31,22 @@ ALLOWED_FILES = {CONFIG_FILE, WEIGHTS_FILE, "README.md"}
 PICKLED_WEIGHTS_FILE = "adapter_model.bin"
 STAGING_FILES = ALLOWED_FILES | {PICKLED_WEIGHTS_FILE}
 DEFAULT_MAX_BYTES = 512 * 1024 * 1024
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
-_TENSOR_NAME = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_(A|B)\.weight$")
+MAX_NAME_LENGTH = 64
+# Anchored with \A and \Z, not ^ and $: "$" also matches before a final newline, and callers in
+# server/ use .match. The whole name must match, whichever method is called.
+NAME_PATTERN = re.compile(rf"\A[A-Za-z0-9][A-Za-z0-9._:-]{{0,{MAX_NAME_LENGTH - 1}}}\Z")
+# ASCII: \d would take other scripts' digits, which int() reads and vLLM's module names never hold.
+_TENSOR_NAME = re.compile(
+    r"base_model\.model\.model\.layers\.(\d{1,6})\.(self_attn|mlp)\.(\w{1,64})\.lora_(A|B)\.weight", re.ASCII
+)
 _FLOAT_DTYPES = {"F32": ("f", 4), "F16": ("e", 2), "BF16": (None, 2), "F64": ("d", 8)}
 
 
 def check_name(name: str, param: str = "name") -> str:
-    if not NAME_PATTERN.match(name):
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
         raise InvalidAdapterName(
-            "adapter names are 1-64 characters of letters, digits, '.', '_', ':' or '-', starting with a letter or digit",
+            f"adapter names are 1-{MAX_NAME_LENGTH} characters of letters, digits, '.', '_', ':' or '-', "
+            "starting with a letter or digit",
             param=param,
         )
     return name
@@ -94,8 +108,10 @@ def _list_files(folder: Path, max_bytes: int) -> dict[str, int]:
 
 def _read_config(folder: Path) -> dict:
     try:
-        config = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        config = load_json(read_capped(folder / CONFIG_FILE, MAX_CONFIG_BYTES))
+    except OverLimit as exc:
+        raise InvalidAdapter(f"{CONFIG_FILE} {exc}") from None
+    except ValueError as exc:  # json's JSONDecodeError, UnicodeDecodeError
         raise InvalidAdapter(f"{CONFIG_FILE} is not valid JSON ({exc.__class__.__name__})") from None
     if not isinstance(config, dict):
         raise InvalidAdapter(f"{CONFIG_FILE} must hold a JSON object")
@@ -113,14 +129,16 @@ def _target_names(config: dict) -> list[str]:
 
 def _check_config(config: dict, base: BaseModelInfo, max_rank: int) -> int:
     if config.get("peft_type") != "LORA":
-        raise InvalidAdapter(f"peft_type is {config.get('peft_type')!r}; only LORA adapters are served")
+        raise InvalidAdapter(f"peft_type is {repr(config.get('peft_type'))[:40]}; only LORA adapters are served")
     rank = config.get("r")
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
-        raise InvalidAdapter("r (the rank) must be a positive integer")
+        raise InvalidAdapter(f"r (the rank) must be a whole number from 1 to --max-lora-rank {max_rank}")
     if rank > max_rank:
         raise InvalidAdapter(f"adapter rank {rank} exceeds --max-lora-rank {max_rank}")
-    if not isinstance(config.get("lora_alpha", rank), int | float):
-        raise InvalidAdapter("lora_alpha must be a number")
+    # Missing, it is PEFT's default (8). NaN, infinite, zero, negative or huge, it scales the delta
+    # into nonsense: NaN logits, or an adapter that does nothing.
+    if problem := lora_alpha_problem(config.get("lora_alpha", 8), rank):
+        raise InvalidAdapter(problem)
     unknown = sorted(set(_target_names(config)) - set(base.module_names))
     if unknown:
         raise InvalidAdapter(
@@ -136,18 +154,27 @@ def _check_config(config: dict, base: BaseModelInfo, max_rank: int) -> int:
     return rank
 
 
-def _read_safetensors_header(path: Path) -> tuple[dict, int]:
+def read_safetensors_header(path: Path) -> tuple[dict, int]:
+    """The JSON header of a safetensors file and where its data starts; its length is checked
+    against MAX_SAFETENSORS_HEADER_BYTES before a byte of it is read, its nesting before it is parsed."""
     size = path.stat().st_size
     with path.open("rb") as handle:
         raw = handle.read(8)
         if len(raw) != 8:
             raise InvalidAdapter(f"{WEIGHTS_FILE} is not a safetensors file")
         (header_len,) = struct.unpack("<Q", raw)
-        if header_len > min(size - 8, 100 * 1024 * 1024):
-            raise InvalidAdapter(f"{WEIGHTS_FILE} is not a safetensors file")
+        if header_len > size - 8:
+            raise InvalidAdapter(f"{WEIGHTS_FILE} is not a safetensors file (its header runs past its end)")
+        if header_len > MAX_SAFETENSORS_HEADER_BYTES:
+            raise InvalidAdapter(
+                f"{WEIGHTS_FILE} has a header of {header_len} bytes; at most {MAX_SAFETENSORS_HEADER_BYTES} "
+                "are accepted (a LoRA adapter's is well under 1 MiB)"
+            )
         try:
-            header = json.loads(handle.read(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError):
+            header = load_json(handle.read(header_len))
+        except OverLimit as exc:
+            raise InvalidAdapter(f"{WEIGHTS_FILE}'s header {exc}") from None
+        except ValueError:
             raise InvalidAdapter(f"{WEIGHTS_FILE} is not a safetensors file") from None
     if not isinstance(header, dict):
         raise InvalidAdapter(f"{WEIGHTS_FILE} is not a safetensors file")
@@ -155,13 +182,13 @@ def _read_safetensors_header(path: Path) -> tuple[dict, int]:
 
 
 def _check_weights(path: Path, base: BaseModelInfo, rank: int, targets: set[str]) -> None:
-    header, data_start = _read_safetensors_header(path)
+    header, data_start = read_safetensors_header(path)
     header.pop("__metadata__", None)
     data_len = path.stat().st_size - data_start
     if not header:
         raise InvalidAdapter(f"{WEIGHTS_FILE} holds no tensors")
     for name, info in header.items():
-        match = _TENSOR_NAME.match(name)
+        match = _TENSOR_NAME.fullmatch(name)
         if match is None:
             raise InvalidAdapter(f"tensor '{name[:120]}' is not a LoRA A/B weight of a decoder layer")
         layer, _, module, which = int(match[1]), match[2], match[3], match[4]
@@ -172,12 +199,13 @@ def _check_weights(path: Path, base: BaseModelInfo, rank: int, targets: set[str]
         in_features, out_features = base.module_shapes[module]
         expected = [rank, in_features] if which == "A" else [out_features, rank]
         if not isinstance(info, dict) or info.get("shape") != expected:
-            shape = info.get("shape") if isinstance(info, dict) else None
+            shape = str(info.get("shape"))[:80] if isinstance(info, dict) else None
             raise InvalidAdapter(f"tensor '{name}' has shape {shape}; rank {rank} on this base model needs {expected}")
         dtype = info.get("dtype")
-        if dtype not in _FLOAT_DTYPES:
-            raise InvalidAdapter(f"tensor '{name}' has dtype {dtype}; LoRA weights are floating point")
-        begin, end = info.get("data_offsets", (None, None))
+        if not isinstance(dtype, str) or dtype not in _FLOAT_DTYPES:
+            raise InvalidAdapter(f"tensor '{name}' has dtype {str(dtype)[:40]}; LoRA weights are floating point")
+        offsets = info.get("data_offsets")
+        begin, end = offsets if isinstance(offsets, list) and len(offsets) == 2 else (None, None)
         width = _FLOAT_DTYPES[dtype][1]
         if not (
             isinstance(begin, int)

@@ -305,3 +305,28 @@ async def test_tenants_compose_their_own_and_shared_adapters_only(full, folders)
         "/v1/adapters", json={"name": "p", "path": str(folders["a"])}, headers=full.as_(key_a)
     )
     assert path_form.status_code == 403
+
+
+@pytest.mark.parametrize(
+    ("file", "content", "phrase"),
+    [
+        ("adapter_config.json", b"[" * 5000 + b"]" * 5000, "odd: adapter_config.json is nested 5000 levels deep"),
+        ("adapter_config.json", b" " * (64 * 1024 + 1), "odd: adapter_config.json is over 65536 bytes"),
+        ("adapter_model.safetensors", b"\x10\x27\x00\x00\x00\x00\x00\x00" + b"[" * 10_000, "header is nested 10000"),
+    ],
+    ids=["nested-config", "large-config", "nested-header"],
+)
+def test_inputs_past_the_read_caps_are_refused(folders, tmp_path, file, content, phrase):
+    odd = make_adapter(tmp_path / "odd")
+    (odd / file).write_bytes(content)
+    with pytest.raises(InvalidComposition) as raised:
+        compose([folders["a"], odd], Recipe.of("cat", [1, 1]), tmp_path / "out", max_rank=64, names=["a", "odd"])
+    assert phrase in raised.value.message
+
+
+@pytest.mark.parametrize("alpha", [float("nan"), 0, -8, 1e308])
+def test_inputs_with_senseless_lora_alpha_are_refused(folders, tmp_path, alpha):
+    odd = make_adapter(tmp_path / "odd", config_overrides={"lora_alpha": alpha})
+    with pytest.raises(InvalidComposition) as raised:
+        compose([folders["a"], odd], Recipe.of("cat", [1, 1]), tmp_path / "out", max_rank=64, names=["a", "odd"])
+    assert raised.value.message.startswith("odd: lora_alpha is") and "at most 80000" in raised.value.message

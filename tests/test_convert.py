@@ -16,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from adapters import convert
 from adapters.convert import MINIMIND_FILE, convert_staged, minimind_to_peft, write_peft_weights
 from adapters.errors import InvalidAdapter
 from server.commands import cli
@@ -126,6 +127,18 @@ def test_peft_weights_with_other_names_are_refused(tmp_path):
     with pytest.raises(InvalidAdapter, match="'model.layers.0.q_proj.weight' is not a PEFT LoRA weight"):
         write_peft_weights({"model.layers.0.q_proj.weight": torch.zeros(2, 2)}, tmp_path / "w.safetensors")
     assert not (tmp_path / "w.safetensors").exists()
+
+
+@pytest.mark.parametrize("suffix", ["\n", "\u0661"], ids=["newline", "arabic-digit"])
+def test_keys_are_matched_whole_and_in_ascii(tmp_path, suffix):
+    peft_key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" + suffix
+    with pytest.raises(InvalidAdapter, match="is not a PEFT LoRA weight"):
+        write_peft_weights({peft_key: torch.zeros(2, 2)}, tmp_path / "w.safetensors")
+    tensors = minimind_tensors(rank=4)
+    key = next(iter(tensors))
+    tensors[key.replace(".0.", f".{suffix}.") if suffix != "\n" else key + suffix] = tensors.pop(key)
+    with pytest.raises(InvalidAdapter, match="is not a MiniMind LoRA weight"):
+        minimind_to_peft(tensors)
 
 
 def test_with_safetensors_beside_it_the_pickle_is_deleted_unread(tmp_path):
@@ -354,3 +367,16 @@ def test_convert_errors_exit_2_with_a_message_and_write_nothing(tmp_path, capsys
     assert not marker.exists()
     assert not any((tmp_path / name).exists() for name in ("o1", "o2", "o3", "o4", "o5", "o6", "o7"))
     assert not list(tmp_path.glob(".convert-*"))
+
+
+def test_an_oversized_config_is_refused_before_the_pickle_is_loaded(tmp_path, monkeypatch):
+    source = make_adapter(tmp_path / "src")
+    (source / "adapter_model.safetensors").unlink()
+    (source / "adapter_model.bin").write_bytes(b"\x80\x04K\x01.")
+    (source / "adapter_config.json").write_bytes(b" " * (64 * 1024 + 1))
+    monkeypatch.setattr(convert, "load_pickled_tensors", lambda *args: pytest.fail("the sandbox was started"))
+    with pytest.raises(InvalidAdapter, match="adapter_config.json is over 65536 bytes; at most 65536 are accepted"):
+        convert.convert_into(source, tmp_path / "out", convert.PEFT)
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(InvalidAdapter, match="adapter_config.json is over 65536 bytes"):  # an upload, staged
+        convert.convert_staged(source, convert.PEFT)

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
+import lzma
 import tarfile
 import time
 from pathlib import Path
 
 import pytest
 
+from adapters.archive import LimitedReader
 from adapters.blobs import BlobNotFound, LocalBlobs, S3Blobs, open_blobs
-from adapters.errors import InvalidAdapter, StoreUnavailable
-from adapters.store import AdapterStore, copy_folder
+from adapters.errors import AdapterTooLarge, InvalidAdapter, StoreUnavailable
+from adapters.store import AdapterStore, copy_folder, extract_tarball
 from adapters.validate import content_hash, validate_adapter
 from tests.adapter_files import TINY_BASE, make_adapter
+from tests.security import bombs as bomb_parts
 
 BACKENDS = ["file", "s3"]
 
@@ -193,7 +197,7 @@ def test_a_local_store_has_no_backend_to_fetch_from(tmp_path):
     assert errors.count == 0
 
 
-@pytest.mark.parametrize("bad", ["../../etc", "ABC" * 21 + "D", "", "0" * 63])
+@pytest.mark.parametrize("bad", ["../../etc", "ABC" * 21 + "D", "", "0" * 63, "0" * 64 + "\n"])
 def test_a_content_hash_cannot_name_another_folder(tmp_path, bad):
     store, _ = make_store(tmp_path / "adapters", None)
     with pytest.raises(InvalidAdapter, match="64 lowercase hex digits"):
@@ -304,7 +308,7 @@ def test_a_failed_local_put_leaves_no_partial_object(tmp_path):
     assert list((tmp_path / "adapters").iterdir()) == []
 
 
-@pytest.mark.parametrize("key", ["../escape", "/abs", "adapters/../../x", "a//b", ""])
+@pytest.mark.parametrize("key", ["../escape", "/abs", "adapters/../../x", "a//b", "", "adapters/x.tar\n"])
 def test_keys_stay_inside_the_store(tmp_path, key):
     with pytest.raises(ValueError):
         LocalBlobs(tmp_path).exists(key)
@@ -375,3 +379,138 @@ def test_a_bad_store_url_names_the_flag_and_echoes_no_credentials(aws_env, url):
     message = str(raised.value)
     assert "--store-url" in message and "file:///" in message and "s3://bucket" in message
     assert "hunter2" not in message and "AKIAEXAMPLE" not in message and "user" not in message
+
+
+# -- archives are read within bounds -----------------------------------------------------------
+
+
+def staged_tarball(tmp_path: Path, archive: bytes, max_bytes: int = 10_000_000) -> dict[str, bytes]:
+    """What an upload does: extract into a staging folder; returns the files that arrived."""
+    staging = tmp_path / "staging"
+    staging.mkdir(exist_ok=True)
+    extract_tarball(io.BytesIO(archive), staging, max_bytes)
+    return {path.name: path.read_bytes() for path in staging.iterdir()}
+
+
+def tar_in_format(files: dict[str, bytes], tar_format: int, *, folders: int = 0, pax: dict | None = None) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz", format=tar_format) as archive:
+        for index in range(folders):
+            info = tarfile.TarInfo(f"adapter/{index}")
+            info.type = tarfile.DIRTYPE
+            archive.addfile(info)
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.pax_headers = pax or {}
+            archive.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("tar_format", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_archives_of_each_tar_format_unpack(tmp_path, tar_format):
+    files = files_of(make_adapter(tmp_path / "adapter"))
+    long_folder = "a" * 150 + "/"  # past ustar's 100-byte name: a GNU long name, or a PAX path
+    fields = {"comment": "x" * 1000} if tar_format == tarfile.PAX_FORMAT else None
+    archive = tar_in_format({long_folder + name: data for name, data in files.items()}, tar_format, pax=fields)
+    assert staged_tarball(tmp_path, archive) == files
+
+
+def test_a_git_archive_global_header_is_accepted(tmp_path):
+    files = files_of(make_adapter(tmp_path / "adapter"))
+    record = b"52 comment=0123456789012345678901234567890123456789\n"
+    archive = bomb_parts.tar_header("pax_global_header", len(record), tarfile.XGLTYPE) + bomb_parts.padded(record)
+    assert staged_tarball(tmp_path, archive + tar_of(files)) == files
+
+
+@pytest.mark.parametrize("count, refused", [(58, False), (63, True)])
+def test_an_archive_holds_at_most_64_entries_folders_included(tmp_path, count, refused):
+    files = files_of(make_adapter(tmp_path / "adapter"))
+    archive = tar_in_format(
+        {f"adapter/{name}": data for name, data in files.items()}, tarfile.USTAR_FORMAT, folders=count
+    )
+    if not refused:
+        assert staged_tarball(tmp_path, archive) == files
+        return
+    with pytest.raises(InvalidAdapter, match="more than 64 entries") as caught:
+        staged_tarball(tmp_path, archive)
+    assert type(caught.value) is InvalidAdapter  # a 400: the archive's shape, not its size
+
+
+@pytest.mark.parametrize("typeflag", [tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.GNUTYPE_LONGNAME])
+def test_an_extended_header_over_64_kib_is_refused_before_it_is_read(tmp_path, typeflag):
+    # It declares 1 GiB and carries none of it: refused at its 512-byte header, not at the data's end.
+    archive = bomb_parts.tar_header("././@LongLink", 1 << 30, typeflag)
+    with pytest.raises(InvalidAdapter, match=f"extended header of {1 << 30} bytes; at most 65536"):
+        staged_tarball(tmp_path, archive)
+    # One of exactly 64 KiB is read; the files after it arrive.
+    files = files_of(make_adapter(tmp_path / "adapter"))
+    size = 64 * 1024
+    if typeflag == tarfile.GNUTYPE_LONGNAME:  # the first member's name, NUL-padded
+        data = b"adapter_config.json".ljust(size, b"\0")
+    else:
+        data = b"%d comment=" % size + b"x" * (size - 15) + b"\n"
+    assert len(data) == size and next(iter(files)) == "adapter_config.json"
+    archive = bomb_parts.tar_header("././@LongLink", size, typeflag) + data + tar_of(files)
+    assert staged_tarball(tmp_path, archive) == files
+
+
+def test_the_decompressed_stream_stops_at_the_limit(tmp_path):
+    """Headers within every cap can still add up: the gzip reader is what stops them."""
+    record = b"comment=" + b"x" * (60 * 1024)
+    record = b"%d " % (len(record) + 7) + record + b"\n"
+    one = bomb_parts.tar_header("././@PaxHeader", len(record), tarfile.XHDTYPE) + bomb_parts.padded(record)
+    archive = gzip.compress(one * 20 + bytes(1024))  # 20 headers of 60 KiB: 1.2 MiB of tar, a 4 KiB limit
+    with pytest.raises(AdapterTooLarge, match="unpacks to more than"):
+        staged_tarball(tmp_path, archive, max_bytes=4096)
+    assert len(archive) < 64 * 1024
+
+
+def test_the_limited_reader_decompresses_no_more_than_its_limit():
+    bomb = gzip.GzipFile(fileobj=io.BytesIO(bomb_parts.gzip_bomb(1024)))
+    reader = LimitedReader(bomb, 3 << 20)
+    with bomb_parts.peak_rss_growth() as growth, pytest.raises(AdapterTooLarge):
+        while reader.read(1 << 20):
+            pass
+    assert reader.count == (3 << 20) + 1 and bomb.tell() == reader.count
+    assert growth["bytes"] < 64 << 20
+
+
+@pytest.mark.parametrize(
+    "archive, phrase",
+    [
+        (bomb_parts.tar_header("sparse", 0, tarfile.GNUTYPE_SPARSE), "sparse file"),
+        (lzma.compress(b"\0" * 1024), "bzip2 and xz archives are not accepted"),
+        (bomb_parts.tar_header("adapter/", 512, tarfile.DIRTYPE) + bytes(512), "a folder with data"),
+        (b"\x1f\x8b" + b"not gzip" * 100, "not a readable .tar.gz"),
+        (bomb_parts.tar_header("adapter_config.json", 4096, tarfile.REGTYPE) + b"{}", "ends early"),
+    ],
+    ids=["sparse", "xz", "folder-with-data", "bad-gzip", "truncated"],
+)
+def test_archives_tar_would_misread_are_refused(tmp_path, archive, phrase):
+    with pytest.raises(InvalidAdapter, match=phrase):
+        staged_tarball(tmp_path, archive)
+
+
+def test_a_pax_bomb_in_the_shared_store_is_refused_at_its_header(tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    first, _ = make_store(tmp_path / "one", f"file://{shared}")
+    digest = register(first, make_adapter(tmp_path / "source"))
+    (shared / f"adapters/{digest}.tar").write_bytes(bomb_parts.pax_bomb())
+    second, errors = make_store(tmp_path / "two", f"file://{shared}")
+    started = time.perf_counter()
+    with pytest.raises(InvalidAdapter, match="do not match their content hash"):
+        second.ensure_local(digest)
+    assert time.perf_counter() - started < 1.0 and errors.count == 1
+
+
+@pytest.mark.parametrize("entries, refused", [(64, False), (65, True)])
+def test_a_folder_registered_from_a_path_holds_at_most_64_entries(tmp_path, entries, refused):
+    source = make_adapter(tmp_path / "source")
+    for index in range(entries - 2):
+        (source / f"extra-{index}").mkdir()
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    with pytest.raises(InvalidAdapter, match="more than 64 entries" if refused else "'extra-0' is not a plain file"):
+        copy_folder(source, staging, 10_000_000)

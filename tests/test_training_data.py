@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 
 import pytest
@@ -96,6 +97,66 @@ def test_refusals_name_the_line(raw, message):
     with pytest.raises(InvalidTrainingFile) as refused:
         validate_training_file(raw)
     assert message in refused.value.message
+
+
+class EndlessLine:
+    """A binary stream of one line that never ends; counts the bytes it handed out."""
+
+    def __init__(self, prefix: bytes = b""):
+        self.pending = prefix
+        self.handed_out = 0
+
+    def readline(self, limit: int = -1) -> bytes:
+        assert limit > 0, "a line was asked for without a cap"
+        if b"\n" in self.pending[:limit]:
+            chunk, self.pending = self.pending.split(b"\n", 1)
+            chunk += b"\n"
+        else:
+            chunk, self.pending = (self.pending + b"a" * limit)[:limit], b""
+        self.handed_out += len(chunk)
+        return chunk
+
+
+def test_a_line_over_the_cap_is_refused_after_reading_the_cap():
+    stream = EndlessLine(lines(GOOD, GOOD))  # two good lines, then one that never ends
+    with pytest.raises(InvalidTrainingFile) as refused:
+        validate_training_file(stream, max_line_bytes=4096)
+    assert refused.value.message == (
+        "line 3 is over 4096 bytes; each example must fit in 4096 bytes (shorten it or split it into several examples)"
+    )
+    assert stream.handed_out <= len(lines(GOOD, GOOD)) + 4096 + 2
+
+
+def test_a_line_at_the_cap_is_accepted_and_its_line_ending_not_counted():
+    line = json.dumps({"prompt": "x", "completion": "y" * 100})
+    padded = line[:-1] + " " * (4096 - len(line)) + "}"  # JSON allows the spaces
+    assert len(padded.encode()) == 4096
+    summary = validate_training_file(lines(padded, PAIR).replace(b"\n", b"\r\n"), max_line_bytes=4096)
+    assert summary.examples == 2
+    with pytest.raises(InvalidTrainingFile, match="line 2 is over 4096 bytes"):
+        validate_training_file(lines(PAIR, padded[:-1] + " }"), max_line_bytes=4096)
+
+
+def test_nesting_is_bounded_before_json_parses_a_line():
+    deep = {"prompt": "a", "completion": "b", "x": json.loads("[" * 40 + "]" * 40)}
+    with pytest.raises(InvalidTrainingFile) as refused:
+        validate_training_file(lines(PAIR, deep))
+    assert refused.value.message.startswith("line 2 is nested 41 levels deep; at most 32 are accepted")
+    with pytest.raises(InvalidTrainingFile, match="line 1 is nested 100000 levels deep"):
+        validate_training_file(b"[" * 100_000 + b"]" * 100_000)
+
+
+def test_a_stream_is_validated_line_by_line_with_the_same_messages(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(codecs.BOM_UTF8 + lines(GOOD, PAIR))
+    with path.open("rb") as stream, pytest.raises(InvalidTrainingFile, match="line 2 is prompt/completion but line 1"):
+        validate_training_file(stream)
+    path.write_bytes(codecs.BOM_UTF8 + lines(GOOD, GOOD) + b'{"messages": "\xff"}\n')
+    with path.open("rb") as stream, pytest.raises(InvalidTrainingFile, match="line 3 is not UTF-8 text"):
+        validate_training_file(stream)
+    # A JSON string may hold U+2028 raw; it is not a line break in JSONL.
+    separator = json.dumps(chat(("user", "a\u2028b"), ("assistant", "c")), ensure_ascii=False)
+    assert validate_training_file(lines(separator, GOOD)).examples == 2
 
 
 def test_example_limit():
@@ -249,8 +310,13 @@ def test_lora_settings_given_are_kept_in_the_base_order(demo):
         ({"r": 4}, "r", "r 4 is not a rank the serving engine accepts; use one of 1, 8, 16"),
         ({"r": 32}, "r", "r 32 exceeds --max-lora-rank 16; use one of 1, 8, 16"),
         ({"r": "8"}, "r", "r must be a whole number"),
-        ({"lora_alpha": 0}, "lora_alpha", "lora_alpha is 0; it must be above 0"),
-        ({"lora_alpha": -2}, "lora_alpha", "must be above 0"),
+        ({"lora_alpha": 0}, "lora_alpha", "lora_alpha is 0; it must be a number above 0 and at most 80000 (10000 × r)"),
+        ({"lora_alpha": -2}, "lora_alpha", "must be a number above 0"),
+        ({"lora_alpha": float("nan")}, "lora_alpha", "lora_alpha is nan; it must be a number above 0"),
+        ({"lora_alpha": float("inf")}, "lora_alpha", "lora_alpha is inf; it must be"),
+        ({"lora_alpha": 1e308}, "lora_alpha", "lora_alpha is 1e+308; it must be a number above 0 and at most 80000"),
+        ({"r": 16, "lora_alpha": 160_001}, "lora_alpha", "at most 160000 (10000 × r)"),
+        ({"lora_alpha": "16"}, "lora_alpha", "lora_alpha is a string; it must be a number"),
         ({"lora_dropout": 1.0}, "lora_dropout", "lora_dropout is 1.0; it must be at least 0 and below 1"),
         ({"lora_dropout": -0.1}, "lora_dropout", "at least 0"),
         (

@@ -5,17 +5,23 @@ are learnt on their assistant turns only, rendered through the base model's chat
 that training sees exactly the tokens serving will. Prompt/completion lines are
 `{"prompt", "completion"}` and are learnt on the completion. Either way the end-of-sequence token
 that follows the answer is learnt too: that is how the tuned model knows to stop.
+
+A file is read as a stream, one line at a time, each line at most `max_line_bytes` long and its
+nesting bounded before json parses it: validating holds one line in memory, never the file.
 """
 
 from __future__ import annotations
 
+import codecs
+import io
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal
 
 from adapters.errors import InvalidTrainingFile
+from adapters.limits import MAX_JSON_DEPTH, json_depth
 
 CHAT = "chat"
 PROMPT_COMPLETION = "prompt_completion"
@@ -26,6 +32,8 @@ _FORMAT_NAMES = {CHAT: "chat", PROMPT_COMPLETION: "prompt/completion"}
 _MESSAGE_KEYS = {"role", "content", "weight", "name"}
 _UNSUPPORTED_CHAT_KEYS = {"tools", "functions", "parallel_tool_calls"}
 _MAX_ECHOED = 40
+# An example's text is a few KiB, and the longest context this gateway trains on is far below this.
+MAX_LINE_BYTES = 1024 * 1024
 
 Format = Literal["chat", "prompt_completion"]
 
@@ -61,11 +69,18 @@ class _Record:
     value: dict[str, Any]
 
 
-def validate_training_file(raw: bytes, *, max_examples: int | None = None) -> DatasetSummary:
-    """Check a JSONL training file; raise InvalidTrainingFile naming the first bad line."""
-    records = _parse(raw, max_examples)
-    learnt = characters = 0
-    for record in records:
+def validate_training_file(
+    source: bytes | BinaryIO, *, max_examples: int | None = None, max_line_bytes: int = MAX_LINE_BYTES
+) -> DatasetSummary:
+    """Check a JSONL training file (its bytes, or a binary stream read line by line); raise
+    InvalidTrainingFile naming the first bad line."""
+    stream = io.BytesIO(source) if isinstance(source, bytes | bytearray) else source
+    examples = learnt = characters = 0
+    first_format: Format = CHAT
+    for record in _records(stream, max_examples, max_line_bytes):
+        if not examples:
+            first_format = record.format
+        examples += 1
         if record.format == CHAT:
             messages = record.value["messages"]
             learnt += sum(_is_learnt(message) for message in messages)
@@ -73,9 +88,7 @@ def validate_training_file(raw: bytes, *, max_examples: int | None = None) -> Da
         else:
             learnt += 1
             characters += len(record.value["prompt"]) + len(record.value["completion"])
-    return DatasetSummary(
-        format=records[0].format, examples=len(records), assistant_messages=learnt, characters=characters
-    )
+    return DatasetSummary(format=first_format, examples=examples, assistant_messages=learnt, characters=characters)
 
 
 def load_examples(
@@ -94,17 +107,18 @@ def load_examples(
         raise ValueError("max_length must be at least 2")
     examples: list[TokenizedExample] = []
     dropped: list[int] = []
-    for record in _parse(Path(path).read_bytes(), None):
-        if record.format == CHAT:
-            input_ids, labels = _tokenize_chat(record, tokenizer)
-        else:
-            input_ids, labels = _tokenize_prompt_completion(record, tokenizer)
-        truncated = len(input_ids) > max_length
-        example = TokenizedExample(record.line, input_ids[:max_length], labels[:max_length], truncated)
-        if example.learnt_tokens == 0:
-            dropped.append(record.line)
-        else:
-            examples.append(example)
+    with open(path, "rb") as stream:
+        for record in _records(stream, None, MAX_LINE_BYTES):
+            if record.format == CHAT:
+                input_ids, labels = _tokenize_chat(record, tokenizer)
+            else:
+                input_ids, labels = _tokenize_prompt_completion(record, tokenizer)
+            truncated = len(input_ids) > max_length
+            example = TokenizedExample(record.line, input_ids[:max_length], labels[:max_length], truncated)
+            if example.learnt_tokens == 0:
+                dropped.append(record.line)
+            else:
+                examples.append(example)
     if dropped and warn is not None:
         shown = ", ".join(map(str, dropped[:10])) + (" ..." if len(dropped) > 10 else "")
         warn(
@@ -122,38 +136,58 @@ def load_examples(
 # -- parsing --------------------------------------------------------------------------------------
 
 
-def _parse(raw: bytes, max_examples: int | None) -> list[_Record]:
-    text = _decode(raw)
-    records: list[_Record] = []
-    for line_number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue  # blank lines, a trailing newline among them, are tolerated
-        record = _parse_line(line_number, line)
-        if records and record.format != records[0].format:
+def _records(stream: BinaryIO, max_examples: int | None, max_line_bytes: int) -> Iterator[_Record]:
+    """The file's examples, one line read at a time; blank lines, a trailing one among them, are skipped."""
+    first: _Record | None = None
+    count = 0
+    for line_number, raw in enumerate(_lines(stream, max_line_bytes), start=1):
+        if line_number == 1:
+            raw = raw.removeprefix(codecs.BOM_UTF8)
+        if not raw.strip():
+            continue
+        record = _parse_line(line_number, raw)
+        if first is None:
+            first = record
+        elif record.format != first.format:
             raise InvalidTrainingFile(
-                f"line {line_number} is {_FORMAT_NAMES[record.format]} but line {records[0].line} is "
-                f"{_FORMAT_NAMES[records[0].format]}; use one format per file"
+                f"line {line_number} is {_FORMAT_NAMES[record.format]} but line {first.line} is "
+                f"{_FORMAT_NAMES[first.format]}; use one format per file"
             )
-        records.append(record)
-        if max_examples is not None and len(records) > max_examples:
+        count += 1
+        if max_examples is not None and count > max_examples:
             raise InvalidTrainingFile(f"the file has more than {max_examples} examples; the limit is {max_examples}")
-    if not records:
+        yield record
+    if first is None:
         raise InvalidTrainingFile(
             'the file is empty; give one JSON object per line, {"messages": [...]} or {"prompt": ..., "completion": ...}'
         )
-    return records
 
 
-def _decode(raw: bytes) -> str:
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise InvalidTrainingFile(f"line {line} is not UTF-8 text; save the file as UTF-8") from None
+def _lines(stream: BinaryIO, max_line_bytes: int) -> Iterator[bytes]:
+    """Each line without its line ending; readline is asked for no more than one byte past the cap."""
+    line_number = 0
+    while raw := stream.readline(max_line_bytes + 2):  # the cap, then "\r\n"
+        line_number += 1
+        line = raw.removesuffix(b"\n").removesuffix(b"\r")
+        if len(line) > max_line_bytes:
+            raise InvalidTrainingFile(
+                f"line {line_number} is over {max_line_bytes} bytes; each example must fit in {max_line_bytes} bytes "
+                "(shorten it or split it into several examples)"
+            )
+        yield line
 
 
-def _parse_line(line_number: int, line: str) -> _Record:
+def _parse_line(line_number: int, raw: bytes) -> _Record:
     where = f"line {line_number}"
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidTrainingFile(f"{where} is not UTF-8 text; save the file as UTF-8") from None
+    if (depth := json_depth(raw)) > MAX_JSON_DEPTH:
+        raise InvalidTrainingFile(
+            f"{where} is nested {depth} levels deep; at most {MAX_JSON_DEPTH} are accepted "
+            '(an example nests 3: {"messages": [{"role", "content"}]})'
+        )
     try:
         value = json.loads(line)
     except json.JSONDecodeError as exc:

@@ -7,7 +7,6 @@ the engine does not take, or a target module the base does not have.
 from __future__ import annotations
 
 import json
-import math
 import re
 import struct
 from dataclasses import asdict, dataclass
@@ -16,6 +15,7 @@ from typing import Any
 
 from adapters.base_model import BaseModelInfo
 from adapters.errors import InvalidTrainingSettings
+from adapters.limits import lora_alpha_problem
 
 DEFAULT_RANK = 8
 DEFAULT_ALPHA = 16
@@ -23,7 +23,7 @@ DEFAULT_ALPHA = 16
 ENGINE_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 FIELDS = ("r", "lora_alpha", "target_modules", "lora_dropout")
 
-_LAYER_WEIGHT = re.compile(r"\.layers\.\d+\.(?:self_attn|mlp)\.(\w+)\.weight$")
+_LAYER_WEIGHT = re.compile(r"\.layers\.\d+\.(?:self_attn|mlp)\.(\w+)\.weight\Z", re.ASCII)
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 
@@ -68,9 +68,10 @@ def resolve_lora_settings(requested: dict[str, Any] | None, base_model_dir: Path
             f"unknown LoRA setting '{unknown[0]}'; the settings are {', '.join(FIELDS)}", param=unknown[0]
         )
     available = base_target_modules(base_model_dir)
+    rank = _rank(requested.get("r"), max_lora_rank)
     return LoraSettings(
-        r=_rank(requested.get("r"), max_lora_rank),
-        lora_alpha=_alpha(requested.get("lora_alpha")),
+        r=rank,
+        lora_alpha=_alpha(requested.get("lora_alpha"), rank),
         target_modules=_targets(requested.get("target_modules"), available),
         lora_dropout=_dropout(requested.get("lora_dropout")),
     )
@@ -97,13 +98,12 @@ def _rank(value: Any, max_lora_rank: int) -> int:
     return value
 
 
-def _alpha(value: Any) -> float:
+def _alpha(value: Any, rank: int) -> float:
     if value is None:
         return DEFAULT_ALPHA
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise InvalidTrainingSettings("lora_alpha must be a number", param="lora_alpha")
-    if value <= 0:
-        raise InvalidTrainingSettings(f"lora_alpha is {value}; it must be above 0", param="lora_alpha")
+    # The bound serving applies (adapters/limits.py): a job must not train what it cannot serve.
+    if problem := lora_alpha_problem(value, rank):
+        raise InvalidTrainingSettings(problem, param="lora_alpha")
     return value
 
 

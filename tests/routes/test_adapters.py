@@ -66,7 +66,7 @@ async def test_bad_adapters_are_refused_and_leave_nothing(full, tmp_path, case):
 
 async def test_invalid_names_are_refused(full, tmp_path):
     source = make_adapter(tmp_path / "src")
-    for name in ["../etc", "a/b", "", "x" * 65, "base", "-lead", "sp ace"]:
+    for name in ["../etc", "a/b", "", "x" * 65, "base", "-lead", "sp ace", "ends-in-newline\n"]:
         response = await full.client.post("/v1/adapters", json={"name": name, "path": str(source)}, headers=full.admin)
         assert response.status_code == 400, name
     assert full.registry.entries() == []
