@@ -32,7 +32,7 @@ from server.http.tenancy import RateLimited, Tenants
 
 VALIDATING = "validating_files"
 MAX_METADATA_PAIRS = 16
-SUFFIX_PATTERN = re.compile(r"^[A-Za-z0-9._-]+$")
+SUFFIX_PATTERN = re.compile(r"[A-Za-z0-9._-]+")
 
 
 class JobNotFound(GatewayError):
@@ -174,7 +174,7 @@ class FineTuningJobs:
                 raise InvalidRequest(f"file {row.id} was not uploaded with purpose=fine-tune", param=param)
         self._check_metadata(body.metadata)
         job_id = f"ftjob-{uuid.uuid4().hex[:24]}"
-        if body.suffix is not None and not SUFFIX_PATTERN.match(body.suffix):
+        if body.suffix is not None and not SUFFIX_PATTERN.fullmatch(body.suffix):
             raise InvalidRequest("suffix takes letters, digits, '.', '_' and '-'", param="suffix")
         name = fine_tuned_name(base, body.suffix, job_id)
         if not NAME_PATTERN.match(name):
