@@ -181,7 +181,7 @@ def _validation_error(exc: RequestValidationError | ValidationError) -> InvalidR
         return InvalidRequest(f"'{param}' is required", param=param)
     if kind == "extra_forbidden" and param:
         return UnsupportedParameter(param)
-    detail = first.get("msg", "invalid value")
+    detail = first.get("msg", "invalid value").removeprefix("Value error, ")  # pydantic prefixes our own
     return InvalidRequest(f"invalid value for '{param}': {detail}" if param else detail, param=param)
 
 
