@@ -158,6 +158,11 @@ async def register_adapter(
     request: Request, registry: RegistryDep, tenants: TenantsDep, principal: PrincipalDep
 ) -> JSONResponse:
     """Register (or replace) an adapter: JSON {name, path} for the admin, JSON {name, compose}, or an upload."""
+    with tenants.admitted(principal.tenant):  # a tenant's rate and concurrency first: then read, convert, store
+        return await _register(request, registry, tenants, principal)
+
+
+async def _register(request: Request, registry: Registry, tenants: Tenants, principal: Principal) -> JSONResponse:
     content_type = request.headers.get("content-type", "")
     if content_type.startswith("multipart/form-data"):
         entry = await _register_upload(request, registry, tenants, principal)

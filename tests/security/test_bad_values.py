@@ -44,6 +44,14 @@ async def test_min_tokens_above_max_tokens_is_400(gw, route):
     assert gw.engine.generated == []
 
 
+async def test_min_tokens_above_the_room_chat_leaves_is_400(gw):
+    # without max_tokens, chat may use the room the context leaves (64 tokens in all here)
+    response = await post(gw, "chat", chat(max_tokens=None, min_tokens=100))
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == "min_tokens"
+    assert (await post(gw, "chat", chat(max_tokens=None, min_tokens=3))).status_code == 200
+
+
 @pytest.mark.parametrize("route", OPENAI)
 async def test_several_choices_need_sampling(gw, route):
     # vLLM refuses n > 1 with greedy decoding, with an error the gateway used to turn into a 500
