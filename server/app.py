@@ -97,7 +97,15 @@ def build_app(
     app.state.registry = registry
     app.state.keyring = keyring
     app.state.tenants = tenant_book
-    app.state.generator = Generator(engine, registry, tenant_book, settings.adapter_dir, settings.max_in_flight)
+    app.state.generator = Generator(
+        engine,
+        registry,
+        tenant_book,
+        settings.adapter_dir,
+        settings.max_in_flight,
+        max_sequences=settings.max_sequences_per_request,
+        max_prompt_chars=settings.max_prompt_chars,
+    )
     app.state.ready = False
     app.state.metrics = metrics or GatewayMetrics(registry.base_name, settings.metrics_adapter_labels)
     app.state.metrics.watch(registry)

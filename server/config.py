@@ -160,14 +160,31 @@ class Settings(BaseSettings):
     max_adapter_bytes: int = Field(
         512 * 1024 * 1024, ge=1024, description="largest adapter accepted, in bytes (files together)"
     )
-    tenant_max_concurrent: int = Field(16, ge=1, description="default: requests one tenant may have running")
+    tenant_max_concurrent: int = Field(
+        16, ge=1, description="default: requests one tenant may have running, each sequence (prompts × n) counting once"
+    )
     tenant_requests_per_second: float = Field(20.0, gt=0, description="default: requests per second per tenant")
     tenant_max_adapters: int = Field(100, ge=1, description="default: adapters one tenant may register")
     metrics_adapter_labels: int = Field(
         50, ge=0, description="adapters that get their own metrics label; the rest share 'other'"
     )
     max_in_flight: int = Field(
-        256, ge=1, description="generation requests in flight at once; beyond it new ones get 503 + Retry-After"
+        256,
+        ge=1,
+        description="generation sequences in flight at once (a request counts once per sequence: prompts × n); "
+        "beyond it new requests get 503 + Retry-After",
+    )
+    max_sequences_per_request: int = Field(
+        64,
+        ge=1,
+        description="sequences one generation request may ask for (prompts × n); more is a 400 before any work. "
+        "Each sequence also counts as one request against its tenant's concurrency and --max-in-flight",
+    )
+    max_prompt_chars: int | None = Field(
+        None,
+        ge=1,
+        description="longest prompt, in characters, read before tokenizing (a chat: its messages together); "
+        "longer is a 400 (default: 32 per token of the context, 131072 for 4096 tokens)",
     )
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="largest JSON request body, in bytes")
     drain_seconds: float = Field(30.0, ge=0, description="on SIGTERM, how long requests in flight may take to finish")

@@ -21,6 +21,14 @@ from server.engine.protocol import (
 )
 
 
+def _on_event_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
 def fake_spec(name: str, rank: int = 8) -> AdapterSpec:
     return AdapterSpec(Path("/nowhere") / name, rank, ("q_proj", "v_proj"), 1234, f"hash-{name}")
 
@@ -45,6 +53,7 @@ class FakeEngine:
         self.healthy = True
         self.generated: list[tuple[str, list[int], SamplingOptions, AdapterHandle | None]] = []
         self.added: list[int] = []
+        self.tokenized: list[tuple[str, bool]] = []  # (text, whether on the event loop) of each encode
         self.removed: list[int] = []
         self.refuse_paths: set[str] = set()
         self.refuse_all = False
@@ -61,6 +70,7 @@ class FakeEngine:
         return self.healthy
 
     def encode(self, text: str) -> list[int]:
+        self.tokenized.append((text, _on_event_loop()))
         return [1] + [b % 255 + 2 for b in text.encode()]
 
     def token_texts(self, token_ids: Sequence[int], context: Sequence[int] = ()) -> list[str]:

@@ -27,6 +27,7 @@ from server.http.deps import AdminDep, PrincipalDep, RegistryDep, TenantsDep
 from server.http.errors import GatewayError, InvalidRequest, ModelNotFound
 from server.http.responses import JSONResponse
 from server.http.tenancy import RateLimited, Tenants
+from server.openai.protocol import ModelName
 
 router = APIRouter()
 
@@ -69,9 +70,9 @@ class ComposeSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    adapters: list[str] = Field(min_length=1, max_length=MAX_INPUTS)
+    adapters: list[ModelName] = Field(min_length=1, max_length=MAX_INPUTS)
     weights: list[float] | None = Field(None, description="one per adapter; 1.0 each when left out")
-    method: str = Field("cat", description="cat, svd, linear, ties, dare_linear or dare_ties")
+    method: str = Field("cat", max_length=32, description="cat, svd, linear, ties, dare_linear or dare_ties")
     rank: int | None = Field(None, description="svd: the result's rank")
     density: float | None = Field(None, description="ties, dare_*: the share of values kept")
     majority_sign_method: str | None = Field(None, description="ties, dare_ties: total or frequency")
@@ -157,6 +158,11 @@ async def register_adapter(
     request: Request, registry: RegistryDep, tenants: TenantsDep, principal: PrincipalDep
 ) -> JSONResponse:
     """Register (or replace) an adapter: JSON {name, path} for the admin, JSON {name, compose}, or an upload."""
+    with tenants.admitted(principal.tenant):  # a tenant's rate and concurrency first: then read, convert, store
+        return await _register(request, registry, tenants, principal)
+
+
+async def _register(request: Request, registry: Registry, tenants: Tenants, principal: Principal) -> JSONResponse:
     content_type = request.headers.get("content-type", "")
     if content_type.startswith("multipart/form-data"):
         entry = await _register_upload(request, registry, tenants, principal)

@@ -93,27 +93,28 @@ class VllmEngine(Tokenizing):
         options: SamplingOptions,
         adapter: AdapterHandle | None,
     ) -> AsyncIterator[GenerationStep]:
-        params = SamplingParams(
-            n=options.n,
-            temperature=options.temperature,
-            top_p=options.top_p,
-            seed=options.seed,
-            stop=list(options.stop) or None,
-            presence_penalty=options.presence_penalty,
-            frequency_penalty=options.frequency_penalty,
-            max_tokens=options.max_tokens,
-            logprobs=options.logprobs,
-            min_tokens=options.min_tokens,
-            ignore_eos=options.ignore_eos,
-            top_k=options.top_k,
-            repetition_penalty=options.repetition_penalty,
-            prompt_logprobs=0 if options.prompt_logprobs else None,
-            include_stop_str_in_output=options.include_stop_str,
-            output_kind=RequestOutputKind.DELTA if options.stream else RequestOutputKind.FINAL_ONLY,
-        )
         lora = LoRARequest(adapter.name, adapter.adapter_id, adapter.path) if adapter is not None else None
         want_logprobs = options.logprobs is not None
         try:
+            # vLLM checks the values here (VLLMValidationError, a client error): one it refuses is a 400.
+            params = SamplingParams(
+                n=options.n,
+                temperature=options.temperature,
+                top_p=options.top_p,
+                seed=options.seed,
+                stop=list(options.stop) or None,
+                presence_penalty=options.presence_penalty,
+                frequency_penalty=options.frequency_penalty,
+                max_tokens=options.max_tokens,
+                logprobs=options.logprobs,
+                min_tokens=options.min_tokens,
+                ignore_eos=options.ignore_eos,
+                top_k=options.top_k,
+                repetition_penalty=options.repetition_penalty,
+                prompt_logprobs=0 if options.prompt_logprobs else None,
+                include_stop_str_in_output=options.include_stop_str,
+                output_kind=RequestOutputKind.DELTA if options.stream else RequestOutputKind.FINAL_ONLY,
+            )
             async for output in self._llm.generate(
                 tokens_input(prompt_token_ids), params, request_id, lora_request=lora
             ):

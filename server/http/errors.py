@@ -56,6 +56,22 @@ class ContextLengthExceeded(InvalidRequest):
     code = "context_length_exceeded"
 
 
+class TooManySequences(InvalidRequest):
+    """A request asks for more sequences (prompts × n) than one request, or its tenant, may ever run."""
+
+    code = "too_many_sequences"
+
+
+class PromptTooLong(ContextLengthExceeded):
+    """A prompt over --max-prompt-chars, refused before it is tokenized."""
+
+    def __init__(self, chars: int, limit: int, param: str):
+        super().__init__(
+            f"the prompt is {chars} characters; this server reads at most {limit} (--max-prompt-chars); shorten it",
+            param=param,
+        )
+
+
 class ModelNotFound(GatewayError):
     """Unknown model, or one the caller may not use: the two must look the same."""
 
@@ -181,7 +197,7 @@ def _validation_error(exc: RequestValidationError | ValidationError) -> InvalidR
         return InvalidRequest(f"'{param}' is required", param=param)
     if kind == "extra_forbidden" and param:
         return UnsupportedParameter(param)
-    detail = first.get("msg", "invalid value")
+    detail = first.get("msg", "invalid value").removeprefix("Value error, ")  # pydantic prefixes our own
     return InvalidRequest(f"invalid value for '{param}': {detail}" if param else detail, param=param)
 
 

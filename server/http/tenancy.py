@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 
 from adapters.database import Database, KeyRow
-from server.http.errors import GatewayError, InvalidRequest
+from server.http.errors import GatewayError, InvalidRequest, TooManySequences
 
 TENANT_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-_")
 
@@ -146,23 +147,44 @@ class Tenants:
         usage = self._usage.get(name)
         return usage.in_flight if usage else 0
 
-    def admit(self, name: str) -> Callable[[], None]:
-        """Count one request against the tenant's limits; returns what gives it back."""
+    def admit(self, name: str, units: int = 1) -> Callable[[], None]:
+        """Count a request against the tenant's rate and `units` against its concurrency (a
+        generation takes one per sequence); returns what gives them back."""
         limits = self.limits(name)
+        if units > limits.max_concurrent:
+            raise TooManySequences(
+                f"this request asks for {units} sequences; this key's tenant may run at most "
+                f"{limits.max_concurrent} at once: lower n, or send fewer prompts",
+                param="n",
+            )
         usage = self._usage.setdefault(name, _Usage(tokens=max(1.0, limits.requests_per_second)))
         now = time.monotonic()
         burst = max(1.0, limits.requests_per_second)
         usage.tokens = min(burst, usage.tokens + (now - usage.refilled_at) * limits.requests_per_second)
         usage.refilled_at = now
-        if usage.in_flight >= limits.max_concurrent:
-            raise RateLimited(f"at most {limits.max_concurrent} requests at once for this key's tenant", 1)
+        if usage.in_flight + units > limits.max_concurrent:
+            raise RateLimited(
+                f"at most {limits.max_concurrent} requests at once for this key's tenant, each sequence "
+                f"(prompts × n) counting as one: {usage.in_flight} running, this one needs {units}",
+                1,
+            )
         if usage.tokens < 1.0:
             wait = (1.0 - usage.tokens) / limits.requests_per_second
             raise RateLimited(f"at most {limits.requests_per_second:g} requests per second for this key's tenant", wait)
         usage.tokens -= 1.0
-        usage.in_flight += 1
+        usage.in_flight += units
 
         def release() -> None:  # called once, by the generator's admission
-            usage.in_flight -= 1
+            usage.in_flight -= units
 
         return release
+
+    @contextmanager
+    def admitted(self, name: str | None) -> Iterator[None]:
+        """One request of tenant `name` (none: the admin's, not limited), counted while the block runs."""
+        release = self.admit(name) if name is not None else None
+        try:
+            yield
+        finally:
+            if release is not None:
+                release()

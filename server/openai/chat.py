@@ -23,28 +23,32 @@ async def create_chat_completion(
     request: Request, body: ChatCompletionRequest, generator: GeneratorDep, principal: PrincipalDep, record: RecordDep
 ) -> Response:
     record.endpoint, record.model = "chat", body.model
-    entry = await generator.resolve(body.model, principal)
-    try:
-        prompt = generator.engine.render_chat([m.as_template_input() for m in body.messages])
-    except Exception as exc:  # the template is the model's code: any failure is the input's
-        raise InvalidRequest(f"the chat template rejected these messages: {exc}", param="messages") from None
-    max_tokens = generator.check_fits(prompt, body.requested_max_tokens, "messages")
-    options = SamplingOptions(
-        max_tokens=max_tokens,
-        temperature=body.temperature,
-        top_p=body.top_p,
-        n=body.n,
-        stop=body.stop_sequences,
-        seed=body.seed,
-        presence_penalty=body.presence_penalty,
-        frequency_penalty=body.frequency_penalty,
-        logprobs=(body.top_logprobs or 0) if body.logprobs else None,
-        stream=body.stream,
-        min_tokens=body.min_tokens,
-        ignore_eos=body.ignore_eos,
-    )
-    admission = generator.admit(entry, principal)
-    job = Job(new_request_id("chatcmpl"), body.model, [prompt], options, record, admission, body.return_token_ids)
+    sequences = generator.check_sequences(1, body.n)
+    messages = [m.as_template_input() for m in body.messages]
+    generator.check_chat_size(messages)
+    admission = generator.admit(principal, sequences)
+    with admission.released_on_error():
+        admission.entry = await generator.resolve(body.model, principal)
+        try:
+            prompt = await generator.render_chat(messages)
+        except Exception as exc:  # the template is the model's code: any failure is the input's
+            raise InvalidRequest(f"the chat template rejected these messages: {exc}", param="messages") from None
+        max_tokens = generator.check_fits(prompt, body.requested_max_tokens, "messages", body.min_tokens)
+        options = SamplingOptions(
+            max_tokens=max_tokens,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            n=body.n,
+            stop=body.stop_sequences,
+            seed=body.seed,
+            presence_penalty=body.presence_penalty,
+            frequency_penalty=body.frequency_penalty,
+            logprobs=(body.top_logprobs or 0) if body.logprobs else None,
+            stream=body.stream,
+            min_tokens=body.min_tokens,
+            ignore_eos=body.ignore_eos,
+        )
+        job = Job(new_request_id("chatcmpl"), body.model, [prompt], options, record, admission, body.return_token_ids)
     top = body.top_logprobs or 0
     if body.stream:
         return sse_response(_stream(generator, job, body.include_usage, top), admission.release)

@@ -22,32 +22,29 @@ async def create_completion(
     request: Request, body: CompletionRequest, generator: GeneratorDep, principal: PrincipalDep, record: RecordDep
 ) -> Response:
     record.endpoint, record.model = "completions", body.model
-    entry = await generator.resolve(body.model, principal)
-    prompts = []
-    for prompt in body.prompts():
-        if isinstance(prompt, str):
-            ids = generator.engine.encode(prompt)
-        else:  # only ids the caller gave can be out of the vocabulary; the tokenizer's cannot
-            ids = prompt
-            generator.check_token_ids(ids)
-        generator.check_fits(ids, body.max_tokens, "prompt")
-        prompts.append(ids)
-    options = SamplingOptions(
-        max_tokens=body.max_tokens,
-        temperature=body.temperature,
-        top_p=body.top_p,
-        n=body.n,
-        stop=body.stop_sequences,
-        seed=body.seed,
-        presence_penalty=body.presence_penalty,
-        frequency_penalty=body.frequency_penalty,
-        logprobs=body.logprobs,
-        stream=body.stream,
-        min_tokens=body.min_tokens,
-        ignore_eos=body.ignore_eos,
-    )
-    admission = generator.admit(entry, principal)
-    job = Job(new_request_id("cmpl"), body.model, prompts, options, record, admission, body.return_token_ids)
+    prompts = body.prompts()
+    sequences = generator.check_sequences(len(prompts), body.n)
+    texts = [prompt for prompt in prompts if isinstance(prompt, str)]
+    generator.check_prompt_chars(max(map(len, texts), default=0), "prompt")
+    admission = generator.admit(principal, sequences)
+    with admission.released_on_error():
+        admission.entry = await generator.resolve(body.model, principal)
+        prompt_ids = await generator.prompt_ids(prompts, body.max_tokens)
+        options = SamplingOptions(
+            max_tokens=body.max_tokens,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            n=body.n,
+            stop=body.stop_sequences,
+            seed=body.seed,
+            presence_penalty=body.presence_penalty,
+            frequency_penalty=body.frequency_penalty,
+            logprobs=body.logprobs,
+            stream=body.stream,
+            min_tokens=body.min_tokens,
+            ignore_eos=body.ignore_eos,
+        )
+        job = Job(new_request_id("cmpl"), body.model, prompt_ids, options, record, admission, body.return_token_ids)
     if body.stream:
         return sse_response(_stream(generator, job, body.include_usage), admission.release)
     outcome = await unless_disconnected(request, generator.complete(job))

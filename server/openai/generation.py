@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, Request
 
@@ -26,11 +27,26 @@ from server.engine.protocol import (
     TokenLogprob,
 )
 from server.http.auth import Principal
-from server.http.errors import ContextLengthExceeded, EngineUnavailable, InvalidRequest, Overloaded
+from server.http.errors import (
+    ContextLengthExceeded,
+    EngineUnavailable,
+    InvalidRequest,
+    Overloaded,
+    PromptTooLong,
+    TooManySequences,
+)
 from server.http.observe import RequestRecord
 from server.http.tenancy import Tenants
 
 ENGINE_DEAD_MESSAGE = "the inference engine has stopped; retry against another replica"
+# --max-prompt-chars by default: a prompt that fills the context at this many characters a token
+# (English averages about four) is longer than any that could fit it.
+PROMPT_CHARS_PER_TOKEN = 32
+TOKENIZER_THREADS = 2
+# Shorter texts are tokenized on the event loop: a thread hop costs more than tokenizing them.
+INLINE_TOKENIZE_CHARS = 256
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -53,10 +69,21 @@ class Job:
 
 @dataclass
 class Admission:
-    """A request let in: the adapter it runs through, and how to give back its tenant's slot."""
+    """A request let in: its sequences, counted against its tenant and the gateway, how to give them
+    back, and (once resolved) the adapter it runs through."""
 
-    entry: AdapterEntry
+    sequences: int
     release: Callable[[], None]
+    entry: AdapterEntry | None = None
+
+    @contextmanager
+    def released_on_error(self) -> Iterator[None]:
+        """Give the sequences back if preparing the request fails; once it runs, its job does."""
+        try:
+            yield
+        except BaseException:
+            self.release()
+            raise
 
 
 @dataclass
@@ -104,14 +131,20 @@ class Generator:
         tenants: Tenants | None = None,
         adapter_dir: Path | None = None,
         max_in_flight: int = 256,
+        *,
+        max_sequences: int = 64,
+        max_prompt_chars: int | None = None,
     ):
         self.engine = engine
         self.registry = registry
         self.tenants = tenants
         self.adapter_dir = adapter_dir
         self.max_in_flight = max_in_flight
-        self.in_flight = 0
+        self.max_sequences = max_sequences
+        self.max_prompt_chars = max_prompt_chars or engine.max_model_len * PROMPT_CHARS_PER_TOKEN
+        self.in_flight = 0  # sequences, not requests
         self._first_use: dict[str, asyncio.Lock] = {}
+        self._tokenizer_slots = asyncio.Semaphore(TOKENIZER_THREADS)
 
     async def resolve(self, model: str, principal: Principal) -> AdapterEntry:
         """The adapter `model` names for this caller: 404 (or 503) before anything starts."""
@@ -125,29 +158,107 @@ class Generator:
                 raise
             return entry
 
-    def admit(self, entry: AdapterEntry, principal: Principal) -> Admission:
-        """Count the request against the gateway's bound (503) and its tenant's limits (429)."""
-        if self.in_flight >= self.max_in_flight:
+    def check_sequences(self, prompts: int, n: int) -> int:
+        """The sequences a request fans out to (prompts × n); 400 past --max-sequences-per-request."""
+        sequences = prompts * n
+        if sequences > self.max_sequences:
+            raise TooManySequences(
+                f"this request asks for {sequences} sequences ({prompts} prompt{'s' * (prompts != 1)} × n {n}); "
+                f"one request may ask for at most {self.max_sequences} (--max-sequences-per-request): "
+                "send fewer prompts or a lower n",
+                param="n" if n > 1 else "prompt",
+            )
+        return sequences
+
+    def check_prompt_chars(self, chars: int, param: str) -> None:
+        """400 for a prompt over --max-prompt-chars, before anything tokenizes it."""
+        if chars > self.max_prompt_chars:
+            raise PromptTooLong(chars, self.max_prompt_chars, param)
+
+    def check_chat_size(self, messages: list[dict[str, Any]]) -> None:
+        """400 for a chat whose contents are over --max-prompt-chars, or with more messages than the
+        context has tokens (each renders to one at least)."""
+        self.check_prompt_chars(sum(len(message["content"]) for message in messages), "messages")
+        limit = self.engine.max_model_len
+        if len(messages) > limit:
+            raise ContextLengthExceeded(
+                f"{len(messages)} messages cannot fit this model's context of {limit} tokens", param="messages"
+            )
+
+    def admit(self, principal: Principal, sequences: int = 1) -> Admission:
+        """Count the request's sequences against the gateway's bound (503) and its tenant's limits (429).
+
+        Every request comes here before any work on it, whether its model exists or not.
+        """
+        if sequences > self.max_in_flight:
+            raise TooManySequences(
+                f"this request asks for {sequences} sequences; this gateway runs at most {self.max_in_flight} "
+                "at once (--max-in-flight): lower n, or send fewer prompts",
+                param="n",
+            )
+        if self.in_flight + sequences > self.max_in_flight:
             raise Overloaded(
-                f"the gateway is at its limit of {self.max_in_flight} requests in flight; retry shortly",
+                f"the gateway is at its limit of {self.max_in_flight} sequences in flight; retry shortly",
                 headers={"Retry-After": "1"},
             )
-        tenant_release = self.tenants.admit(principal.tenant) if self.tenants and principal.tenant else _nothing
-        self.in_flight += 1
+        tenant_release = (
+            self.tenants.admit(principal.tenant, sequences) if self.tenants and principal.tenant else _nothing
+        )
+        self.in_flight += sequences
         released = False
 
         def release() -> None:
             nonlocal released
             if not released:
                 released = True
-                self.in_flight -= 1
+                self.in_flight -= sequences
                 tenant_release()
 
-        return Admission(entry, release)
+        return Admission(sequences, release)
+
+    async def encode(self, texts: Sequence[str]) -> list[list[int]]:
+        """Each text's token ids, tokenized off the event loop."""
+        return await self._tokenizing(lambda: [self.engine.encode(text) for text in texts], sum(map(len, texts)))
+
+    async def prompt_ids(self, prompts: list[str | list[int]], max_tokens: int) -> list[list[int]]:
+        """Completions' prompts as token ids, each checked to fit the context with max_tokens."""
+        encoded = iter(await self.encode([prompt for prompt in prompts if isinstance(prompt, str)]))
+        batch = []
+        for prompt in prompts:
+            ids = next(encoded) if isinstance(prompt, str) else prompt
+            self.check_fits(ids, max_tokens, "prompt")
+            if not isinstance(prompt, str):  # only ids the caller gave can be out of the vocabulary
+                self.check_token_ids(ids)
+            batch.append(ids)
+        return batch
+
+    async def render_chat(self, messages: list[dict[str, Any]]) -> list[int]:
+        """The chat template's prompt for `messages`, rendered and tokenized off the event loop."""
+        chars = sum(len(message["content"]) for message in messages)
+        return await self._tokenizing(lambda: self.engine.render_chat(messages), chars)
+
+    async def _tokenizing(self, work: Callable[[], T], chars: int) -> T:
+        if chars <= INLINE_TOKENIZE_CHARS:
+            return work()
+        # The slot is held until the thread ends, even when the request is cancelled meanwhile, so
+        # that clients which leave cannot pile up tokenizer threads.
+        await self._tokenizer_slots.acquire()
+        try:
+            future = asyncio.get_running_loop().run_in_executor(None, work)
+        except BaseException:
+            self._tokenizer_slots.release()
+            raise
+        future.add_done_callback(self._tokenizer_done)
+        return await asyncio.shield(future)
+
+    def _tokenizer_done(self, future: asyncio.Future) -> None:
+        self._tokenizer_slots.release()
+        if not future.cancelled():
+            future.exception()  # retrieved here when the request that waited for it has left
 
     async def _register_from_adapter_dir(self, model: str) -> AdapterEntry | None:
         """Like vLLM's filesystem resolver: a shared adapter from --adapter-dir, on first use."""
-        if self.adapter_dir is None or not NAME_PATTERN.match(model) or model == self.registry.base_name:
+        if self.adapter_dir is None or not NAME_PATTERN.fullmatch(model) or model == self.registry.base_name:
             return None
         folder = self.adapter_dir / model
         if not folder.is_dir():
@@ -164,8 +275,8 @@ class Generator:
         self._first_use.pop(model, None)
         return entry
 
-    def check_fits(self, prompt_ids: list[int], max_tokens: int | None, prompt_param: str) -> int:
-        """The max_tokens to use; 400 when prompt plus max_tokens exceed the context."""
+    def check_fits(self, prompt_ids: list[int], max_tokens: int | None, prompt_param: str, min_tokens: int = 0) -> int:
+        """The max_tokens to use; 400 when prompt plus max_tokens exceed the context, or min_tokens the room."""
         limit = self.engine.max_model_len
         if len(prompt_ids) >= limit:
             raise ContextLengthExceeded(
@@ -174,6 +285,12 @@ class Generator:
             )
         room = limit - len(prompt_ids)
         if max_tokens is None:
+            if min_tokens > room:
+                raise InvalidRequest(
+                    f"min_tokens ({min_tokens}) exceeds the {room} tokens this model's context of {limit} leaves "
+                    f"after the prompt ({len(prompt_ids)} tokens); lower min_tokens to {room} or less",
+                    param="min_tokens",
+                )
             return room
         if max_tokens > room:
             raise ContextLengthExceeded(
@@ -212,7 +329,7 @@ class Generator:
 
     async def _steps(self, job: Job) -> AsyncIterator[tuple[int, GenerationStep]]:
         try:
-            async with self.registry.lease(job.admission.entry) as adapter:
+            async with self.registry.lease(job.admission.entry) as adapter:  # type: ignore[arg-type]
                 if len(job.prompts) == 1:
                     steps = _single(self.engine.generate(job.request_id, job.prompts[0], job.options, adapter))
                 else:

@@ -1,7 +1,7 @@
 """OpenAI request models. Responses are built as plain dicts in the routes and serialised by orjson.
 
 Unknown parameters are refused (400 `unsupported_parameter`), never dropped, except that an
-explicit `null` means "not given", as the OpenAI API treats it.
+explicit `null` means "not given", on every field, as the OpenAI API and vLLM treat it.
 """
 
 from __future__ import annotations
@@ -10,16 +10,22 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from server.http.errors import InvalidRequest
+
 MAX_N = 16
 MAX_STOP = 4
 MAX_LOGPROBS = 5
 MAX_TOP_LOGPROBS = 20
+MAX_NAME_CHARS = 256  # model and adapter names; the catalog's are far shorter
+INT64 = (-(2**63), 2**63 - 1)  # seeds, as vLLM's server bounds them (torch.long)
+GREEDY_BELOW = 1e-5  # vLLM decodes greedily below this temperature, and then refuses n > 1
 
 Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
 TopP = Annotated[float, Field(gt=0.0, le=1.0)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 MaxTokens = Annotated[int, Field(ge=1)]
 NonEmptyText = Annotated[str, Field(min_length=1)]
+ModelName = Annotated[str, Field(min_length=1, max_length=MAX_NAME_CHARS)]
 
 
 class _Request(BaseModel):
@@ -29,18 +35,16 @@ class _Request(BaseModel):
     @classmethod
     def _null_means_absent(cls, data: Any) -> Any:
         if isinstance(data, dict):
-            return {key: value for key, value in data.items() if value is not None or key in cls.model_fields}
+            return {key: value for key, value in data.items() if value is not None}
         return data
 
 
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class StreamOptions(_Request):
     include_usage: bool = False
 
 
 class _Sampling(_Request):
-    model: NonEmptyText
+    model: ModelName
     temperature: Temperature = 1.0
     top_p: TopP = 1.0
     n: int = Field(1, ge=1, le=MAX_N)
@@ -64,6 +68,33 @@ class _Sampling(_Request):
         if isinstance(stop, str) and not stop:
             raise ValueError("a stop sequence must not be empty")
         return stop
+
+    @field_validator("seed")
+    @classmethod
+    def _seed_is_int64(cls, seed: int | None) -> int | None:
+        if seed is not None and not INT64[0] <= seed <= INT64[1]:
+            raise ValueError(f"seed must be a 64-bit signed integer, from {INT64[0]} to {INT64[1]}")
+        return seed
+
+    @model_validator(mode="after")
+    def _engine_can_honour(self) -> Any:
+        max_tokens = self.requested_max_tokens
+        if max_tokens is not None and self.min_tokens > max_tokens:
+            raise InvalidRequest(
+                f"min_tokens ({self.min_tokens}) exceeds max_tokens ({max_tokens}); lower min_tokens",
+                param="min_tokens",
+            )
+        if self.n > 1 and self.temperature < GREEDY_BELOW:
+            raise InvalidRequest(
+                f"n is {self.n} with temperature {self.temperature:g}, which decodes greedily: every choice would "
+                "be the same; raise temperature above 0, or ask for n 1",
+                param="n",
+            )
+        return self
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return None
 
     @field_validator("stream_options")
     @classmethod
@@ -95,6 +126,10 @@ class CompletionRequest(_Sampling):
     max_tokens: MaxTokens = 16
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
+    @property
+    def requested_max_tokens(self) -> int:
+        return self.max_tokens
+
     def prompts(self) -> list[str | list[int]]:
         """The prompt as a batch: strings to encode, or token ids as given."""
         prompt = self.prompt
@@ -105,16 +140,12 @@ class CompletionRequest(_Sampling):
         return list(prompt)  # type: ignore[arg-type]
 
 
-class TextPart(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class TextPart(_Request):
     type: Literal["text"]
     text: str
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart]
     name: str | None = Field(None, max_length=64)

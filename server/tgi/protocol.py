@@ -10,18 +10,20 @@ dropped; a parameter outside both lists is refused too.
 from __future__ import annotations
 
 import random
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from adapters.compose import MAX_INPUTS, SIGN_METHODS, Recipe
 from adapters.errors import InvalidComposition
 from server.http.errors import InvalidRequest
-from server.openai.protocol import MAX_STOP
+from server.openai.protocol import MAX_NAME_CHARS, MAX_STOP, ModelName
 
 MERGE_STRATEGIES = ("linear", "ties", "dare_linear", "dare_ties")  # LoRAX's
 FOREIGN_SOURCES = ("hub", "local", "s3", "pbase")  # LoRAX's, besides this gateway's registry
 MAX_SEED = 2**64 - 1
+MAX_TEMPERATURE = 2.0  # vLLM's bound; TGI has none
+Word = Annotated[str, Field(max_length=32)]  # a strategy's or method's name
 
 
 class TgiInvalid(InvalidRequest):
@@ -63,11 +65,11 @@ class _Model(BaseModel):
 class MergedAdapters(_Model):
     """LoRAX's per-request merge: `ids` composed by `merge_strategy` with `weights`."""
 
-    ids: list[str] = Field(min_length=1, max_length=MAX_INPUTS)
+    ids: list[ModelName] = Field(min_length=1, max_length=MAX_INPUTS)
     weights: list[float] = Field(default_factory=list)
-    merge_strategy: str = "linear"
+    merge_strategy: Word = "linear"
     density: float | None = None
-    majority_sign_method: str | None = None
+    majority_sign_method: Word | None = None
 
     def recipe(self) -> Recipe:
         """The recipe adapters/compose.py composes by; InvalidComposition (400) says what is wrong."""
@@ -120,7 +122,7 @@ class GenerateParameters(_Model):
     """TGI's parameters with LoRAX's additions."""
 
     adapter_id: str | None = Field(None, min_length=1, max_length=200)
-    adapter_source: str | None = None
+    adapter_source: str | None = Field(None, max_length=MAX_NAME_CHARS)
     merged_adapters: MergedAdapters | None = None
     api_token: str | None = None  # ignored: the Authorization header carries the key
     best_of: int | None = None
@@ -193,6 +195,8 @@ class GenerateParameters(_Model):
             _refuse("decoder_input_details", "`decoder_input_details` == true is not supported when streaming tokens")
         if self.temperature is not None and self.temperature < 0:
             _refuse("temperature", "`temperature` must be non-negative")
+        if self.temperature is not None and self.temperature > MAX_TEMPERATURE:
+            _refuse("temperature", f"`temperature` must be at most {MAX_TEMPERATURE} on this server (vLLM's bound)")
         if self.repetition_penalty is not None and self.repetition_penalty <= 0:
             _refuse("repetition_penalty", "`repetition_penalty` must be strictly positive")
         for name in ("frequency_penalty", "presence_penalty"):
@@ -258,5 +262,5 @@ def _invalid(exc: ValidationError) -> TgiInvalid:
         return UnsupportedTgiParameter(f"parameter '{param}' is not supported by this server", param=param)
     if kind == "missing":
         return TgiInvalid(f"'{param}' is required", param=param)
-    detail = first.get("msg", "invalid value")
+    detail = first.get("msg", "invalid value").removeprefix("Value error, ")  # pydantic prefixes our own
     return TgiInvalid(f"invalid value for '{param}': {detail}" if param else detail, param=param)

@@ -20,7 +20,7 @@ from starlette.background import BackgroundTask
 from adapters.errors import AdapterError
 from server.engine.protocol import GenerationStep, PromptToken, SamplingOptions, TokenLogprob
 from server.http.deps import PrincipalDep, RecordDep
-from server.http.errors import EngineUnavailable, GatewayError, tgi_error_payload
+from server.http.errors import EngineUnavailable, GatewayError, PromptTooLong, tgi_error_payload
 from server.http.responses import JSONResponse, SSEResponse, unless_disconnected
 from server.openai.generation import ENGINE_DEAD_MESSAGE, Generator, GeneratorDep, Job, new_request_id
 from server.openai.protocol import MAX_STOP
@@ -151,50 +151,58 @@ async def _prepare(
     *,
     stream: bool,
 ) -> TgiJob:
-    """Check, resolve and admit: every refusal happens here, before anything is sent."""
+    """Check, admit, then resolve (or compose) and tokenize: every refusal happens here, before
+    anything is sent, and nothing is worked on before the caller's tenant has room for it."""
     params = body.parameters
     record.endpoint = "generate_stream" if stream else "generate"
     params.check(stream=stream)
-    if params.merged_adapters is not None:
-        recipe = params.merged_adapters.recipe()
-        if not generator.engine.is_healthy:
-            raise EngineUnavailable(ENGINE_DEAD_MESSAGE)
-        entry = await merged.get(principal, params.merged_adapters.ids, recipe)
-        record.model = entry.name
-    else:
-        record.model = params.adapter_id or generator.registry.base_name
-        entry = await generator.resolve(record.model, principal)
+    merge = params.merged_adapters
+    recipe = merge.recipe() if merge is not None else None
     engine = generator.engine
-    prompt_ids = engine.encode(body.inputs)
     limit = engine.max_model_len
-    if params.truncate is not None:
-        if params.truncate >= limit:
-            raise TgiInvalid(
-                f"`truncate` must be strictly positive and less than {limit}. Given: {params.truncate}",
-                param="parameters.truncate",
-            )
-        prompt_ids = prompt_ids[-params.truncate :]  # TGI keeps the end of the input
-    max_tokens = _fit(prompt_ids, params.max_new_tokens, limit)
-    seed = params.sampling_seed()
-    sampling = params.sampling
-    options = SamplingOptions(
-        max_tokens=max_tokens,
-        temperature=(params.temperature or 1.0) if sampling else 0.0,
-        top_p=params.top_p or 1.0,
-        top_k=params.top_k or 0,
-        stop=tuple(params.stop),
-        seed=seed,
-        presence_penalty=params.presence_penalty or 0.0,
-        frequency_penalty=params.frequency_penalty or 0.0,
-        repetition_penalty=params.repetition_penalty or 1.0,
-        logprobs=0 if stream or params.details or params.decoder_input_details else None,
-        stream=stream,
-        ignore_eos=params.ignore_eos_token,
-        prompt_logprobs=params.decoder_input_details,
-        include_stop_str=True,
-    )
-    admission = generator.admit(entry, principal)
-    job = Job(new_request_id("generate"), record.model, [prompt_ids], options, record, admission)
+    if params.truncate is not None and params.truncate >= limit:
+        raise TgiInvalid(
+            f"`truncate` must be strictly positive and less than {limit}. Given: {params.truncate}",
+            param="parameters.truncate",
+        )
+    try:
+        generator.check_prompt_chars(len(body.inputs), "inputs")
+    except PromptTooLong as exc:
+        raise TgiInvalid(exc.message, param="inputs") from None
+    admission = generator.admit(principal)
+    with admission.released_on_error():
+        if merge is not None and recipe is not None:
+            if not engine.is_healthy:
+                raise EngineUnavailable(ENGINE_DEAD_MESSAGE)
+            entry = await merged.get(principal, merge.ids, recipe)
+            record.model = entry.name
+        else:
+            record.model = params.adapter_id or generator.registry.base_name
+            entry = await generator.resolve(record.model, principal)
+        admission.entry = entry
+        (prompt_ids,) = await generator.encode([body.inputs])
+        if params.truncate is not None:
+            prompt_ids = prompt_ids[-params.truncate :]  # TGI keeps the end of the input
+        max_tokens = _fit(prompt_ids, params.max_new_tokens, limit)
+        seed = params.sampling_seed()
+        sampling = params.sampling
+        options = SamplingOptions(
+            max_tokens=max_tokens,
+            temperature=(params.temperature or 1.0) if sampling else 0.0,
+            top_p=params.top_p or 1.0,
+            top_k=params.top_k or 0,
+            stop=tuple(params.stop),
+            seed=seed,
+            presence_penalty=params.presence_penalty or 0.0,
+            frequency_penalty=params.frequency_penalty or 0.0,
+            repetition_penalty=params.repetition_penalty or 1.0,
+            logprobs=0 if stream or params.details or params.decoder_input_details else None,
+            stream=stream,
+            ignore_eos=params.ignore_eos_token,
+            prompt_logprobs=params.decoder_input_details,
+            include_stop_str=True,
+        )
+        job = Job(new_request_id("generate"), record.model, [prompt_ids], options, record, admission)
     return TgiJob(job, body, seed, engine.special_token_ids)
 
 
