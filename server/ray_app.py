@@ -48,14 +48,21 @@ def deployment_options(settings: Settings) -> dict[str, Any]:
     return options
 
 
-def build_application(settings: Settings):
-    """The Serve application: the ingress bound to the engine replicas."""
+def build_application(settings: Settings, revision: int = 0):
+    """The Serve application: the ingress bound to the engine replicas.
+
+    A new `revision` is a new target for Serve, which starts the engine replicas afresh: the way
+    out of DEPLOY_FAILED, where Serve keeps a deployment whose replicas failed as they started.
+    """
     from ray import serve
 
     from server.engine.ray_replica import replica_class
 
+    options = deployment_options(settings)
+    if revision:
+        options["version"] = f"redeploy-{revision}"
     # The Settings object itself travels (pickled by Ray): its JSON would mask the secrets.
-    replicas = serve.deployment(replica_class(settings.max_cpu_loras), **deployment_options(settings))
+    replicas = serve.deployment(replica_class(settings.max_cpu_loras), **options)
     ingress = serve.deployment(
         serve.ingress()(GatewayIngress),
         name="ingress",
@@ -135,15 +142,13 @@ def serve_on_ray(settings: Settings) -> int:
         log_to_driver=True,
         configure_logging=False,
     )
+    stopped = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stopped.set())
     try:
         serve.start(http_options={"host": settings.host, "port": settings.port})
         logger.info("starting %d engine replicas on Ray", settings.replicas)
-        serve.run(build_application(settings), name=APP_NAME, route_prefix="/", blocking=False)
-        logger.info("serving %s on http://%s:%d through Ray Serve", settings.base_name, settings.host, settings.port)
-        stopped = threading.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: stopped.set())
-        stopped.wait()
+        _keep_deployed(settings, stopped)
         logger.info("stopping: the engine replicas finish their requests (up to %.0f s)", settings.drain_seconds)
     finally:
         # Bounded: a Ray whose node process died with the terminal's signal would never answer.
@@ -154,6 +159,44 @@ def serve_on_ray(settings: Settings) -> int:
             logger.warning("Ray Serve did not stop in time; shutting Ray down anyway")
         ray.shutdown()
     return 0
+
+
+SUPERVISE_SECONDS = 5.0
+REDEPLOY_BACKOFF_SECONDS = (2.0, 5.0, 10.0, 30.0)
+
+
+def _keep_deployed(settings: Settings, stopped: threading.Event) -> None:
+    """Deploy the application, and deploy it again whenever Serve gives up on it, until stopped.
+
+    Serve replaces a replica that dies once it has started; one that dies while the deployment
+    is still starting can instead leave it DEPLOY_FAILED (serve.run raises "Failed to update the
+    deployments"), and then nothing replaces it. The ingress keeps answering (503 while no engine
+    replica is up), and a new revision starts the replicas again.
+    """
+    from ray import serve
+    from ray.serve.schema import ApplicationStatus
+
+    revision = 0
+    while not stopped.is_set():
+        try:
+            serve.run(build_application(settings, revision), name=APP_NAME, route_prefix="/", blocking=False)
+        except Exception as exc:  # noqa: BLE001 - Serve raises plain RuntimeErrors and its own types alike
+            delay = REDEPLOY_BACKOFF_SECONDS[min(revision, len(REDEPLOY_BACKOFF_SECONDS) - 1)]
+            revision += 1
+            logger.error("the engine replicas failed to start (%s); deploying them again in %.0f s", exc, delay)
+            stopped.wait(delay)
+            continue
+        logger.info("serving %s on http://%s:%d through Ray Serve", settings.base_name, settings.host, settings.port)
+        while not stopped.wait(SUPERVISE_SECONDS):
+            try:
+                application = serve.status().applications.get(APP_NAME)
+            except Exception as exc:  # noqa: BLE001 - the controller may be restarting; look again
+                logger.warning("cannot read Ray Serve's status: %s", exc)
+                continue
+            if application is None or application.status == ApplicationStatus.DEPLOY_FAILED:
+                logger.error("Ray Serve gave up on the engine replicas; deploying them again")
+                revision += 1
+                break
 
 
 def _stop_serve(local: bool) -> None:

@@ -8,6 +8,8 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,12 +33,51 @@ def port_outside_the_ephemeral_range() -> int:
     raise RuntimeError("no free port below the ephemeral range")
 
 
+ENGINE_REPLICA_TITLE = "ServeReplica:lora-gateway:engine"
+
+
+def engine_replicas_under(marker: str) -> list:
+    """The engine replica processes of the gateway whose command line holds `marker`."""
+    import psutil
+
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        try:
+            if ENGINE_REPLICA_TITLE in " ".join(process.info["cmdline"] or ()) and any(
+                marker in " ".join(parent.cmdline()) for parent in process.parents()
+            ):
+                found.append(process)
+        except psutil.Error:
+            pass
+    return found
+
+
+def kill_a_replica_while_both_start(marker: str, seconds: float, killed: list[int]) -> None:
+    """Once both engine replicas exist, and while they still load their engines, SIGKILL one."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        replicas = engine_replicas_under(marker)
+        if len(replicas) >= 2:
+            victim = min(replicas, key=lambda p: p.pid)
+            victim.kill()
+            killed.append(victim.pid)
+            return
+        time.sleep(0.2)
+
+
 @pytest.fixture(scope="session")
 def ray_gateway(demo, tmp_path_factory) -> Iterator[RunningGateway]:
     if shutil.which("ray", path=str(Path(sys.executable).parent)) is None:
         pytest.fail("Ray Serve is not installed: pip install -e '.[test]' (the ray extra)")
     state = tmp_path_factory.mktemp("ray-state")
     metrics_port = port_outside_the_ephemeral_range()
+    # A replica that dies while the deployment is still starting must not take the service down:
+    # every session's gateway starts through one such death.
+    killed_during_start: list[int] = []
+    killer = threading.Thread(
+        target=kill_a_replica_while_both_start, args=(str(state), 240, killed_during_start), daemon=True
+    )
+    killer.start()
     running = start_gateway(
         [
             "--ray",
@@ -62,6 +103,8 @@ def ray_gateway(demo, tmp_path_factory) -> Iterator[RunningGateway]:
         state / "gateway.log",
         base_name="demo",
     )
+    killer.join(1)
+    running.killed_during_start = killed_during_start
     running.adapters = dict(demo.adapters)
     running.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
     try:

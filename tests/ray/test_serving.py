@@ -91,6 +91,16 @@ async def test_each_adapter_is_served_by_one_replica_and_base_requests_spread(cl
     assert len(spread) == 2, spread
 
 
+async def test_a_replica_killed_while_the_deployment_starts_is_replaced_and_the_service_stays_up(
+    client, ray_gateway, reference
+):
+    assert len(ray_gateway.killed_during_start) == 1, "the fixture saw no engine replica start"
+    replicas = await until(lambda: _healthy_replicas(client, 2), 180)
+    assert ray_gateway.killed_during_start[0] not in {r["pid"] for r in replicas}
+    assert ray_gateway.process.poll() is None
+    assert text(await chat(client, "pirate")) == peft(reference, "pirate")
+
+
 async def test_the_cluster_view_lists_both_replicas(client, ray_gateway):
     await chat(client, "pirate")
     replicas = await until(lambda: _healthy_replicas(client, 2), 60)
