@@ -366,17 +366,10 @@ class Database:
         with self._write() as conn:
             conn.execute(tenants_table.update().where(tenants_table.c.name == name).values(limits=json.dumps(limits)))
 
-    def delete_tenant(self, name: str) -> None:
-        """The tenant, its keys and its adapters on every base, in one transaction."""
-        with self._write() as conn:
-            conn.execute(adapters_table.delete().where(adapters_table.c.owner == name))
-            conn.execute(keys_table.delete().where(keys_table.c.tenant == name))
-            conn.execute(tenants_table.delete().where(tenants_table.c.name == name))
-
     def hold_owner(self, conn: sa.Connection, owner: str) -> None:
         """Inside a write: OwnerNotFound unless `owner` is shared or a tenant, which then stays until commit.
 
-        A tenant's deletion deletes its row first. On PostgreSQL this
+        A tenant's deletion (adapters/retention.py) deletes its row first. On PostgreSQL this
         locks the row (FOR KEY SHARE), so one of the two transactions waits for the other; on
         SQLite the write lock orders them. Either way no row is left behind for a deleted owner.
         """
