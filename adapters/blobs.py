@@ -3,6 +3,9 @@
 Objects are named by content hash and never change, so a backend only has to make each `put`
 all-or-nothing; it never has to order or merge writers. Every backend failure surfaces as
 StoreUnavailable with a fixed message: endpoints, paths, keys and credentials stay in the logs.
+
+Each object has a modified time, which the store sweep reads (adapters/retention.py): a new
+object, or one `touch`ed because a new row is about to name it again, is never collected.
 """
 
 from __future__ import annotations
@@ -49,6 +52,15 @@ class Blobs(Protocol):
     def exists(self, key: str) -> bool: ...
 
     def delete(self, key: str) -> None: ...
+
+    def list(self, prefix: str) -> list[tuple[str, float]]:
+        """Every object whose key starts with `prefix` ("files/"), with its modified time (epoch seconds)."""
+
+    def modified_at(self, key: str) -> float | None:
+        """The object's modified time; None when there is none."""
+
+    def touch(self, key: str) -> bool:
+        """Make the object's modified time now; False when there is none."""
 
     def describe(self) -> str:
         """Where the objects are, for logs: scheme and bucket or folder, never credentials."""
@@ -102,6 +114,39 @@ class LocalBlobs:
         path = self._path(key)
         with self._failures("delete"):
             path.unlink(missing_ok=True)
+
+    def list(self, prefix: str) -> list[tuple[str, float]]:
+        folder = self.root.joinpath(*_check_key(prefix.rstrip("/")))
+        listed = []
+        with self._failures("list"):
+            if not self.root.is_dir():
+                raise FileNotFoundError("the store's root folder is missing")
+            for path in sorted(folder.rglob("*")) if folder.is_dir() else []:
+                if path.name.startswith(".") or not path.is_file():  # .partial uploads
+                    continue
+                listed.append(("/".join(path.relative_to(self.root).parts), path.stat().st_mtime))
+        return listed
+
+    def modified_at(self, key: str) -> float | None:
+        path = self._path(key)
+        with self._failures("stat"):
+            try:
+                return path.stat().st_mtime
+            except FileNotFoundError:
+                if not self.root.is_dir():
+                    raise
+                return None
+
+    def touch(self, key: str) -> bool:
+        path = self._path(key)
+        with self._failures("touch"):
+            try:
+                os.utime(path)
+            except FileNotFoundError:
+                if not self.root.is_dir():
+                    raise
+                return False
+        return True
 
     def describe(self) -> str:
         return f"file://{self.root}"
@@ -168,6 +213,38 @@ class S3Blobs:
     def delete(self, key: str) -> None:
         with self._failures("delete"):
             self._client.delete_object(Bucket=self.bucket, Key=self._key(key))
+
+    def list(self, prefix: str) -> list[tuple[str, float]]:
+        listed = []
+        start = len(self.prefix) + 1 if self.prefix else 0
+        with self._failures("list"):
+            pages = self._client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=self._key(prefix.rstrip("/")) + "/"
+            )
+            for page in pages:
+                for item in page.get("Contents", []):
+                    listed.append((item["Key"][start:], item["LastModified"].timestamp()))
+        return listed
+
+    def modified_at(self, key: str) -> float | None:
+        try:
+            with self._failures("stat"):
+                head = self._client.head_object(Bucket=self.bucket, Key=self._key(key))
+        except BlobNotFound:
+            return None
+        return head["LastModified"].timestamp()
+
+    def touch(self, key: str) -> bool:
+        # S3 has no utime: copying an object onto itself with new metadata gives it a new LastModified.
+        source = {"Bucket": self.bucket, "Key": self._key(key)}
+        try:
+            with self._failures("touch"):
+                self._client.copy_object(
+                    Bucket=self.bucket, Key=self._key(key), CopySource=source, MetadataDirective="REPLACE"
+                )
+        except BlobNotFound:
+            return False
+        return True
 
     def describe(self) -> str:
         return f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"

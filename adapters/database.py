@@ -26,7 +26,8 @@ from pathlib import Path
 import sqlalchemy as sa
 from sqlalchemy import event
 
-from adapters.errors import CatalogUnavailable
+from adapters.errors import CatalogUnavailable, OwnerNotFound
+from adapters.spec import SHARED
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +36,9 @@ CONNECT_TIMEOUT_SECONDS = 3
 STATEMENT_TIMEOUT_MS = 5000
 
 metadata = sa.MetaData()
+
+# Runs inside a write's transaction before it; refuses the write by raising (adapters/fine_tuning_db.py).
+WriteGuard = Callable[[sa.Connection], None]
 
 adapters_table = sa.Table(
     "adapters",
@@ -196,11 +200,17 @@ class Database:
 
     @contextmanager
     def _write(self) -> Iterator[sa.Connection]:
-        """One transaction that also tells other processes that something changed."""
+        """One transaction that also tells other processes that something changed.
+
+        The counter is bumped first. On SQLite that takes the write lock before anything is read,
+        so a write that checks a row first (`hold_owner`) never fails on a stale snapshot; on
+        PostgreSQL the counter's row lock puts these transactions one after another, so a tenant's
+        deletion and a registration for it never hold each other's rows.
+        """
         with self._guard(), self._engine.begin() as conn:
-            yield conn
             bump = changes_table.update().values(version=changes_table.c.version + 1)
             version = conn.execute(bump.returning(changes_table.c.version)).scalar_one()
+            yield conn
             if self.dialect == "postgresql":
                 conn.execute(sa.text(f"NOTIFY {NOTIFY_CHANNEL}"))
         with self._versions_lock:
@@ -289,8 +299,12 @@ class Database:
     def adapters(self) -> list[AdapterRow]:
         return [_adapter_row(r) for r in self._read(self._adapters_query())]
 
-    def put_adapter(self, row: AdapterRow) -> None:
-        """Add or replace; an upsert, so two gateways registering one name at once both succeed."""
+    def put_adapter(self, row: AdapterRow, guard: WriteGuard | None = None) -> None:
+        """Add or replace; an upsert, so two gateways registering one name at once both succeed.
+
+        The owner must still exist (OwnerNotFound when its tenant was deleted meanwhile), and
+        `guard` runs first in the same transaction: it refuses the write by raising.
+        """
         values = {
             "content_hash": row.content_hash,
             "rank": row.rank,
@@ -304,6 +318,9 @@ class Database:
         insert = _dialect_insert(self.dialect)(adapters_table).values(**key, **values)
         upsert = insert.on_conflict_do_update(index_elements=list(key), set_=values)
         with self._write() as conn:
+            self.hold_owner(conn, row.owner)
+            if guard is not None:
+                guard(conn)
             conn.execute(upsert)
 
     def delete_adapter(self, owner: str, name: str) -> None:
@@ -328,13 +345,17 @@ class Database:
 
     # -- tenants and keys ----------------------------------------------------------------------
 
-    def add_tenant(self, name: str, limits: dict, first_key: KeyRow | None = None) -> bool:
-        """A new tenant, with its first key in the same transaction; False when the name is taken."""
+    def add_tenant(
+        self, name: str, limits: dict, first_key: KeyRow | None = None, created_at: float | None = None
+    ) -> bool:
+        """A new tenant, with its first key in the same transaction; False when the name is taken.
+
+        `created_at` tells this tenant from an earlier one of the same name (catalog_sync compares it).
+        """
+        created_at = time.time() if created_at is None else created_at
         try:
             with self._write() as conn:
-                conn.execute(
-                    tenants_table.insert().values(name=name, limits=json.dumps(limits), created_at=time.time())
-                )
+                conn.execute(tenants_table.insert().values(name=name, limits=json.dumps(limits), created_at=created_at))
                 if first_key is not None:
                     conn.execute(keys_table.insert().values(**_key_values(first_key)))
         except sa.exc.IntegrityError:
@@ -345,12 +366,18 @@ class Database:
         with self._write() as conn:
             conn.execute(tenants_table.update().where(tenants_table.c.name == name).values(limits=json.dumps(limits)))
 
-    def delete_tenant(self, name: str) -> None:
-        """The tenant, its keys and its adapters on every base, in one transaction."""
-        with self._write() as conn:
-            conn.execute(adapters_table.delete().where(adapters_table.c.owner == name))
-            conn.execute(keys_table.delete().where(keys_table.c.tenant == name))
-            conn.execute(tenants_table.delete().where(tenants_table.c.name == name))
+    def hold_owner(self, conn: sa.Connection, owner: str) -> None:
+        """Inside a write: OwnerNotFound unless `owner` is shared or a tenant, which then stays until commit.
+
+        A tenant's deletion (adapters/retention.py) deletes its row first. On PostgreSQL this
+        locks the row (FOR KEY SHARE), so one of the two transactions waits for the other; on
+        SQLite the write lock orders them. Either way no row is left behind for a deleted owner.
+        """
+        if owner == SHARED:
+            return
+        held = sa.select(tenants_table.c.name).where(tenants_table.c.name == owner)
+        if conn.execute(held.with_for_update(read=True, key_share=True)).first() is None:
+            raise OwnerNotFound(owner)
 
     def tenants(self) -> dict[str, tuple[dict, float]]:
         return {r.name: (json.loads(r.limits), r.created_at) for r in self._read(sa.select(tenants_table))}

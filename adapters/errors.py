@@ -72,6 +72,20 @@ class ConverterBusy(Unavailable):
     """Every sandbox that converts pickled weights is in use; the same upload may succeed shortly."""
 
 
+class OwnerNotFound(AdapterError):
+    """A row for a tenant the catalog no longer holds (deleted meanwhile); nothing was written."""
+
+    def __init__(self, owner: str):
+        super().__init__(f"no tenant named '{owner[:64]}'; it was deleted")
+
+
+class JobGone(AdapterError):
+    """A fine-tuning job that is no longer running (deleted with its tenant, or ended); nothing was written."""
+
+    def __init__(self, job_id: str):
+        super().__init__(f"fine-tuning job {job_id[:64]} was deleted or has ended")
+
+
 class InvalidTrainingFile(AdapterError):
     """A fine-tuning data file cannot be trained on; the message names the line and what would be right."""
 

@@ -7,6 +7,10 @@ heartbeat, which is how the others tell a job whose gateway died.
 
 These writes do not bump the catalog's change counter: nothing here is served from memory, so
 other gateways need not reload their snapshot for them.
+
+A file or job is written only while its owner exists (`Database.hold_owner`), and an event or
+checkpoint only while its job does (JobGone): a tenant deleted meanwhile (adapters/retention.py)
+leaves nothing behind for a new tenant of the same name.
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from adapters.database import Database, metadata
+from adapters.database import Database, WriteGuard, metadata
+from adapters.errors import JobGone
 
 files_table = sa.Table(
     "files",
@@ -83,6 +88,17 @@ checkpoints_table = sa.Table(
 
 QUEUED, RUNNING = "queued", "running"
 DONE = ("succeeded", "failed", "cancelled")
+
+# Where the bytes are, in the store's backend: a file's under its id, a checkpoint's as its row says.
+FILE_PREFIX, CHECKPOINT_PREFIX = "files/", "checkpoints/"
+
+
+def file_blob_key(file_id: str) -> str:
+    return f"{FILE_PREFIX}{file_id}"
+
+
+def checkpoint_blob_key(job_id: str, checkpoint_id: str) -> str:
+    return f"{CHECKPOINT_PREFIX}{job_id}/{checkpoint_id}.tar"
 
 
 @dataclass(frozen=True)
@@ -161,14 +177,24 @@ class FineTuningRecords:
     def _read(self, statement) -> list[sa.Row]:
         return self.catalog._read(statement)
 
+    @contextmanager
+    def _job_exists(self, job_id: str) -> Iterator[None]:
+        """A row that names its job by foreign key; the key is missing once the job was deleted."""
+        try:
+            yield
+        except sa.exc.IntegrityError:
+            raise JobGone(job_id) from None
+
     # -- files ---------------------------------------------------------------------------------
 
     def add_file(self, row: FileRow) -> None:
         values = {k: getattr(row, k) for k in ("id", "owner", "filename", "purpose", "bytes", "content_hash")}
         with self._write() as conn:
+            # The insert first: on SQLite it takes the write lock before the owner is read.
             conn.execute(
                 files_table.insert().values(**values, summary=json.dumps(row.summary), created_at=row.created_at)
             )
+            self.catalog.hold_owner(conn, row.owner)
 
     def file(self, file_id: str) -> FileRow | None:
         rows = self._read(sa.select(files_table).where(files_table.c.id == file_id))
@@ -215,6 +241,7 @@ class FineTuningRecords:
                     created_at=row.created_at,
                 )
             )
+            self.catalog.hold_owner(conn, row.owner)
 
     def job(self, job_id: str) -> JobRow | None:
         rows = self._read(sa.select(jobs_table).where(jobs_table.c.id == job_id))
@@ -261,6 +288,25 @@ class FineTuningRecords:
                 return self.job(job_id)
         return None
 
+    def running_job_guard(self, job_id: str) -> WriteGuard:
+        """For `Database.put_adapter`: write only while the job is running, and keep it so until commit.
+
+        A tenant's deletion deletes its jobs; a job that finishes a moment later must not register
+        its adapter. The check is an UPDATE, so the job's row stays locked until the adapter's row
+        is written (PostgreSQL), or the write lock is held already (SQLite).
+        """
+
+        def guard(conn: sa.Connection) -> None:
+            running = (
+                jobs_table.update()
+                .where(jobs_table.c.id == job_id, jobs_table.c.status == RUNNING)
+                .values(heartbeat_at=time.time())
+            )
+            if conn.execute(running).rowcount == 0:
+                raise JobGone(job_id)
+
+        return guard
+
     def running(self) -> list[JobRow]:
         return [_job_row(r) for r in self._read(sa.select(jobs_table).where(jobs_table.c.status == RUNNING))]
 
@@ -273,7 +319,8 @@ class FineTuningRecords:
     # -- events and checkpoints ----------------------------------------------------------------
 
     def add_event(self, row: EventRow) -> None:
-        with self._write() as conn:
+        """JobGone when the job was deleted (its tenant was)."""
+        with self._job_exists(row.job_id), self._write() as conn:
             conn.execute(
                 events_table.insert().values(
                     id=row.id,
@@ -292,7 +339,8 @@ class FineTuningRecords:
         return self._page(statement, events_table, after, limit, _event_row, order=events_table.c.seq)
 
     def add_checkpoint(self, row: CheckpointRow) -> None:
-        with self._write() as conn:
+        """JobGone when the job was deleted (its tenant was)."""
+        with self._job_exists(row.job_id), self._write() as conn:
             conn.execute(
                 checkpoints_table.insert().values(
                     id=row.id,

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from adapters.base_model import BaseModelInfo
 from adapters.convert import PEFT, convert_staged
-from adapters.database import AdapterRow, Database
+from adapters.database import AdapterRow, Database, WriteGuard
 from adapters.engine import AdapterEngine, AdapterHandle, AdapterLoadFailed
 from adapters.errors import AdapterNotFound, AdapterRejected, InvalidAdapterName
 from adapters.events import NoEvents, RegistryEvents
@@ -129,6 +129,8 @@ class Registry:
         # The engine's cached adapters, least recently used first.
         self._resident: OrderedDict[int, AdapterEntry] = OrderedDict()
         self._locks: dict[Key, asyncio.Lock] = {}
+        # Removed or replaced, with requests still in flight: the engine may load them from the store.
+        self._draining: dict[int, AdapterEntry] = {}
         self.started_at = time.time()
 
     async def start(self) -> None:
@@ -220,6 +222,11 @@ class Registry:
             raise AdapterNotFound(model)
         return entry
 
+    def held_hashes(self) -> set[str]:
+        """Content this registry may still load from the store: registered, resident or leased."""
+        held = [*self._entries.values(), *self._resident.values(), *self._draining.values()]
+        return {entry.spec.content_hash for entry in held if entry.spec is not None}
+
     @property
     def resident_count(self) -> int:
         """Adapters in the engine's cache, the base model's zero adapter not counted."""
@@ -228,12 +235,19 @@ class Registry:
     # -- changes ---------------------------------------------------------------------------
 
     async def add_folder(
-        self, owner: str, name: str, fill: Callable[[Path], None], *, source_format: str = PEFT
+        self,
+        owner: str,
+        name: str,
+        fill: Callable[[Path], None],
+        *,
+        source_format: str = PEFT,
+        guard: WriteGuard | None = None,
     ) -> AdapterEntry:
         """Stage files with `fill(staging)`, validate the staged copy, store it, and register it.
 
         Staged files in another form (PEFT's adapter_model.bin, a MiniMind .pth) are converted to
         PEFT safetensors first, in a sandbox (adapters/convert.py); the pickle is never stored.
+        `guard` may refuse the catalog write (`Database.put_adapter`).
         """
         if self.store is None or self.rules is None:
             raise RuntimeError("this registry has no store")
@@ -248,7 +262,7 @@ class Registry:
         except BaseException:
             self.store.discard(staging)
             raise
-        return await self.register(owner, name, replace(spec, path=path), load=True)
+        return await self.register(owner, name, replace(spec, path=path), load=True, guard=guard)
 
     def new_adapter_id(self) -> int:
         """An engine id no entry has had: for adapters served without a name in the catalog."""
@@ -259,11 +273,14 @@ class Registry:
         if name == self.base_name:
             raise InvalidAdapterName(f"'{name}' is the base model's name", param="name")
 
-    async def register(self, owner: str, name: str, spec: AdapterSpec, *, load: bool = False) -> AdapterEntry:
+    async def register(
+        self, owner: str, name: str, spec: AdapterSpec, *, load: bool = False, guard: WriteGuard | None = None
+    ) -> AdapterEntry:
         """Add or replace owner's `name`. A replaced version finishes its requests, then unloads.
 
         With `load`, the engine must accept the adapter before it is registered, so a refused
-        adapter leaves nothing behind.
+        adapter leaves nothing behind; nor does a catalog write that the owner's deletion or
+        `guard` refuses.
         """
         self.check_new_name(name)
         entry = AdapterEntry(owner, name, spec, next(self._ids))
@@ -285,7 +302,7 @@ class Registry:
                     entry.registered_at,
                 )
                 try:
-                    await asyncio.to_thread(self.catalog.put_adapter, row)
+                    await asyncio.to_thread(self.catalog.put_adapter, row, guard)
                 except BaseException:
                     await self._unload(entry)  # the engine may hold it; the catalog does not
                     raise
@@ -356,6 +373,7 @@ class Registry:
         finally:
             entry.in_flight -= 1
             if entry.in_flight == 0 and entry.retired:
+                self._draining.pop(entry.adapter_id, None)
                 await self._unload(entry)
 
     # -- the engine's cache ----------------------------------------------------------------
@@ -413,6 +431,8 @@ class Registry:
         entry.retired = True
         if entry.in_flight == 0:
             await self._unload(entry)
+        else:
+            self._draining[entry.adapter_id] = entry
 
     async def _unload(self, entry: AdapterEntry) -> None:
         if self._resident.pop(entry.adapter_id, None) is None and not entry.accepted:

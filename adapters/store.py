@@ -7,6 +7,10 @@ copy, which nothing changes afterwards, so a source folder edited later cannot a
 With a shared backend (`Blobs`: a shared folder or an S3 bucket), the local folder is this
 process's cache: each committed adapter is also uploaded as one uncompressed tar, and an
 adapter another process registered is fetched, checked against its content hash and cached.
+
+Committing content that is stored already makes its folder and object new again (their modified
+time), so the store sweep (adapters/retention.py) leaves them alone until the registration's row
+names them.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from adapters.validate import content_hash as folder_hash  # the parameters here
 
 logger = logging.getLogger(__name__)
 
+ADAPTER_PREFIX = "adapters/"
 _CHUNK = 1 << 20
 _CONTENT_HASH = re.compile(r"[0-9a-f]{64}")
 _TAMPERED = "the stored adapter's files do not match their content hash"
@@ -109,9 +114,33 @@ class AdapterStore:
         self._staging.mkdir(parents=True, exist_ok=True)
         return removed
 
+    def local_objects(self) -> list[tuple[str, float]]:
+        """The content hashes cached here, with each folder's modified time."""
+        listed = []
+        for entry in self.root.iterdir():
+            if _CONTENT_HASH.match(entry.name):
+                try:
+                    listed.append((entry.name, entry.stat().st_mtime))
+                except FileNotFoundError:
+                    pass  # removed meanwhile
+        return listed
+
+    def remove_local(self, content_hash: str, older_than: float) -> bool:
+        """Delete the local folder unless it was made or committed again since `older_than`; True if deleted."""
+        _check_hash(content_hash)
+        final = self.path_for(content_hash)
+        try:
+            if final.stat().st_mtime >= older_than:
+                return False
+        except FileNotFoundError:
+            return False
+        shutil.rmtree(final, ignore_errors=True)
+        return True
+
     def _place(self, staging: Path, content_hash: str) -> Path:
         final = self.path_for(content_hash)
         if final.is_dir():
+            os.utime(final)  # committed again: new to the sweep
             self.discard(staging)
             return final
         for entry in staging.iterdir():
@@ -129,7 +158,7 @@ class AdapterStore:
         key = _blob_key(content_hash)
         archive = self._staging / f"{uuid.uuid4().hex}.tar"
         try:
-            if self.blobs.exists(key):
+            if self.blobs.touch(key):  # stored already: new to the sweep, as an upload would be
                 return
             _write_tar(folder, archive)
             self.blobs.put(key, archive)
@@ -265,7 +294,19 @@ def _write_tar(folder: Path, dest: Path) -> None:
 
 
 def _blob_key(content_hash: str) -> str:
-    return f"adapters/{content_hash}.tar"
+    return f"{ADAPTER_PREFIX}{content_hash}.tar"
+
+
+def adapter_blob_key(content_hash: str) -> str:
+    """The shared object that holds an adapter's files."""
+    _check_hash(content_hash)
+    return _blob_key(content_hash)
+
+
+def content_hash_of(key: str) -> str | None:
+    """The content hash an adapter object's key names; None for other keys."""
+    digest = key.removeprefix(ADAPTER_PREFIX).removesuffix(".tar")
+    return digest if key == _blob_key(digest) and _CONTENT_HASH.match(digest) else None
 
 
 def _check_hash(content_hash: str) -> None:

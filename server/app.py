@@ -11,15 +11,17 @@ from pathlib import Path
 from fastapi import FastAPI
 
 from adapters.registry import Registry
+from adapters.retention import StoreSweep
 from adapters.spec import SHARED
 from adapters.store import copy_folder
-from server.admin import adapters, cluster, tenants, usage
+from server.admin import adapters, cluster, tenant_deletion, tenants, usage
 from server.admin import export as export_route
 from server.config import Settings
 from server.console import router as ui
 from server.engine.protocol import Engine
 from server.finetune import files_router as files
 from server.finetune import jobs_router as fine_tuning
+from server.finetune.service import file_blobs
 from server.http.auth import KeyRing
 from server.http.bodylimit import BodyLimitMiddleware
 from server.http.errors import install_error_handlers
@@ -32,6 +34,7 @@ from server.ops import health
 from server.ops import metrics_router as metrics_route
 from server.ops.catalog_sync import CatalogSync
 from server.ops.metrics import GatewayMetrics
+from server.ops.store_sweep import run_sweeps
 from server.ops.usage import UsageWindow
 from server.tgi import router as tgi_route
 
@@ -74,13 +77,26 @@ def build_app(
         app.state.ready = True
         logger.info("serving %s with %d adapters", registry.base_name, len(registry.entries()))
         watchdog = asyncio.create_task(_watch_engine(app, engine))
-        sync = CatalogSync(registry.catalog, registry, tenant_book, keyring, settings.catalog_poll_seconds)
+        sync = CatalogSync(
+            registry.catalog,
+            registry,
+            tenant_book,
+            keyring,
+            settings.catalog_poll_seconds,
+            on_tenant_gone=lambda name: tenant_deletion.on_tenant_gone(app.state, name),
+        )
         app.state.catalog_sync = sync
-        syncing = asyncio.create_task(sync.run())
+        background = [asyncio.create_task(sync.run())]
+        if settings.store_sweep_seconds > 0:
+            sweeps = run_sweeps(
+                app.state.store_sweep, lambda: tenant_deletion.held_hashes(app.state), settings.store_sweep_seconds
+            )
+            background.append(asyncio.create_task(sweeps))
         try:
             yield
         finally:
-            syncing.cancel()
+            for task in background:
+                task.cancel()
             watchdog.cancel()
             app.state.ready = False
             await engine.shutdown()
@@ -114,6 +130,12 @@ def build_app(
         registry.store.on_error = app.state.metrics.store_error
     app.state.gate = RequestGate()
     app.state.usage = UsageWindow()
+    app.state.store_sweep = StoreSweep(
+        registry.catalog,
+        registry.store,
+        file_blobs(registry.store, settings.state_dir),
+        settings.store_grace_seconds,
+    )
     install_error_handlers(app)
     app.add_middleware(
         BodyLimitMiddleware,

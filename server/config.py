@@ -96,6 +96,18 @@ class Settings(BaseSettings):
         le=60,
         description="how often to look for changes other gateways made to the catalog (PostgreSQL also notifies)",
     )
+    store_sweep_seconds: float = Field(
+        900.0,
+        ge=0,
+        description="how often to remove stored objects nothing references (replaced or deleted adapters, "
+        "evicted merges, deleted files); 0 never",
+    )
+    store_grace_seconds: float = Field(
+        900.0,
+        ge=0,
+        description="the store sweep keeps objects younger than this: another gateway may have just uploaded "
+        "one and not yet written its row",
+    )
     ray: bool = Field(
         False,
         description="serve through Ray Serve (the ray extra): one ingress with this API, and --replicas engine replicas",

@@ -163,6 +163,8 @@ def register_in_catalog(state: Path, model: Path, owner: str, name: str, folder:
     spec = validate_adapter(staging, TINY_BASE, max_rank=64)
     store.commit(staging, spec.content_hash)
     catalog = Database(state / "catalog.sqlite3", BaseIdentity("base", fingerprint(model)))
+    if owner:
+        catalog.add_tenant(owner, {})  # a tenant's adapter needs its tenant
     row = AdapterRow(
         owner, name, spec.content_hash, spec.rank, spec.target_modules, spec.size_bytes, False, time.time()
     )

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
+from server.admin import tenant_deletion
 from server.http.deps import AdminDep, KeyRingDep, RegistryDep, TenantsDep
 from server.http.errors import GatewayError
 from server.http.responses import JSONResponse
@@ -96,14 +97,9 @@ async def update_tenant(
 
 
 @router.delete("/v1/tenants/{name}", response_model=None)
-async def delete_tenant(
-    name: str, tenants: TenantsDep, keyring: KeyRingDep, registry: RegistryDep, _: AdminDep
-) -> JSONResponse:
-    tenants.limits(name)
-    await tenants.delete(name)  # the catalog first: when it is down, nothing changes
-    keyring.forget_tenant(name)
-    await registry.drop_owner(name)
-    return JSONResponse({"name": name, "object": "tenant", "deleted": True})
+async def delete_tenant(name: str, request: Request, _: AdminDep) -> JSONResponse:
+    """The tenant and everything it owns, on every gateway of the catalog (server/admin/tenant_deletion.py)."""
+    return JSONResponse(await tenant_deletion.delete_tenant(request.app.state, name))
 
 
 @router.post("/v1/tenants/{name}/keys", status_code=201, response_model=None)

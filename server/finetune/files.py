@@ -9,6 +9,7 @@ another tenant's file answers 404, as a missing one does.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import time
 import uuid
@@ -16,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from adapters.blobs import BlobNotFound, Blobs
-from adapters.fine_tuning_db import FileRow, FineTuningRecords, Page
+from adapters.errors import OwnerNotFound, StoreUnavailable
+from adapters.fine_tuning_db import FileRow, FineTuningRecords, Page, file_blob_key
 from adapters.training.data import validate_training_file
 from server.http.auth import Principal
 from server.http.errors import GatewayError, InvalidRequest
@@ -45,10 +47,6 @@ class FileQuotaExceeded(GatewayError):
     status_code = 413
     error_type = "invalid_request_error"
     code = "file_too_large"
-
-
-def blob_key(file_id: str) -> str:
-    return f"files/{file_id}"
 
 
 def file_card(row: FileRow) -> dict[str, Any]:
@@ -90,7 +88,10 @@ class TrainingFiles:
         return await self.add(owner, filename or "training.jsonl", purpose, raw, described)
 
     async def add(self, owner: str, filename: str, purpose: str, raw: bytes, summary: dict[str, Any]) -> FileRow:
-        """A new file: the bytes into the store, then the row, so a row never points at missing bytes."""
+        """A new file: the bytes into the store, then the row, so a row never points at missing bytes.
+
+        A row the catalog refuses (the owner was deleted meanwhile) takes its bytes with it.
+        """
         row = FileRow(
             id=f"file-{uuid.uuid4().hex[:24]}",
             owner=owner,
@@ -105,10 +106,15 @@ class TrainingFiles:
         staged = self.scratch / f".{row.id}.upload"
         try:
             await asyncio.to_thread(staged.write_bytes, raw)
-            await asyncio.to_thread(self.blobs.put, blob_key(row.id), staged)
+            await asyncio.to_thread(self.blobs.put, file_blob_key(row.id), staged)
         finally:
             staged.unlink(missing_ok=True)
-        await asyncio.to_thread(self.records.add_file, row)
+        try:
+            await asyncio.to_thread(self.records.add_file, row)
+        except OwnerNotFound:
+            with contextlib.suppress(StoreUnavailable):  # else the store sweep removes them
+                await asyncio.to_thread(self.blobs.delete, file_blob_key(row.id))
+            raise
         return row
 
     async def get(self, file_id: str, principal: Principal, param: str = "file_id") -> FileRow:
@@ -132,7 +138,7 @@ class TrainingFiles:
 
     async def fetch(self, file_id: str, target: Path) -> None:
         try:
-            await asyncio.to_thread(self.blobs.get, blob_key(file_id), target)
+            await asyncio.to_thread(self.blobs.get, file_blob_key(file_id), target)
         except BlobNotFound:
             raise FileNotFound(file_id) from None
 
@@ -141,4 +147,4 @@ class TrainingFiles:
         if in_use:
             raise FileInUse(f"file {row.id} is used by a fine-tuning job that has not finished; cancel it first")
         await asyncio.to_thread(self.records.delete_file, row.id)
-        await asyncio.to_thread(self.blobs.delete, blob_key(row.id))
+        await asyncio.to_thread(self.blobs.delete, file_blob_key(row.id))

@@ -8,7 +8,9 @@ A job is never left running forever:
 - a gateway that starts again finds the jobs its previous run left running and marks them
   failed: training is not resumed, the checkpoints are kept;
 - a job whose heartbeat stops (its gateway died and did not come back) is marked failed by any
-  gateway after STALE_SECONDS.
+  gateway after STALE_SECONDS;
+- a job whose row is gone (its tenant was deleted, through any gateway) stops within a second, and
+  whatever it was writing (events, a checkpoint, its adapter, its results file) is refused.
 
 The result goes through the same staging, validation and store as an upload, and is registered as
 the tenant's adapter under the job's `fine_tuned_model` name.
@@ -17,6 +19,7 @@ the tenant's adapter under the job's `fine_tuned_model` name.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import io
 import logging
@@ -27,11 +30,19 @@ import uuid
 from pathlib import Path
 from typing import Any, Protocol
 
-from adapters.errors import AdapterError, Unavailable
-from adapters.fine_tuning_db import QUEUED, RUNNING, CheckpointRow, FileRow, FineTuningRecords, JobRow
+from adapters.errors import AdapterError, JobGone, OwnerNotFound, Unavailable
+from adapters.fine_tuning_db import (
+    QUEUED,
+    RUNNING,
+    CheckpointRow,
+    FileRow,
+    FineTuningRecords,
+    JobRow,
+    checkpoint_blob_key,
+)
 from adapters.registry import Registry
 from adapters.store import copy_folder
-from server.finetune.files import RESULTS, TrainingFiles
+from server.finetune.files import RESULTS, FileNotFound, TrainingFiles
 from server.finetune.jobs import VALIDATING, new_event
 from server.finetune.runners import Runner, pack
 
@@ -188,6 +199,8 @@ class TrainingScheduler:
             # Shutting down: the job cannot finish here.
             await asyncio.shield(self._finish_failed(job.id, "gateway_restarted", RESTARTED, only_if=(RUNNING,)))
             raise
+        except (JobGone, OwnerNotFound):
+            logger.info("fine-tuning job %s was deleted with its tenant; nothing of it is kept", job.id)
         except JobFailed as exc:
             code, message = exc.args
             await self._finish_failed(job.id, code, message, only_if=(RUNNING,))
@@ -214,10 +227,13 @@ class TrainingScheduler:
             "max_length": self.max_length,
             "base_model_name": self.registry.base_name,
         }
-        await self.files.fetch(job.request["training_file"], job_dir / "train.jsonl")
-        if job.request.get("validation_file"):
-            spec["validation_file"] = str(job_dir / "valid.jsonl")
-            await self.files.fetch(job.request["validation_file"], job_dir / "valid.jsonl")
+        try:
+            await self.files.fetch(job.request["training_file"], job_dir / "train.jsonl")
+            if job.request.get("validation_file"):
+                spec["validation_file"] = str(job_dir / "valid.jsonl")
+                await self.files.fetch(job.request["validation_file"], job_dir / "valid.jsonl")
+        except FileNotFound as exc:
+            raise JobFailed("invalid_training_file", exc.message) from None
         return spec
 
     async def _train(self, job: JobRow, spec: dict[str, Any], job_dir: Path, stop: asyncio.Event) -> dict | None:
@@ -258,7 +274,7 @@ class TrainingScheduler:
                 row = await asyncio.to_thread(self.records.job, job_id)
             except Unavailable:
                 continue
-            if row is not None and row.cancel_requested:
+            if row is None or row.cancel_requested:  # None: deleted with its tenant
                 stop.set()
 
     async def _heartbeat(self, job_id: str, stop: asyncio.Event) -> None:
@@ -281,7 +297,7 @@ class TrainingScheduler:
     async def _checkpoint(self, job: JobRow, event: dict[str, Any]) -> None:
         folder: Path = event["folder"]
         checkpoint_id = f"ftckpt-{uuid.uuid4().hex[:24]}"
-        key = f"checkpoints/{job.id}/{checkpoint_id}.tar"
+        key = checkpoint_blob_key(job.id, checkpoint_id)
         with tempfile.NamedTemporaryFile(dir=self.work_dir, suffix=".tar") as archive:
             archive.write(await asyncio.to_thread(pack, folder))
             archive.flush()
@@ -290,14 +306,23 @@ class TrainingScheduler:
         if event.get("valid_loss") is not None:
             metrics["valid_loss"] = event["valid_loss"]
         row = CheckpointRow(checkpoint_id, job.id, int(event["step"]), int(event["epoch"]), metrics, key, time.time())
-        await asyncio.to_thread(self.records.add_checkpoint, row)
+        try:
+            await asyncio.to_thread(self.records.add_checkpoint, row)
+        except JobGone:
+            with contextlib.suppress(Unavailable):  # else the store sweep removes it
+                await asyncio.to_thread(self.files.blobs.delete, key)
+            raise
         await self._event(job.id, f"Checkpoint created at step {event['step']} (epoch {event['epoch']})")
 
     async def _register(self, job: JobRow, result: dict[str, Any]) -> None:
         name = job.request["fine_tuned_model"]
         adapter_dir: Path = result["folder"]
+        # Registered only while the job's row is there: its tenant may have been deleted meanwhile.
         await self.registry.add_folder(
-            job.owner, name, lambda staging: copy_folder(adapter_dir, staging, self.max_adapter_bytes)
+            job.owner,
+            name,
+            lambda staging: copy_folder(adapter_dir, staging, self.max_adapter_bytes),
+            guard=self.records.running_job_guard(job.id),
         )
         results = await self._results_file(job, result["metrics"])
         await self._event(job.id, f"New fine-tuned model created: {name}")
@@ -335,7 +360,8 @@ class TrainingScheduler:
             self.records.update_job, job_id, only_if=only_if, status="failed", error=error, finished_at=time.time()
         ):
             self._count("failed")
-            await self._event(job_id, f"The job failed: {message}", level="error")
+            with contextlib.suppress(JobGone):  # deleted with its tenant just now
+                await self._event(job_id, f"The job failed: {message}", level="error")
             logger.warning("fine-tuning job %s failed: %s", job_id, message)
 
     async def _finish_cancelled(self, job_id: str) -> None:
@@ -343,7 +369,8 @@ class TrainingScheduler:
             self.records.update_job, job_id, only_if=(RUNNING,), status="cancelled", finished_at=time.time()
         ):
             self._count("cancelled")
-            await self._event(job_id, "The job was cancelled")
+            with contextlib.suppress(JobGone):
+                await self._event(job_id, "The job was cancelled")
 
     def _count(self, status: str) -> None:
         if self.metrics is not None:

@@ -15,6 +15,7 @@ from pathlib import Path
 from adapters.blobs import Blobs, LocalBlobs
 from adapters.fine_tuning_db import FineTuningRecords
 from adapters.registry import Registry
+from adapters.store import AdapterStore
 from server.config import Settings
 from server.finetune.files import TrainingFiles
 from server.finetune.jobs import FineTuningJobs
@@ -54,8 +55,9 @@ def runner_id(state_dir: Path) -> str:
         return identity
 
 
-def _file_blobs(registry: Registry, state_dir: Path) -> Blobs:
-    shared = registry.store.blobs if registry.store is not None else None
+def file_blobs(store: AdapterStore | None, state_dir: Path) -> Blobs:
+    """Where files and checkpoints are kept: the store's shared backend, else files/ under --state-dir."""
+    shared = store.blobs if store is not None else None
     if shared is not None:
         return shared
     root = state_dir / "files"
@@ -70,7 +72,7 @@ def open_fine_tuning(
     records = FineTuningRecords(registry.catalog)
     work_dir = settings.state_dir / "fine-tuning"
     work_dir.mkdir(parents=True, exist_ok=True)
-    files = TrainingFiles(records, _file_blobs(registry, settings.state_dir), work_dir)
+    files = TrainingFiles(records, file_blobs(registry.store, settings.state_dir), work_dir)
     jobs = FineTuningJobs(records, files, registry, tenants, base_dir, settings.max_lora_rank)
     if settings.ray:
         runner = RayRunner(settings.training_threads, settings.training_cpus)

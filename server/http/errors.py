@@ -114,6 +114,8 @@ _ADAPTER_ERRORS: dict[type[adapter_errors.AdapterError], tuple[int, str, str]] =
     adapter_errors.AdapterTooLarge: (413, "invalid_request_error", "adapter_too_large"),
     adapter_errors.InvalidComposition: (400, "invalid_request_error", "invalid_composition"),
     adapter_errors.MergeFailed: (400, "invalid_request_error", "merge_failed"),
+    adapter_errors.OwnerNotFound: (404, "invalid_request_error", "tenant_not_found"),
+    adapter_errors.JobGone: (404, "invalid_request_error", "fine_tuning_job_not_found"),
     adapter_errors.InvalidTrainingFile: (400, "invalid_request_error", "invalid_training_file"),
     adapter_errors.InvalidTrainingSettings: (400, "invalid_request_error", "invalid_value"),
     adapter_errors.CatalogUnavailable: (503, "service_unavailable_error", "catalog_unavailable"),

@@ -10,6 +10,8 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 
 from adapters.database import Database, KeyRow
+from adapters.errors import OwnerNotFound
+from adapters.retention import PurgedTenant, purge_tenant
 from server.http.errors import GatewayError, InvalidRequest, TooManySequences
 
 TENANT_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-_")
@@ -99,10 +101,11 @@ class Tenants:
                 param="name",
             )
         limits = self.defaults.updated(overrides)
-        if not await asyncio.to_thread(self._catalog.add_tenant, name, overrides, first_key):
+        created = time.time()
+        if not await asyncio.to_thread(self._catalog.add_tenant, name, overrides, first_key, created):
             return False
         self._limits[name] = limits
-        self._created[name] = time.time()
+        self._created[name] = created
         return True
 
     async def _require(self, name: str) -> TenantLimits:
@@ -121,23 +124,34 @@ class Tenants:
         self._limits[name] = limits
         return limits
 
-    async def delete(self, name: str) -> None:
-        """The tenant, its keys and its adapters leave the catalog in one transaction."""
+    async def delete(self, name: str) -> PurgedTenant:
+        """The tenant and every row it owns leave the catalog in one transaction (adapters/retention.py)."""
         await self._require(name)
-        await asyncio.to_thread(self._catalog.delete_tenant, name)
+        try:
+            purged = await asyncio.to_thread(purge_tenant, self._catalog, name)
+        except OwnerNotFound:
+            self._forget(name)  # another gateway deleted it a moment ago
+            raise TenantNotFound(name) from None
         self._forget(name)
+        return purged
 
     def _forget(self, name: str) -> None:
         self._limits.pop(name, None)
         self._created.pop(name, None)
         self._usage.pop(name, None)
 
-    def apply(self, tenants: dict[str, tuple[dict, float]]) -> None:
-        """Take the catalog's tenants and limits, whichever process wrote them; usage stays."""
-        for name in set(self._limits) - set(tenants):
+    def apply(self, tenants: dict[str, tuple[dict, float]]) -> set[str]:
+        """Take the catalog's tenants and limits, whichever process wrote them; usage stays.
+
+        Returns the tenants deleted since the last look, and those deleted and made again (a new
+        `created_at`), whose earlier selves' state this process must drop.
+        """
+        gone = {name for name in self._limits if name not in tenants or tenants[name][1] != self._created.get(name)}
+        for name in gone:
             self._forget(name)
         for name, (overrides, created) in tenants.items():
             self._take(name, overrides, created)
+        return gone
 
     def _take(self, name: str, overrides: dict, created: float) -> None:
         self._limits[name] = self.defaults.updated(overrides)

@@ -4,13 +4,16 @@ A background task waits for PostgreSQL's NOTIFY (or just the poll interval on SQ
 catalog's change counter, and on a change loads one snapshot and applies it to the registry, the
 tenants and the key ring. Requests never wait for the database: they route from memory. While
 the database is unreachable the last snapshot keeps serving, and the task keeps trying.
+
+A tenant deleted through another gateway (or deleted and made again) is handed to
+`on_tenant_gone`, which drops what this process alone holds of it: merges, usage, cached files.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from adapters.database import Database
 from adapters.errors import CatalogUnavailable
@@ -32,6 +35,7 @@ class CatalogSync:
         keyring: KeyRing,
         poll_seconds: float,
         on_applied: Callable[[int], None] | None = None,
+        on_tenant_gone: Callable[[str], Awaitable[None]] | None = None,
     ):
         self.catalog = catalog
         self.registry = registry
@@ -39,6 +43,7 @@ class CatalogSync:
         self.keyring = keyring
         self.poll_seconds = poll_seconds
         self.on_applied = on_applied
+        self.on_tenant_gone = on_tenant_gone
         self.seen_version = -1
 
     async def run(self) -> None:
@@ -63,10 +68,13 @@ class CatalogSync:
         snapshot = await asyncio.to_thread(self.catalog.snapshot)
         if snapshot.version < self.catalog.written_version:
             return False  # read before one of this process's own writes: the next look has it
-        self.tenants.apply(snapshot.tenants)
+        gone = self.tenants.apply(snapshot.tenants)
         self.keyring.apply(snapshot.keys)
         await self.registry.apply(snapshot.adapters)
         self.seen_version = snapshot.version
+        if self.on_tenant_gone is not None:
+            for name in sorted(gone):
+                await self.on_tenant_gone(name)
         if self.on_applied is not None:
             self.on_applied(snapshot.version)
         return True

@@ -128,6 +128,13 @@ class UsageWindow:
             completion_tokens=record.completion_tokens,
         )
 
+    def forget(self, tenant: str) -> int:
+        """Drop every series of `tenant`: its own requests, and the admin's to its adapters; how many."""
+        gone = [key for key in self._series if key[0] == tenant or key[1].owner == tenant]
+        for key in gone:
+            del self._series[key]
+        return len(gone)
+
     def _prune(self, buckets: dict[int, Bucket], newest: int) -> None:
         oldest = newest - self._bucket_count() + 1
         for index in [i for i in buckets if i < oldest]:

@@ -7,7 +7,8 @@ with the same recipe over the same files reuses it, and a changed input makes a 
 not in the catalog, so no tenant lists or names it; it goes through the registry's lease like
 any adapter, so it sits in the engine's LRU cache and is evicted from it like any other. At most
 `max_entries` are kept; the least recently used beyond that is unregistered (after its requests
-in flight finish). Its store folder is removed at the next start, as nothing in the catalog names it.
+in flight finish). Its store folder and object are then the store sweep's (adapters/retention.py),
+as nothing in the catalog names them. A deleted tenant's merges go at once (`drop_owner`).
 """
 
 from __future__ import annotations
@@ -43,6 +44,23 @@ class MergedAdapterCache:
 
     def entries(self) -> list[AdapterEntry]:
         return list(self._entries.values())
+
+    def held_hashes(self) -> set[str]:
+        """The content of every cached merge, which the store sweep must keep."""
+        return {entry.spec.content_hash for entry in self._entries.values()}
+
+    async def drop_owner(self, owner: str) -> set[str]:
+        """Forget an owner's merges (its tenant was deleted); returns their content hashes.
+
+        Each is unregistered: requests in flight finish first, as for an evicted merge.
+        """
+        dropped = [key for key in self._entries if key[0] == owner]
+        hashes = set()
+        for key in dropped:
+            entry = self._entries.pop(key)
+            hashes.add(entry.spec.content_hash)
+            await self.registry.unregister(entry)
+        return hashes
 
     async def get(self, principal: Principal, ids: list[str], recipe: Recipe) -> AdapterEntry:
         """The composed adapter for this caller; 404 for an input it may not use, as for a missing one."""
