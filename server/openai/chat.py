@@ -52,7 +52,8 @@ async def create_chat_completion(
     top = body.top_logprobs or 0
     if body.stream:
         return sse_response(_stream(generator, job, body.include_usage, top), admission.release)
-    outcome = await unless_disconnected(request, generator.complete(job))
+    with admission.released_at_end():
+        outcome = await unless_disconnected(request, generator.complete(job))
     return JSONResponse(
         {
             "id": job.request_id,

@@ -47,7 +47,8 @@ async def create_completion(
         job = Job(new_request_id("cmpl"), body.model, prompt_ids, options, record, admission, body.return_token_ids)
     if body.stream:
         return sse_response(_stream(generator, job, body.include_usage), admission.release)
-    outcome = await unless_disconnected(request, generator.complete(job))
+    with admission.released_at_end():
+        outcome = await unless_disconnected(request, generator.complete(job))
     return JSONResponse(
         {
             "id": job.request_id,

@@ -85,6 +85,15 @@ class Admission:
             self.release()
             raise
 
+    @contextmanager
+    def released_at_end(self) -> Iterator[None]:
+        """Give the sequences back when the request ends, also when the client left before its job
+        ever ran (a job cancelled before its first step never reaches its own `finally`)."""
+        try:
+            yield
+        finally:
+            self.release()
+
 
 @dataclass
 class ChoiceResult:

@@ -223,7 +223,8 @@ def _fit(prompt_ids: list[int], max_new_tokens: int | None, limit: int) -> int:
 
 
 async def _complete(request: Request, generator: Generator, tgi: TgiJob) -> dict[str, Any]:
-    generated = await unless_disconnected(request, _collect(generator, tgi.job))
+    with tgi.job.admission.released_at_end():
+        generated = await unless_disconnected(request, _collect(generator, tgi.job))
     params = tgi.body.parameters
     response: dict[str, Any] = {"generated_text": _full_text(tgi.body, generated.text)}
     if params.details or params.decoder_input_details:

@@ -82,3 +82,45 @@ async def test_sequences_count_against_max_in_flight(tmp_path):
         assert gw.app.state.generator.in_flight == 0
         two = await gw.client.post("/v1/completions", json=completion("base", n=2), headers=gw.admin)
         assert two.status_code == 200
+
+
+async def test_a_client_that_leaves_gives_its_sequences_back(tmp_path):
+    import json
+
+    async with hostile_world(tmp_path, limits={"max_concurrent": 4}) as gw:
+        gw.engine.release = asyncio.Event()  # the engine never answers: only the client's leaving ends it
+        body = json.dumps(completion(prompt=["a", "b"], n=2)).encode()
+        sent: list[dict] = []
+        messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def receive() -> dict:
+            if messages:
+                return messages.pop()
+            await asyncio.sleep(HELD)
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        headers = [(b"content-type", b"application/json")] + [
+            (name.lower().encode(), value.encode()) for name, value in gw.tenant.items()
+        ]
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "POST",
+            "scheme": "http",
+            "path": "/v1/completions",
+            "raw_path": b"/v1/completions",
+            "query_string": b"",
+            "root_path": "",
+            "headers": [(b"host", b"localhost"), *headers],
+            "client": ("127.0.0.1", 1),
+            "server": ("localhost", 80),
+        }
+        await asyncio.wait_for(gw.app(scope, receive, send), 5)
+        assert gw.app.state.tenants.in_flight("t") == 0 and gw.app.state.generator.in_flight == 0
+        gw.engine.release.set()
+        after = await gw.client.post("/v1/completions", json=completion(prompt=["a", "b"], n=2), headers=gw.tenant)
+        assert after.status_code == 200, after.text
