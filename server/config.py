@@ -73,7 +73,11 @@ class Settings(BaseSettings):
         description="how the engine applies adapters on the CPU: grouped (by adapter, server/engine/lora_ops.py) "
         "or vllm (vLLM's per-token ops)",
     )
-    host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0 for every interface)")
+    host: str = Field(
+        "127.0.0.1",
+        description="address to listen on (0.0.0.0 for every interface); any address but loopback needs "
+        "--admin-key (or --allow-open)",
+    )
     port: int = Field(8000, ge=0, le=65535, description="port to listen on")
     demo_dir: Path = Field(
         default_factory=lambda: _default_cache_dir() / "demo",
@@ -125,6 +129,11 @@ class Settings(BaseSettings):
     log_format: str = Field("json", description="json (one object per line) or text")
     admin_key: SecretStr | None = Field(
         None, description="the admin's API key; without one the gateway runs open (local use only)"
+    )
+    allow_open: bool = Field(
+        False,
+        description="run open (no --admin-key) on an address other than loopback: whoever reaches it is the "
+        "admin. Only for a network you trust entirely; a catalog with tenants or keys is never served open",
     )
     adapter_dir: Path | None = Field(
         None, description="folder of adapter folders; an unknown model naming one registers it on first use"

@@ -87,7 +87,7 @@ async def observed_gateway(tmp_path, *, adapters: list[str], max_resident: int, 
     async with app.router.lifespan_context(app):
         for name in adapters:
             await registry.register(SHARED, name, fake_spec(name), load=True)
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway") as client:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://localhost") as client:
             yield Observed(client, engine, registry, metrics)
     registry.catalog.close()
 
