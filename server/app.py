@@ -53,7 +53,7 @@ def build_app(
     """
     if registry.catalog is None:
         raise ValueError("the registry needs a catalog")
-    keyring = KeyRing(registry.catalog, settings.admin_key)
+    keyring = KeyRing(registry.catalog, settings.admin_key, settings.metrics_key)
     tenant_defaults = TenantLimits(
         max_concurrent=settings.tenant_max_concurrent,
         requests_per_second=settings.tenant_requests_per_second,

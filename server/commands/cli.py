@@ -1,10 +1,11 @@
-"""The `lora-gateway` command: `serve` and `demo-model`."""
+"""The `lora-gateway` command: `serve`, `demo-model` and `new-key` (`merge` and `convert` have modules of their own)."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import os
+import secrets
 import shutil
 import signal
 import sys
@@ -66,6 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
         "adapters in PEFT format, offline, in seconds.",
     )
     demo.add_argument("--out", required=True, type=Path, metavar="DIR", help="folder to create")
+    commands.add_parser(
+        "new-key",
+        help="print a new random key for --admin-key or --metrics-key",
+        description="Print a new random key (256 bits, URL-safe base64) for --admin-key or --metrics-key. "
+        "Pass it in the environment (LORA_GATEWAY_ADMIN_KEY), not as a flag, which shows in `ps`.",
+    )
     add_merge_parser(commands)
     add_convert_parser(commands)
     return parser
@@ -80,7 +87,8 @@ def _settings_error(exc: ValidationError) -> str:
     problems = []
     for error in exc.errors():
         flag = "--" + "-".join(str(part) for part in error["loc"][:1]).replace("_", "-")
-        problems.append(f"{flag}: {error['msg'].removeprefix('Value error, ')}")
+        message = error["msg"].removeprefix("Value error, ")
+        problems.append(message if message.startswith(flag + " ") else f"{flag}: {message}")
     return "; ".join(problems)
 
 
@@ -92,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
         return run_merge(args)
     if command == "convert":
         return run_convert(args)
+    if command == "new-key":
+        print(new_key())
+        return 0
     if command == "demo-model":
         from adapters.demo import build_demo
 
@@ -103,6 +114,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as exc:
         return _fail(_settings_error(exc))
     return serve(settings)
+
+
+def new_key() -> str:
+    """A random key for --admin-key or --metrics-key: 32 bytes, 43 URL-safe characters."""
+    return secrets.token_urlsafe(32)
 
 
 def serve(settings: Settings) -> int:
