@@ -131,7 +131,10 @@ class Settings(BaseSettings):
     log_level: str = Field("info", description="debug, info, warning or error")
     log_format: str = Field("json", description="json (one object per line) or text")
     admin_key: SecretStr | None = Field(
-        None, description="the admin's API key; without one the gateway runs open (local use only)"
+        None,
+        description=f"the admin's API key, {MIN_KEY_CHARS} characters or more (`lora-gateway new-key` prints one); "
+        "without one the gateway runs open: every caller is the admin, so it serves on loopback only "
+        "(elsewhere with --allow-open)",
     )
     allow_open: bool = Field(
         False,
@@ -226,7 +229,7 @@ class Settings(BaseSettings):
         # compose passes an unset variable as an empty string
         return None if value == "" else value
 
-    @field_validator("metrics_key")
+    @field_validator("admin_key", "metrics_key")
     @classmethod
     def _key_strong(cls, value: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
         if value is None:

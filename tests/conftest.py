@@ -57,7 +57,7 @@ async def gateway(tmp_path) -> AsyncIterator[FakeGateway]:
             yield FakeGateway(client, engine, registry, app)
 
 
-ADMIN_KEY = "admin-secret-key"
+ADMIN_KEY = "admin-secret-key-for-the-fast-tests-0123"
 
 
 @dataclass

@@ -126,9 +126,13 @@ def serve(settings: Settings) -> int:
     from adapters.sandbox import loader_problem
     from adapters.validate import validate_adapter
     from adapters.zero import ZERO_ADAPTER_NAME, write_zero_adapter
-    from server.gateway import StartupError, assemble, prepare, with_demo
+    from server.gateway import StartupError, assemble, check_open_mode, prepare, with_demo
 
     configure_logging(settings.log_level, settings.log_format)
+    try:
+        check_open_mode(settings, settings.host)  # before the demo is built: refuse in a second
+    except StartupError as exc:
+        return _fail(str(exc))
     if (problem := loader_problem()) is not None:
         logger.warning("pickled adapters (adapter_model.bin, MiniMind .pth) will be refused: %s", problem)
     settings = with_demo(settings)
