@@ -143,3 +143,17 @@ def test_weak_keys_fail_settings_validation_without_showing_them():
     with pytest.raises(ValidationError) as refused:
         Settings(admin_key="hunter2-hunter2")
     assert "hunter2" not in str(refused.value)
+
+
+def test_every_setting_has_a_help_line_the_new_ones_included():
+    from server.commands.cli import build_parser
+
+    serve = build_parser()._subparsers._group_actions[0].choices["serve"]
+    helps = {action.dest: action.help or "" for action in serve._actions}
+    for name, field in Settings.model_fields.items():
+        assert field.description and len(field.description.split()) >= 4, f"--{name} explains nothing"
+        assert helps[name].startswith(field.description), name
+    for flag in ("allow_open", "metrics_key", "admin_key"):
+        assert "32" in helps[flag] or "loopback" in helps[flag] or "trust" in helps[flag]
+    shown = serve.format_help()
+    assert "--allow-open" in shown and "--metrics-key" in shown and "new-key" in shown
