@@ -3,6 +3,8 @@
 #   docker build --target gpu -t lora-gateway:gpu .   (vllm on CUDA; what deploy/k8s runs)
 # Both run `lora-gateway serve` as uid 10001 and keep their state in the volume
 # /var/lib/lora-gateway. With no --model (LORA_GATEWAY_MODEL) they serve the embedded demo.
+# They listen on 0.0.0.0, so they need an admin key, or `serve` refuses to start:
+#   docker run -e LORA_GATEWAY_ADMIN_KEY=$(docker run --rm lora-gateway:cpu new-key) ...
 # Both carry the postgres and s3 extras, so that one image runs alone (SQLite and a local
 # folder) or as one of several gateways (--catalog-url postgresql://..., --store-url s3://...).
 # /var/cache/lora-gateway is an empty folder uid 10001 owns, so that a new volume mounted

@@ -93,7 +93,7 @@ async def http_caller(entries: int) -> AsyncIterator[tuple[Call, list[str]]]:
                 for name in adapter_names(entries):
                     await registry.register(SHARED, name, fake_spec(name))
                 transport = httpx.ASGITransport(app=app)
-                async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
+                async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
 
                     async def call(name: str) -> None:
                         response = await client.post(

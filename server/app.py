@@ -26,6 +26,7 @@ from server.http.auth import KeyRing
 from server.http.bodylimit import BodyLimitMiddleware
 from server.http.errors import install_error_handlers
 from server.http.middleware import RequestGate, TelemetryMiddleware
+from server.http.open_mode import OpenModeGuard
 from server.http.responses import JSONResponse
 from server.http.tenancy import TenantLimits, Tenants
 from server.openai import chat, completions, models
@@ -55,7 +56,7 @@ def build_app(
     """
     if registry.catalog is None:
         raise ValueError("the registry needs a catalog")
-    keyring = KeyRing(registry.catalog, settings.admin_key)
+    keyring = KeyRing(registry.catalog, settings.admin_key, settings.metrics_key)
     tenant_defaults = TenantLimits(
         max_concurrent=settings.tenant_max_concurrent,
         requests_per_second=settings.tenant_requests_per_second,
@@ -73,7 +74,11 @@ def build_app(
         for name, folder in (preload or {}).items():
             await registry.add_folder(SHARED, name, lambda staging, f=folder: copy_folder(f, staging, max_bytes))
         if keyring.open:
-            logger.warning("no --admin-key: every caller is the admin; use this for local work only")
+            logger.warning(
+                "no --admin-key: every caller is the admin, for local work only; answering only requests "
+                "addressed to localhost, a loopback address or %s, and none from another site's web pages",
+                settings.host,
+            )
         app.state.ready = True
         logger.info("serving %s with %d adapters", registry.base_name, len(registry.entries()))
         watchdog = asyncio.create_task(_watch_engine(app, engine))
@@ -143,6 +148,9 @@ def build_app(
         max_upload_bytes=settings.max_adapter_bytes,
         max_file_bytes=settings.max_file_bytes,
     )
+    if keyring.open:
+        # Inside the telemetry, so that a refusal is counted, logged and carries its request id.
+        app.add_middleware(OpenModeGuard, listen_host=settings.host)
     app.add_middleware(TelemetryMiddleware)
     app.include_router(metrics_route.router)
     for module in (health, models, completions, chat, adapters, tenants, cluster, usage, ui):

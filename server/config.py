@@ -14,6 +14,8 @@ ENV_PREFIX = "LORA_GATEWAY_"
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 # Settings that take one of a few words, and those words.
 CHOICES = {"log_format": ("json", "text"), "lora_ops": ("grouped", "vllm")}
+# The shortest admin or metrics key accepted: `lora-gateway new-key` prints 43 characters.
+MIN_KEY_CHARS = 32
 
 
 def _default_cache_dir() -> Path:
@@ -29,7 +31,8 @@ def _default_state_dir() -> Path:
 class Settings(BaseSettings):
     """Everything `lora-gateway serve` can be told. Field descriptions are the --help text."""
 
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid")
+    # hide_input_in_errors: a refused key or catalog URL must not be echoed in an error message.
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", hide_input_in_errors=True)
 
     model: str | None = Field(
         None, description="base model folder (Llama or Qwen2 family); none serves the embedded demo"
@@ -73,7 +76,11 @@ class Settings(BaseSettings):
         description="how the engine applies adapters on the CPU: grouped (by adapter, server/engine/lora_ops.py) "
         "or vllm (vLLM's per-token ops)",
     )
-    host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0 for every interface)")
+    host: str = Field(
+        "127.0.0.1",
+        description="address to listen on (0.0.0.0 for every interface); any address but loopback needs "
+        "--admin-key (or --allow-open)",
+    )
     port: int = Field(8000, ge=0, le=65535, description="port to listen on")
     demo_dir: Path = Field(
         default_factory=lambda: _default_cache_dir() / "demo",
@@ -136,7 +143,20 @@ class Settings(BaseSettings):
     log_level: str = Field("info", description="debug, info, warning or error")
     log_format: str = Field("json", description="json (one object per line) or text")
     admin_key: SecretStr | None = Field(
-        None, description="the admin's API key; without one the gateway runs open (local use only)"
+        None,
+        description=f"the admin's API key, {MIN_KEY_CHARS} characters or more (`lora-gateway new-key` prints one); "
+        "without one the gateway runs open: every caller is the admin, so it serves on loopback only "
+        "(elsewhere with --allow-open)",
+    )
+    allow_open: bool = Field(
+        False,
+        description="run open (no --admin-key) on an address other than loopback: whoever reaches it is the "
+        "admin. Only for a network you trust entirely; a catalog with tenants or keys is never served open",
+    )
+    metrics_key: SecretStr | None = Field(
+        None,
+        description=f"a key ({MIN_KEY_CHARS} characters or more) that reads GET /metrics and nothing else, for "
+        "Prometheus; with --admin-key, /metrics takes this key or the admin's",
     )
     adapter_dir: Path | None = Field(
         None, description="folder of adapter folders; an unknown model naming one registers it on first use"
@@ -232,11 +252,27 @@ class Settings(BaseSettings):
             raise ValueError("--dtype must be auto, float32, bfloat16 or float16")
         return value
 
-    @field_validator("admin_key", "catalog_url", "store_url", "ray_address", mode="before")
+    @field_validator("admin_key", "metrics_key", "catalog_url", "store_url", "ray_address", mode="before")
     @classmethod
     def _empty_key_is_none(cls, value: object) -> object:
         # compose passes an unset variable as an empty string
         return None if value == "" else value
+
+    @field_validator("admin_key", "metrics_key")
+    @classmethod
+    def _key_strong(cls, value: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+        if value is None:
+            return value
+        flag = "--" + info.field_name.replace("_", "-")
+        key = value.get_secret_value()
+        if len(key) < MIN_KEY_CHARS:
+            raise ValueError(
+                f"{flag} must have at least {MIN_KEY_CHARS} characters; `lora-gateway new-key` prints a random one"
+            )
+        if any(ch.isspace() for ch in key) or not key.isprintable():
+            # A key read from a file often ends in a newline, which no client sends.
+            raise ValueError(f"{flag} must not contain spaces, newlines or control characters")
+        return value
 
     @field_validator(*CHOICES)
     @classmethod

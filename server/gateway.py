@@ -22,6 +22,7 @@ from adapters.spec import AdapterSpec
 from adapters.store import AdapterStore, open_adapter_store
 from adapters.validate import check_name
 from server.config import Settings
+from server.http.open_mode import is_loopback
 
 logger = logging.getLogger("lora_gateway")
 
@@ -43,6 +44,39 @@ class Prepared:
     store: AdapterStore
     catalog: Database
     preload: dict[str, Path] = field(default_factory=dict)
+
+
+def check_open_mode(settings: Settings, host: str | None) -> None:
+    """Refuse to run open (no --admin-key) where other machines could reach it; raises StartupError.
+
+    `host` is where the server listens; None when the settings do not say (a Ray Serve config's
+    http_options decide), which counts as reachable. Call it first: it needs nothing built.
+    """
+    if settings.admin_key is not None:
+        return
+    if settings.metrics_key is not None:
+        raise StartupError("--metrics-key needs --admin-key: without an admin key every caller is the admin")
+    if settings.allow_open or (host is not None and is_loopback(host)):
+        return
+    where = f"--host {host} is reachable from other machines" if host is not None else "Ray Serve decides the address"
+    raise StartupError(
+        f"{where} and no --admin-key is set, so every caller would be the admin. Set --admin-key "
+        "(LORA_GATEWAY_ADMIN_KEY; `lora-gateway new-key` prints one), listen on 127.0.0.1, or pass "
+        "--allow-open to serve open on purpose"
+    )
+
+
+def check_catalog_not_open(settings: Settings, catalog: Database) -> None:
+    """A catalog that holds tenants or keys is never served open: their keys would mean nothing."""
+    if settings.admin_key is not None:
+        return
+    tenants, keys = len(catalog.tenants()), len(catalog.keys())
+    if tenants or keys:
+        raise StartupError(
+            f"--admin-key: the catalog holds {tenants} tenant(s) and {keys} key(s); without --admin-key every "
+            "caller would be the admin and could use and change them all. Start with the admin key "
+            "(LORA_GATEWAY_ADMIN_KEY)"
+        )
 
 
 def with_demo(settings: Settings) -> Settings:
@@ -98,6 +132,11 @@ def prepare(settings: Settings) -> Prepared:
     catalog = open_catalog(settings, BaseIdentity(settings.base_name, fingerprint(Path(model_path))))
     if isinstance(catalog, str):
         raise StartupError(catalog)
+    try:
+        check_catalog_not_open(settings, catalog)
+    except StartupError:
+        catalog.close()
+        raise
     return Prepared(settings, model_path, base, rules, store, catalog, preload)
 
 

@@ -75,11 +75,18 @@ def build_application(settings: Settings, revision: int = 0):
 
 def app_builder(args: dict[str, Any] | None = None):
     """For `serve run server.ray_app:app_builder` and Serve config files: settings from `args`
-    (flag names with underscores) over the LORA_GATEWAY_* environment."""
-    from server.gateway import with_demo
+    (flag names with underscores) over the LORA_GATEWAY_* environment.
 
-    settings = with_demo(Settings(**{"ray": True, **(args or {})}))
-    return build_application(settings)
+    Serve's http_options, not the settings, say where the application listens, so it needs an
+    admin key (LORA_GATEWAY_ADMIN_KEY in the environment, never in the config) or allow_open."""
+    from server.gateway import StartupError, check_open_mode, with_demo
+
+    settings = Settings(**{"ray": True, **(args or {})})
+    try:
+        check_open_mode(settings, None)
+    except StartupError as exc:
+        raise RuntimeError(str(exc)) from None
+    return build_application(with_demo(settings))
 
 
 class GatewayIngress:

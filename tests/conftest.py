@@ -52,11 +52,12 @@ async def gateway(tmp_path) -> AsyncIterator[FakeGateway]:
         await registry.register(SHARED, "alpha", fake_spec("alpha"), load=True)
         await registry.register(SHARED, "beta", fake_spec("beta", 16), load=True)
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
+        # Open mode answers local names only (server/http/open_mode.py).
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
             yield FakeGateway(client, engine, registry, app)
 
 
-ADMIN_KEY = "admin-secret-key"
+ADMIN_KEY = "admin-secret-key-for-the-fast-tests-0123"
 
 
 @dataclass

@@ -196,7 +196,7 @@ async def test_with_the_database_down_known_adapters_and_keys_serve_and_writes_g
             # Nothing was half-done: the adapter still serves, unpinned, and nothing new exists.
             assert (await complete(gw, "support", gw.as_(key))).status_code == 200
             assert gw.registry.find("", "support").pinned is False and gw.registry.find("", "new-one") is None
-            metrics = (await gw.client.get("/metrics")).text
+            metrics = (await gw.client.get("/metrics", headers=gw.admin)).text
             assert 'lora_gateway_backend_errors_total{backend="catalog"}' in metrics
             assert 'lora_gateway_backend_errors_total{backend="catalog"} 0.0' not in metrics
         finally:
@@ -228,7 +228,9 @@ async def test_with_the_store_down_cached_adapters_serve_and_a_cold_one_gets_503
             assert cold.json()["error"]["code"] == "store_unavailable"
             assert moto_server.endpoint_url not in cold.text
             assert (await b.client.get("/ready")).status_code == 200
-            assert 'lora_gateway_backend_errors_total{backend="store"} 0.0' not in (await b.client.get("/metrics")).text
+            scrape = await b.client.get("/metrics", headers=b.admin)
+            assert scrape.status_code == 200
+            assert 'lora_gateway_backend_errors_total{backend="store"} 0.0' not in scrape.text
         finally:
             moto_server.start()
         # moto keeps objects in memory, so the restarted store lost the files: still a 503, never a 500.

@@ -145,7 +145,7 @@ async def test_scrape_names_the_models_clients_sent(full, vllm_lora_info, tmp_pa
     # vLLM lists the LoRA names of the step's requests.
     record(vllm_lora_info, ",".join(engine_names[:2]), waiting=engine_names[2])
 
-    response = await full.client.get("/metrics")
+    response = await full.client.get("/metrics", headers=full.admin)
     assert response.status_code == 200
     text = response.text
     view = picker_view(text, skip_empty=False)

@@ -44,7 +44,9 @@ def test_inconsistent_ray_settings_are_refused_naming_the_flag(settings, flag):
 
 
 @pytest.mark.parametrize("path", ["deploy/ray/serve-config.yaml", "deploy/ray/rayservice.yaml"])
-def test_the_serve_config_builds_the_application(path, demo):
+def test_the_serve_config_builds_the_application(path, demo, monkeypatch):
+    # The admin key comes from the environment (rayservice.yaml: the Secret), never from the file.
+    monkeypatch.setenv("LORA_GATEWAY_ADMIN_KEY", "an-admin-key-of-at-least-thirty-two-characters")
     document = yaml.safe_load((ROOT / path).read_text())
     config = yaml.safe_load(document["spec"]["serveConfigV2"]) if "spec" in document else document
     (application,) = config["applications"]

@@ -52,7 +52,7 @@ async def test_draining_refuses_new_requests_but_answers_probes(tmp_path):
         assert response.headers["x-request-id"] == "late"
         assert_draining(await gw.client.get("/v1/models", headers=gw.admin))
         assert (await gw.client.get("/health")).status_code == 200
-        metrics = (await gw.client.get("/metrics")).text
+        metrics = (await gw.client.get("/metrics", headers=gw.admin)).text
     assert 'lora_gateway_requests_total{adapter="none",endpoint="completions",status="503"} 1.0' in metrics
     assert 'lora_gateway_requests_total{adapter="none",endpoint="/v1/models",status="503"} 1.0' in metrics
     assert gw.engine.generated and len(gw.engine.generated) == 1

@@ -1,10 +1,11 @@
-"""The `lora-gateway` command: `serve` and `demo-model`."""
+"""The `lora-gateway` command: `serve`, `demo-model` and `new-key` (`merge` and `convert` have modules of their own)."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import os
+import secrets
 import shutil
 import signal
 import sys
@@ -66,6 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
         "adapters in PEFT format, offline, in seconds.",
     )
     demo.add_argument("--out", required=True, type=Path, metavar="DIR", help="folder to create")
+    commands.add_parser(
+        "new-key",
+        help="print a new random key for --admin-key or --metrics-key",
+        description="Print a new random key (256 bits, URL-safe base64) for --admin-key or --metrics-key. "
+        "Pass it in the environment (LORA_GATEWAY_ADMIN_KEY), not as a flag, which shows in `ps`.",
+    )
     add_merge_parser(commands)
     add_convert_parser(commands)
     return parser
@@ -80,7 +87,8 @@ def _settings_error(exc: ValidationError) -> str:
     problems = []
     for error in exc.errors():
         flag = "--" + "-".join(str(part) for part in error["loc"][:1]).replace("_", "-")
-        problems.append(f"{flag}: {error['msg'].removeprefix('Value error, ')}")
+        message = error["msg"].removeprefix("Value error, ")
+        problems.append(message if message.startswith(flag + " ") else f"{flag}: {message}")
     return "; ".join(problems)
 
 
@@ -92,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
         return run_merge(args)
     if command == "convert":
         return run_convert(args)
+    if command == "new-key":
+        print(new_key())
+        return 0
     if command == "demo-model":
         from adapters.demo import build_demo
 
@@ -105,14 +116,23 @@ def main(argv: list[str] | None = None) -> int:
     return serve(settings)
 
 
+def new_key() -> str:
+    """A random key for --admin-key or --metrics-key: 32 bytes, 43 URL-safe characters."""
+    return secrets.token_urlsafe(32)
+
+
 def serve(settings: Settings) -> int:
     """Check everything that can fail fast, start the engine, then serve until stopped."""
     from adapters.sandbox import loader_problem
     from adapters.validate import validate_adapter
     from adapters.zero import ZERO_ADAPTER_NAME, write_zero_adapter
-    from server.gateway import StartupError, assemble, prepare, with_demo
+    from server.gateway import StartupError, assemble, check_open_mode, prepare, with_demo
 
     configure_logging(settings.log_level, settings.log_format)
+    try:
+        check_open_mode(settings, settings.host)  # before the demo is built: refuse in a second
+    except StartupError as exc:
+        return _fail(str(exc))
     if (problem := loader_problem()) is not None:
         logger.warning("pickled adapters (adapter_model.bin, MiniMind .pth) will be refused: %s", problem)
     settings = with_demo(settings)

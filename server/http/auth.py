@@ -48,6 +48,17 @@ class AdminOnly(GatewayError):
         super().__init__(f"{what} is for the admin key only")
 
 
+class MetricsForbidden(GatewayError):
+    """A tenant's key asked for /metrics, whose series name every tenant's adapters."""
+
+    status_code = 403
+    error_type = "permission_error"
+    code = "admin_only"
+
+    def __init__(self) -> None:
+        super().__init__("GET /metrics takes the admin key or the --metrics-key, not a tenant's key")
+
+
 @dataclass(frozen=True)
 class Principal:
     """Who a request is from: the admin, or one tenant."""
@@ -83,9 +94,10 @@ class IssuedKey:
 class KeyRing:
     """Checks keys; issues and revokes tenant keys."""
 
-    def __init__(self, catalog: Database, admin_key: SecretStr | None):
+    def __init__(self, catalog: Database, admin_key: SecretStr | None, metrics_key: SecretStr | None = None):
         self._catalog = catalog
         self._admin_hash = hash_key(admin_key.get_secret_value()) if admin_key else None
+        self._metrics_hash = hash_key(metrics_key.get_secret_value()) if metrics_key else None
         self._by_hash: dict[str, KeyRow] = {row.key_hash: row for row in catalog.keys()}
 
     @property
@@ -96,10 +108,7 @@ class KeyRing:
     def authenticate(self, authorization: str | None) -> Principal:
         if self.open:
             return ADMIN
-        scheme, _, key = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not key.strip():
-            raise Unauthorized()
-        digest = hash_key(key.strip())
+        digest = self._bearer_digest(authorization)
         if hmac.compare_digest(digest, self._admin_hash or ""):
             return ADMIN
         row = self._by_hash.get(digest)
@@ -107,6 +116,26 @@ class KeyRing:
         if row is None or not hmac.compare_digest(row.key_hash, digest):
             raise Unauthorized("the API key is not valid")
         return Principal(tenant=row.tenant, admin=False)
+
+    def authenticate_metrics(self, authorization: str | None) -> None:
+        """GET /metrics: the admin key or the --metrics-key (anyone in open mode). The metrics key
+        opens nothing else; a tenant's key is refused, since the series name every tenant's adapters."""
+        if self.open:
+            return
+        digest = self._bearer_digest(authorization)
+        for accepted in (self._admin_hash, self._metrics_hash):
+            if accepted is not None and hmac.compare_digest(digest, accepted):
+                return
+        if digest in self._by_hash:
+            raise MetricsForbidden()
+        raise Unauthorized("the API key is not valid")
+
+    @staticmethod
+    def _bearer_digest(authorization: str | None) -> str:
+        scheme, _, key = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not key.strip():
+            raise Unauthorized()
+        return hash_key(key.strip())
 
     @staticmethod
     def mint(tenant: str) -> tuple[IssuedKey, KeyRow]:

@@ -48,6 +48,11 @@ async def get_record(request: Request) -> RequestRecord:
     return request_record(request)
 
 
+async def require_metrics_reader(request: Request) -> None:
+    """GET /metrics: the admin key or --metrics-key; 401 or 403 otherwise (open mode: anyone)."""
+    request.app.state.keyring.authenticate_metrics(request.headers.get("authorization"))
+
+
 async def require_admin(request: Request) -> Principal:
     principal = _principal(request)
     if not principal.admin:

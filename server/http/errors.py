@@ -72,6 +72,14 @@ class PromptTooLong(ContextLengthExceeded):
         )
 
 
+class UnsupportedMediaType(GatewayError):
+    """A body in a format the route does not take (the TGI routes take JSON only)."""
+
+    status_code = 415
+    error_type = "invalid_request_error"
+    code = "unsupported_media_type"
+
+
 class ModelNotFound(GatewayError):
     """Unknown model, or one the caller may not use: the two must look the same."""
 
@@ -174,7 +182,7 @@ def speaks_tgi(scope: Scope) -> bool:
 
 def tgi_error_type(exc: GatewayError) -> str:
     """TGI's error_type, by which huggingface_hub and lorax-client pick the exception they raise."""
-    if exc.status_code in (400, 413, 422):
+    if exc.status_code in (400, 413, 415, 422):
         return "validation"
     if exc.status_code == 429 or exc.code in ("overloaded", "draining"):
         return "overloaded"

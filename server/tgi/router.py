@@ -20,7 +20,7 @@ from starlette.background import BackgroundTask
 from adapters.errors import AdapterError
 from server.engine.protocol import GenerationStep, PromptToken, SamplingOptions, TokenLogprob
 from server.http.deps import PrincipalDep, RecordDep
-from server.http.errors import EngineUnavailable, GatewayError, PromptTooLong, tgi_error_payload
+from server.http.errors import EngineUnavailable, GatewayError, PromptTooLong, UnsupportedMediaType, tgi_error_payload
 from server.http.responses import JSONResponse, SSEResponse, unless_disconnected
 from server.openai.generation import ENGINE_DEAD_MESSAGE, Generator, GeneratorDep, Job, new_request_id
 from server.openai.protocol import MAX_STOP
@@ -29,7 +29,20 @@ from server.tgi.protocol import GenerateRequest, TgiInvalid, parse_request
 
 logger = logging.getLogger(__name__)
 
-router = APIRouter()
+
+async def require_json(request: Request) -> None:
+    """TGI's routes take JSON only, as TGI's own server does: a web page's form (urlencoded,
+    multipart or text/plain) cannot post to them."""
+    if request.method in ("GET", "HEAD"):
+        return
+    media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    kind, _, subtype = media_type.partition("/")
+    if kind != "application" or not (subtype == "json" or subtype.endswith("+json")):
+        shown = media_type[:100] or "none"
+        raise UnsupportedMediaType(f"the body must be JSON with 'Content-Type: application/json', not {shown}")
+
+
+router = APIRouter(dependencies=[Depends(require_json)])
 
 
 async def get_merged(request: Request) -> MergedAdapterCache:

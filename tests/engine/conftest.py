@@ -16,7 +16,7 @@ import pytest
 
 pytestmark = pytest.mark.engine
 STARTUP_SECONDS = 300
-ADMIN_KEY = "test-admin-key"
+ADMIN_KEY = "test-admin-key-for-the-engine-tests-0123"
 SMALL_KV_CACHE = "0.05"  # of memory, for gateways that run beside others (the default 0.2 is ~4.7 GiB here)
 
 

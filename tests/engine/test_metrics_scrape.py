@@ -10,6 +10,8 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.engine.conftest import ADMIN_KEY
+
 pytestmark = pytest.mark.engine
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "dashboards" / "lora-gateway.json"
@@ -55,7 +57,8 @@ class Scrape:
 
 
 def scrape(gateway) -> Scrape:
-    response = httpx.get(f"{gateway.url}/metrics", timeout=10)
+    # A gateway with keys takes the admin key (or --metrics-key) here; an open one ignores it.
+    response = httpx.get(f"{gateway.url}/metrics", headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=10)
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/plain")
     return Scrape(response.text)

@@ -213,7 +213,7 @@ async def test_a_job_left_running_by_a_crash_fails_on_restart(tmp_path, demo):
         assert "not resumed" in restarted["error"]["message"]
         vanished = await wait_status(gw, lost, gw.admin, {"failed"})
         assert vanished["status"] == "failed" and vanished["error"]["code"] == "runner_lost"
-        scrape = (await gw.client.get("/metrics")).text
+        scrape = (await gw.client.get("/metrics", headers=gw.admin)).text
         assert 'lora_gateway_fine_tuning_jobs_total{status="failed"} 2.0' in scrape
         assert "lora_gateway_fine_tuning_running 0.0" in scrape
 
