@@ -18,7 +18,7 @@ import errno
 import os
 import signal
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 _CLONE_NEWUSER = 0x10000000
 _CLONE_NEWNET = 0x40000000
@@ -140,6 +140,25 @@ def die_with_parent(parent: int, sig: int = signal.SIGKILL) -> None:
     if os.getppid() != parent:  # the parent died before the line above: nobody will signal
         os.kill(os.getpid(), sig)
         os._exit(1)
+
+
+def parent_death_hook(sig: int = signal.SIGKILL) -> Callable[[], None]:
+    """A `preexec_fn` for subprocess: the child dies with this process (see die_with_parent).
+
+    Everything it needs is looked up here, before the fork: after it, in a process that had
+    threads, only the simplest calls are safe.
+    """
+    parent = os.getpid()
+    prctl = _libc().prctl if sys.platform == "linux" else None
+
+    def arm() -> None:
+        if prctl is None:
+            return
+        prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return arm
 
 
 def allow_only(syscalls: Iterable[str]) -> None:

@@ -111,8 +111,10 @@ def serve(settings: Settings) -> int:
     from adapters.validate import validate_adapter
     from adapters.zero import ZERO_ADAPTER_NAME, write_zero_adapter
     from server.gateway import StartupError, assemble, prepare, with_demo
+    from server.isolation import catalog_password_in_url, protect_gateway, withhold_secrets
 
     configure_logging(settings.log_level, settings.log_format)
+    protect_gateway(settings)
     if (problem := loader_problem()) is not None:
         logger.warning("pickled adapters (adapter_model.bin, MiniMind .pth) will be refused: %s", problem)
     settings = with_demo(settings)
@@ -121,9 +123,10 @@ def serve(settings: Settings) -> int:
 
         return serve_on_ray(settings)
     try:
-        prepared = prepare(settings)
+        prepared = prepare(catalog_password_in_url(settings))
     except StartupError as exc:
         return _fail(str(exc))
+    withhold_secrets()  # the catalog and store are open: no child needs them from here on
 
     from server.engine.vllm_engine import VllmEngine
     from server.serving import bind_listener, serve_app
