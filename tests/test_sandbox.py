@@ -19,6 +19,8 @@ from adapters.errors import AdapterTooLarge, ConverterBusy, InvalidAdapter
 from adapters.sandbox import SandboxLimits, load_pickled_tensors
 from server.http.errors import from_adapter_error
 
+ROOT = str(Path(__file__).resolve().parents[1])
+
 
 class LeavesATrace:
     """A pickle payload: loading it would create `marker`."""
@@ -182,10 +184,13 @@ def test_the_installed_torch_has_a_safe_loader():
 
 _PROBE = """
 import encodings.idna, json, os, socket, sys  # imported before the lock-down, as the child's are
+sys.path.insert(0, sys.argv[4])  # this checkout's code: python -I ignores PYTHONPATH
+import pyseccomp
 from adapters import sandbox
 
 jail, outside, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
-applied = sandbox._lock_down({"jail": jail, "uid": 65534 if os.geteuid() == 0 else None})
+plan = {"jail": jail, "uid": 65534 if os.geteuid() == 0 else None, "parent": os.getppid()}
+applied = sandbox._lock_down(plan, sandbox._isolate())
 results = {"applied": applied, "uid": os.getuid()}
 
 def attempt(name, action):
@@ -222,7 +227,7 @@ def test_the_locked_down_child_reaches_nothing(tmp_path):
     outside.write_text("secret")
     with socket.create_server(("127.0.0.1", 0)) as listener:
         probe = subprocess.run(
-            [sys.executable, "-I", "-c", _PROBE, str(jail), str(outside), str(listener.getsockname()[1])],
+            [sys.executable, "-I", "-c", _PROBE, str(jail), str(outside), str(listener.getsockname()[1]), ROOT],
             capture_output=True,
             text=True,
             cwd=jail,
@@ -230,13 +235,13 @@ def test_the_locked_down_child_reaches_nothing(tmp_path):
         )
     assert probe.returncode == 0, probe.stderr
     results = json.loads(probe.stdout)
-    assert results["read outside"] == results["create a file"] == results["open a socket"] == "refused"
+    attempts = ("read outside", "create a file", "open a socket", "fork", "connect over loopback")
+    assert {name: results[name] for name in attempts} == dict.fromkeys(attempts, "refused")
     assert list(jail.iterdir()) == []
+    assert {"no new privileges", "dies with its parent", "seccomp"} <= set(results["applied"])
     if os.geteuid() == 0:
         assert {"no network", "chroot", "nobody"} <= set(results["applied"])
         assert results["uid"] == 65534
-        assert results["fork"] == "refused"
-        assert results["connect over loopback"] == "refused"
 
 
 def test_the_child_gets_nothing_of_the_parents_environment(tmp_path, monkeypatch):
@@ -253,6 +258,7 @@ def test_the_child_gets_nothing_of_the_parents_environment(tmp_path, monkeypatch
     loaded = load_pickled_tensors(saved(tensors, tmp_path / "w.bin", legacy=True), "adapter_model.bin")
     assert all(torch.equal(loaded[name], tensors[name]) for name in tensors)  # torch's legacy format too
     assert seen["args"][1] == "-I" and seen["close_fds"] is True
+    assert seen["args"][4] == ROOT  # the child runs the parent's copy of the code
     assert "secret-admin-key" not in json.dumps(seen["env"])
     assert str(tmp_path) not in " ".join(seen["args"])  # the child is handed the file, not its path
 

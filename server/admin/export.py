@@ -26,6 +26,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, FastAPI, Request
 from pydantic import BaseModel, ConfigDict
 
+from adapters import confine
 from adapters.errors import AdapterNotFound
 from adapters.registry import AdapterEntry, Registry
 from adapters.spec import SHARED
@@ -186,7 +187,11 @@ class ExportJobs:
             "1",
         ]
         process = await asyncio.create_subprocess_exec(
-            *command, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+            *command,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            preexec_fn=confine.parent_death_hook(),  # a merge holds a whole model: not past the gateway
         )
         self._running = process
         try:

@@ -127,8 +127,10 @@ def serve(settings: Settings) -> int:
     from adapters.validate import validate_adapter
     from adapters.zero import ZERO_ADAPTER_NAME, write_zero_adapter
     from server.gateway import StartupError, assemble, check_open_mode, prepare, with_demo
+    from server.ops.isolation import catalog_password_in_url, protect_gateway, withhold_secrets
 
     configure_logging(settings.log_level, settings.log_format)
+    protect_gateway(settings)
     try:
         check_open_mode(settings, settings.host)  # before the demo is built: refuse in a second
     except StartupError as exc:
@@ -141,9 +143,10 @@ def serve(settings: Settings) -> int:
 
         return serve_on_ray(settings)
     try:
-        prepared = prepare(settings)
+        prepared = prepare(catalog_password_in_url(settings))
     except StartupError as exc:
         return _fail(str(exc))
+    withhold_secrets()  # the catalog and store are open: no child needs them from here on
 
     from server.commands.serving import bind_listener, serve_app
     from server.engine.vllm_engine import VllmEngine

@@ -21,7 +21,7 @@ from vllm.v1.engine.exceptions import EngineDeadError
 
 from adapters.engine import AdapterLoadFailed
 from server.config import Settings
-from server.engine import sampler_ops
+from server.engine import lifeline, sampler_ops
 from server.engine.plugins import plugin_env
 from server.engine.protocol import (
     AdapterHandle,
@@ -78,7 +78,8 @@ class VllmEngine(Tokenizing):
         logger.info("starting engine for %s (max_model_len %d)", settings.base_name, max_model_len)
         os.environ.update(plugin_env(settings))
         os.environ[sampler_ops.ENV] = "1"  # server/engine/sampler_ops.py
-        llm = AsyncLLM.from_engine_args(args, stat_loggers=stat_loggers)
+        with lifeline.armed():  # server/engine/lifeline.py: the engine's processes die with this one
+            llm = AsyncLLM.from_engine_args(args, stat_loggers=stat_loggers)
         tokenizer = AutoTokenizer.from_pretrained(model_path)
         return cls(llm, tokenizer, max_model_len)
 

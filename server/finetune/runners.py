@@ -18,9 +18,12 @@ import logging
 import os
 import sys
 import tarfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, Protocol
+
+from adapters import confine
+from server.ops.isolation import without_secrets
 
 logger = logging.getLogger(__name__)
 
@@ -37,20 +40,24 @@ class Runner(Protocol):
 
 
 def worker_env(threads: int) -> dict[str, str]:
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+    env = {**without_secrets(os.environ), "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
     env.update(dict.fromkeys(THREAD_VARIABLES, str(threads)))
     return env
 
 
-def _nice() -> None:
-    """In the worker before it starts: a lower priority, and death with its gateway (Linux)."""
-    os.nice(WORKER_NICENESS)
-    if sys.platform == "linux":
-        import ctypes
-        import signal
+def _before_worker() -> Callable[[], None]:
+    """What the worker does before it starts: a lower priority, and death with this process.
 
-        # PR_SET_PDEATHSIG: a gateway killed outright must not leave its worker training on.
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
+    A gateway killed outright must not leave its worker training on; nobody reads its events then.
+    Started from the event loop's thread, which lives as long as the gateway does.
+    """
+    dies_with_parent = confine.parent_death_hook()
+
+    def prepare() -> None:
+        os.nice(WORKER_NICENESS)
+        dies_with_parent()
+
+    return prepare
 
 
 class ProcessRunner:
@@ -72,7 +79,7 @@ class ProcessRunner:
                 stdout=asyncio.subprocess.PIPE,
                 stderr=log,
                 env=worker_env(self.threads),
-                preexec_fn=_nice,
+                preexec_fn=_before_worker(),
                 limit=1 << 20,
             )
         assert process.stdout is not None
@@ -215,7 +222,7 @@ def _train_in_ray_task(spec: dict[str, Any], inputs: dict[str, bytes], threads: 
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             env=worker_env(threads),
-            preexec_fn=_nice,
+            preexec_fn=_before_worker(),
         )
         try:
             assert process.stdout is not None

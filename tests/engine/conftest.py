@@ -40,23 +40,35 @@ class RunningGateway:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
 
-def start_gateway(args: list[str], log_path: Path, base_name: str, env: dict[str, str] | None = None) -> RunningGateway:
-    """Start a gateway on a free port; once more on another port if that one was taken meanwhile."""
+def start_gateway(
+    args: list[str],
+    log_path: Path,
+    base_name: str,
+    env: dict[str, str] | None = None,
+    prefix: list[str] = (),
+) -> RunningGateway:
+    """Start a gateway on a free port; once more on another port if that one was taken meanwhile.
+
+    `prefix` runs it through another command that execs it (setpriv, say), so that the process
+    started is the gateway itself.
+    """
     try:
-        return _start_gateway(args, log_path, base_name, env)
+        return _start_gateway(args, log_path, base_name, env, prefix)
     except PortTaken:
-        return _start_gateway(args, log_path, base_name, env)
+        return _start_gateway(args, log_path, base_name, env, prefix)
 
 
 class PortTaken(RuntimeError):
     """Another process bound the free port between free_port() and the gateway's bind."""
 
 
-def _start_gateway(args: list[str], log_path: Path, base_name: str, env: dict[str, str] | None) -> RunningGateway:
+def _start_gateway(
+    args: list[str], log_path: Path, base_name: str, env: dict[str, str] | None, prefix: list[str]
+) -> RunningGateway:
     port = free_port()
     log = log_path.open("w")
     process = subprocess.Popen(
-        [sys.executable, "-m", "server", "serve", "--port", str(port), *args],
+        [*prefix, sys.executable, "-m", "server", "serve", "--port", str(port), *args],
         stdout=log,
         stderr=subprocess.STDOUT,
         env={**os.environ, **(env or {})},
