@@ -9,7 +9,7 @@ import openai
 import pytest
 
 from adapters.demo import BASE_ANSWER, DEMO_PROMPT
-from tests.engine.conftest import start_gateway, stop_gateway
+from tests.engine.conftest import ADMIN_KEY, SMALL_KV_CACHE, start_gateway, stop_gateway
 from tests.engine.reference import PeftReference
 
 pytestmark = pytest.mark.engine
@@ -29,14 +29,17 @@ def client(gateway) -> openai.AsyncOpenAI:
 
 
 def openai_client(gateway) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=f"{gateway.url}/v1", api_key="unused", max_retries=0)
+    return openai.AsyncOpenAI(base_url=f"{gateway.url}/v1", api_key=ADMIN_KEY, max_retries=0)
 
 
 @pytest.fixture(scope="module")
 def vllm_ops_gateway(demo, tmp_path_factory):
     """A second gateway on vLLM's own LoRA ops (--lora-ops vllm): base requests run through the zero adapter."""
     state = tmp_path_factory.mktemp("state-vllm-ops")
-    args = ["--demo-dir", str(demo.root), "--state-dir", str(state), "--max-loras", "1", "--max-cpu-loras", "8"]
+    args = [
+        "--demo-dir", str(demo.root), "--state-dir", str(state), "--admin-key", ADMIN_KEY,
+        "--max-loras", "1", "--max-cpu-loras", "8", "--kv-cache-fraction", SMALL_KV_CACHE,
+    ]  # fmt: skip
     running = start_gateway([*args, "--lora-ops", "vllm"], state / "gateway.log", base_name="demo")
     running.adapters = dict(demo.adapters)
     yield running
