@@ -1,11 +1,14 @@
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
 from adapters.database import Database
@@ -19,12 +22,52 @@ from tests.fakes import FakeEngine, fake_spec
 pytest_plugins = ["tests.services.postgres", "tests.services.s3", "tests.services.browser"]
 
 
+TESTS = Path(__file__).parent
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark by folder, before `-m` selects: tests/engine/ starts real engines, tests/ray/ Ray as well.
+
+    Under pytest-xdist (`-n`, `--dist loadgroup`), the tests on the session gateway go to one
+    worker as one group, so that one engine serves them all; Ray's tests likewise. The rest, fast
+    tests and tests that start gateways of their own, go to whichever worker is free.
+    """
+    for item in items:
+        folder = item.path.relative_to(TESTS).parts[0] if item.path.is_relative_to(TESTS) else ""
+        if folder not in ("engine", "ray"):
+            continue
+        item.add_marker(pytest.mark.engine)
+        if folder == "ray":
+            item.add_marker(pytest.mark.ray)
+        fixtures = getattr(item, "fixturenames", ())
+        if "gateway" in fixtures:  # tests/engine/conftest.py's, not the FakeEngine one of tests/routes
+            item.add_marker(pytest.mark.xdist_group("session-gateway"))
+        elif "ray_gateway" in fixtures:
+            item.add_marker(pytest.mark.xdist_group("ray-gateway"))
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    """The run's wall time beside the slowest tests: README (Tests) says what it should be."""
+    seconds = time.time() - psutil.Process().create_time()  # from the start of pytest's process
+    load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
+    terminalreporter.write_sep(
+        "=", f"wall time {seconds // 60:.0f} min {seconds % 60:.0f} s on {os.cpu_count()} CPUs (load average {load})"
+    )
+
+
 @pytest.fixture(scope="session")
 def demo(tmp_path_factory):
-    """The embedded demo (a base model and two adapters), built once per session."""
+    """The embedded demo (a base model and two adapters), built once per session.
+
+    Under pytest-xdist, once for all workers: ensure_demo takes a lock, and the later ones load it.
+    """
     from adapters.demo import ensure_demo
 
-    return ensure_demo(tmp_path_factory.mktemp("demo-cache"))
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's folder, which each worker's basetemp is in
+    return ensure_demo(root / "demo-cache")
 
 
 @dataclass
