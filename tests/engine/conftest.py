@@ -77,13 +77,39 @@ def _start_gateway(args: list[str], log_path: Path, base_name: str, env: dict[st
     raise RuntimeError(f"gateway not ready in {STARTUP_SECONDS} s:\n{gateway.log_tail()}")
 
 
-def stop_gateway(gateway: RunningGateway) -> None:
-    gateway.process.terminate()
+STOP_SECONDS = 60
+# Gateways told to stop whose exit nobody waited for (stop_gateway(..., wait=False)).
+_stopping: list[RunningGateway] = []
+
+
+def stop_gateway(*gateways: RunningGateway, wait: bool = True) -> None:
+    """SIGTERM the gateways, which drain and stop side by side; then wait for each to exit.
+
+    A gateway takes 5 to 20 s to stop (vLLM waits for its engine's processes). wait=False, for a
+    gateway whose state nothing reads after it, leaves that wait to the end of the session, so the
+    next tests run meanwhile; the session still waits for every one of them.
+    """
+    for gateway in gateways:
+        if gateway.process.poll() is None:
+            gateway.process.terminate()
+    if not wait:
+        _stopping.extend(gateways)
+        return
+    for gateway in gateways:
+        _wait_for_exit(gateway)
+
+
+def _wait_for_exit(gateway: RunningGateway) -> None:
     try:
-        gateway.process.wait(timeout=60)
+        gateway.process.wait(timeout=STOP_SECONDS)
     except subprocess.TimeoutExpired:
         gateway.process.kill()
         gateway.process.wait()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    while _stopping:
+        _wait_for_exit(_stopping.pop())
 
 
 @pytest.fixture(scope="session")

@@ -124,4 +124,4 @@ async def test_merged_folder_serves_as_the_adapter_does(gateway, demo, reference
         served = await outputs(merged_client, "merged")
         assert served == await outputs(session_client, "pirate") == expected(reference, "pirate")
     finally:
-        stop_gateway(second)
+        stop_gateway(second, wait=False)

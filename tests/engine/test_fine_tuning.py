@@ -185,7 +185,7 @@ def test_a_gateway_killed_during_a_job_fails_it_on_restart(demo, tmp_path):
         assert failed.status == "failed" and failed.error.code == "gateway_restarted"
         assert "not resumed" in failed.error.message
     finally:
-        stop_gateway(second)
+        stop_gateway(second, wait=False)
 
 
 def test_the_readme_example_runs_as_printed(gateway, tenant):

@@ -43,7 +43,7 @@ def vllm_ops_gateway(demo, tmp_path_factory):
     running = start_gateway([*args, "--lora-ops", "vllm"], state / "gateway.log", base_name="demo")
     running.adapters = dict(demo.adapters)
     yield running
-    stop_gateway(running)
+    stop_gateway(running, wait=False)
 
 
 def models(gateway) -> list[str]:

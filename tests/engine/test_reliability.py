@@ -95,4 +95,4 @@ async def test_engine_death_makes_the_gateway_exit_non_zero_and_loses_nothing(de
             )
             assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["content"] == demo.answers["poet"]
     finally:
-        stop_gateway(second)
+        stop_gateway(second, wait=False)
