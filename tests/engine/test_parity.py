@@ -103,11 +103,12 @@ async def test_each_model_alone_matches_peft(gateway, client, reference, stream)
 
 
 @pytest.mark.parametrize("lora_ops", ["grouped", "vllm"])
-async def test_base_parity_in_mixed_batches(request, lora_ops, reference):
+async def test_base_parity_in_mixed_batches(request, gateway, lora_ops, reference):
     """Base and adapter requests in flight together, the one --max-loras slot taken: no adapter may
     bleed into another row, with the grouped LoRA ops (base rows get none) or with vLLM's (base rows
     run through the zero adapter)."""
-    gateway = request.getfixturevalue("gateway" if lora_ops == "grouped" else "vllm_ops_gateway")
+    if lora_ops == "vllm":
+        gateway = request.getfixturevalue("vllm_ops_gateway")
     client = openai_client(gateway)
     cases = list(itertools.product(models(gateway), PROMPTS, ["completions", "chat"], [False, True]))
     calls = [
