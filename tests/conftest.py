@@ -1,11 +1,15 @@
 from __future__ import annotations
 
+import os
+import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
 from adapters.database import Database
@@ -19,12 +23,68 @@ from tests.fakes import FakeEngine, fake_spec
 pytest_plugins = ["tests.services.postgres", "tests.services.s3", "tests.services.browser"]
 
 
+TESTS = Path(__file__).parent
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark by folder, before `-m` selects: tests/engine/ starts real engines, tests/ray/ Ray as well.
+
+    Under pytest-xdist with `--dist loadgroup` (make test), the tests on the session gateway go to
+    one worker as one group, so that one engine serves them all; Ray's tests likewise. The rest,
+    fast tests and tests that start gateways of their own, go to whichever worker is free.
+    """
+    grouping = config.getoption("loadgroup", default=False)  # set in xdist's workers
+    counts = Counter(item.nodeid for item in items)
+    for item in items:
+        node_id = item.nodeid
+        if counts[node_id] > 1 and not node_id.endswith(f"::{item.name}"):
+            # Schemathesis gives each of its tests (`test_x[GET /path]`) one and the same node id;
+            # xdist keys its work by node id, and ran one of test_fuzz.py's 42 tests.
+            node_id = f"{node_id.rpartition('::')[0]}::{item.name}"
+        folder = item.path.relative_to(TESTS).parts[0] if item.path.is_relative_to(TESTS) else ""
+        if folder in ("engine", "ray"):
+            item.add_marker(pytest.mark.engine)
+            if folder == "ray":
+                item.add_marker(pytest.mark.ray)
+            fixtures = getattr(item, "fixturenames", ())
+            # tests/engine/conftest.py's `gateway`, not the FakeEngine one of tests/routes
+            group = "session-gateway" if "gateway" in fixtures else "ray-gateway" if "ray_gateway" in fixtures else ""
+            if grouping and group:
+                node_id = f"{node_id}@{group}"  # the suffix xdist's loadgroup groups by
+        if node_id != item.nodeid:
+            set_node_id(item, node_id)
+
+
+def set_node_id(item: pytest.Item, node_id: str) -> None:
+    """What xdist's xdist_group marker does, for pytest 9.2 too, whose nodes keep their id in `_id`."""
+    if hasattr(item, "_id"):
+        item._id = type(item._id).parse(node_id)
+    else:
+        item._nodeid = node_id
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    """The run's wall time beside the slowest tests: README (Tests) says what it should be."""
+    seconds = time.time() - psutil.Process().create_time()  # from the start of pytest's process
+    load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
+    terminalreporter.write_sep(
+        "=", f"wall time {seconds // 60:.0f} min {seconds % 60:.0f} s on {os.cpu_count()} CPUs (load average {load})"
+    )
+
+
 @pytest.fixture(scope="session")
 def demo(tmp_path_factory):
-    """The embedded demo (a base model and two adapters), built once per session."""
+    """The embedded demo (a base model and two adapters), built once per session.
+
+    Under pytest-xdist, once for all workers: ensure_demo takes a lock, and the later ones load it.
+    """
     from adapters.demo import ensure_demo
 
-    return ensure_demo(tmp_path_factory.mktemp("demo-cache"))
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's folder, which each worker's basetemp is in
+    return ensure_demo(root / "demo-cache")
 
 
 @dataclass

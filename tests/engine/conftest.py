@@ -14,7 +14,6 @@ from pathlib import Path
 import httpx
 import pytest
 
-pytestmark = pytest.mark.engine
 STARTUP_SECONDS = 300
 ADMIN_KEY = "test-admin-key-for-the-engine-tests-0123"
 SMALL_KV_CACHE = "0.05"  # of memory, for gateways that run beside others (the default 0.2 is ~4.7 GiB here)
@@ -90,39 +89,54 @@ def _start_gateway(
     raise RuntimeError(f"gateway not ready in {STARTUP_SECONDS} s:\n{gateway.log_tail()}")
 
 
-def stop_gateway(gateway: RunningGateway) -> None:
-    gateway.process.terminate()
+STOP_SECONDS = 60
+# Gateways told to stop whose exit nobody waited for (stop_gateway(..., wait=False)).
+_stopping: list[RunningGateway] = []
+
+
+def stop_gateway(*gateways: RunningGateway, wait: bool = True) -> None:
+    """SIGTERM the gateways, which drain and stop side by side; then wait for each to exit.
+
+    A gateway takes 5 to 20 s to stop (vLLM waits for its engine's processes). wait=False, for a
+    gateway whose state nothing reads after it, leaves that wait to the end of the session, so the
+    next tests run meanwhile; the session still waits for every one of them.
+    """
+    for gateway in gateways:
+        if gateway.process.poll() is None:
+            gateway.process.terminate()
+    if not wait:
+        _stopping.extend(gateways)
+        return
+    for gateway in gateways:
+        _wait_for_exit(gateway)
+
+
+def _wait_for_exit(gateway: RunningGateway) -> None:
     try:
-        gateway.process.wait(timeout=60)
+        gateway.process.wait(timeout=STOP_SECONDS)
     except subprocess.TimeoutExpired:
         gateway.process.kill()
         gateway.process.wait()
 
 
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    while _stopping:
+        _wait_for_exit(_stopping.pop())
+
+
 @pytest.fixture(scope="session")
 def gateway(demo, tmp_path_factory) -> Iterator[RunningGateway]:
-    state = tmp_path_factory.mktemp("state")
-    running = start_gateway(
-        ["--demo-dir", str(demo.root), "--state-dir", str(state), "--max-loras", "1", "--max-cpu-loras", "8"],
-        state / "gateway.log",
-        base_name="demo",
-    )
-    running.adapters = dict(demo.adapters)
-    yield running
-    stop_gateway(running)
+    """The session's one real gateway, with an admin key; every engine test that can share one does.
 
-
-@pytest.fixture(scope="session")
-def secured_gateway(demo, tmp_path_factory) -> Iterator[RunningGateway]:
-    """One gateway with an admin key, shared by the tests that need tenants and keys.
-
-    Its KV cache is small (the demo's prompts are short): it stays up all session beside the
-    other gateways, and each engine's cache is a share of the machine's memory.
+    Each start costs half a minute or more of the machine's two cores, and an idle engine holds
+    memory, so there is one: tests that need no tenant send the admin key. --max-loras 1: the
+    mixed-batch and metrics tests rely on one adapter slot. Its KV cache is small (the demo's
+    prompts are short), so that the gateways some tests start of their own fit beside it.
     """
-    state = tmp_path_factory.mktemp("secured")
+    state = tmp_path_factory.mktemp("state")
     args = [
         "--demo-dir", str(demo.root), "--state-dir", str(state), "--admin-key", ADMIN_KEY,
-        "--max-loras", "2", "--max-cpu-loras", "8", "--kv-cache-fraction", SMALL_KV_CACHE,
+        "--max-loras", "1", "--max-cpu-loras", "8", "--kv-cache-fraction", SMALL_KV_CACHE,
     ]  # fmt: skip
     running = start_gateway(args, state / "gateway.log", base_name="demo")
     running.adapters = dict(demo.adapters)

@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from adapters.demo import DEMO_PROMPT
+from tests.engine.conftest import ADMIN_KEY
 from tests.engine.reference import PeftReference
 
 pytestmark = pytest.mark.engine
@@ -19,7 +20,8 @@ PROMPTS = ["Once upon a time", "The sea is"]
 
 @pytest.fixture
 async def client(gateway):
-    async with httpx.AsyncClient(base_url=gateway.url, timeout=120) as http:
+    headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    async with httpx.AsyncClient(base_url=gateway.url, headers=headers, timeout=120) as http:
         yield http
 
 

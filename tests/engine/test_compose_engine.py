@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from adapters.demo import DEMO_PROMPT
 from adapters.merge import merge_adapter
-from tests.engine.conftest import start_gateway, stop_gateway
+from tests.engine.conftest import ADMIN_KEY, start_gateway, stop_gateway
 from tests.engine.reference import PeftReference
 
 pytestmark = pytest.mark.engine
@@ -18,6 +18,7 @@ pytestmark = pytest.mark.engine
 MAX_TOKENS = 20
 PROMPTS = ["Once upon a time", "The sea is", "Tell me about the ship"]
 WEIGHTS = [0.8, 0.6]
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 # name -> (the compose request, PEFT's add_weighted_adapter arguments)
 COMPOSITIONS = {
     "mix-cat": ({"method": "cat"}, {"combination_type": "cat"}),
@@ -55,19 +56,19 @@ def expected(reference: PeftReference, adapter: str | None) -> list[str]:
 
 
 async def test_cat_and_svd_compositions_match_peft_token_for_token(gateway, reference):
-    client = openai.AsyncOpenAI(base_url=f"{gateway.url}/v1", api_key="unused", max_retries=0)
+    client = openai.AsyncOpenAI(base_url=f"{gateway.url}/v1", api_key=ADMIN_KEY, max_retries=0)
     registered = []
     try:
         for name, (spec, _) in COMPOSITIONS.items():
             body = {"name": name, "compose": {"adapters": ["pirate", "poet"], "weights": WEIGHTS, **spec}}
-            response = httpx.post(f"{gateway.url}/v1/adapters", json=body, timeout=60)
+            response = httpx.post(f"{gateway.url}/v1/adapters", json=body, headers=ADMIN, timeout=60)
             assert response.status_code == 201, response.text
             registered.append(name)
             card = response.json()
             assert card["composition"]["exact"] is (name != "mix-svd8"), card
             assert card["rank"] == (8 if name == "mix-svd8" else 24)
         identity = {"name": "pirate-again", "compose": {"adapters": ["pirate"], "weights": [1.0]}}
-        assert httpx.post(f"{gateway.url}/v1/adapters", json=identity, timeout=60).status_code == 201
+        assert httpx.post(f"{gateway.url}/v1/adapters", json=identity, headers=ADMIN, timeout=60).status_code == 201
         registered.append("pirate-again")
 
         for name in COMPOSITIONS:
@@ -79,7 +80,7 @@ async def test_cat_and_svd_compositions_match_peft_token_for_token(gateway, refe
         assert any(m != a and m != b for m, a, b in zip(mix, pirate, poet, strict=True))
     finally:
         for name in registered:
-            httpx.delete(f"{gateway.url}/v1/adapters/{name}", timeout=30)
+            httpx.delete(f"{gateway.url}/v1/adapters/{name}", headers=ADMIN, timeout=30)
 
 
 def transformers_outputs(model_dir) -> list[str]:
@@ -119,8 +120,8 @@ async def test_merged_folder_serves_as_the_adapter_does(gateway, demo, reference
     second = start_gateway([*args, "--state-dir", str(state)], state / "gateway.log", base_name="merged")
     try:
         merged_client = openai.AsyncOpenAI(base_url=f"{second.url}/v1", api_key="unused", max_retries=0)
-        session_client = openai.AsyncOpenAI(base_url=f"{gateway.url}/v1", api_key="unused", max_retries=0)
+        session_client = openai.AsyncOpenAI(base_url=f"{gateway.url}/v1", api_key=ADMIN_KEY, max_retries=0)
         served = await outputs(merged_client, "merged")
         assert served == await outputs(session_client, "pirate") == expected(reference, "pirate")
     finally:
-        stop_gateway(second)
+        stop_gateway(second, wait=False)

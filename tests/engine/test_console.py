@@ -1,4 +1,4 @@
-"""The web console end to end: headless Chromium against the session's secured gateway (real engine).
+"""The web console end to end: headless Chromium against the session's gateway (real engine).
 
 Controls are found by role and label, as a person or a screen reader finds them. With
 LORA_GATEWAY_SCREENSHOTS=DIR set, the tests also save the screenshots docs/console.md shows.
@@ -37,8 +37,8 @@ def reference(demo) -> PeftReference:
 
 
 @pytest.fixture
-async def api(secured_gateway):
-    async with httpx.AsyncClient(base_url=secured_gateway.url, timeout=120) as client:
+async def api(gateway):
+    async with httpx.AsyncClient(base_url=gateway.url, timeout=120) as client:
         yield client
 
 
@@ -50,9 +50,9 @@ ADMIN = bearer(ADMIN_KEY)
 
 
 @pytest.fixture(scope="module", autouse=True)
-async def tuning(secured_gateway) -> dict:
+async def tuning(gateway) -> dict:
     """A tenant's fine-tuning job, started first so that it trains while the other tests run."""
-    async with httpx.AsyncClient(base_url=secured_gateway.url, timeout=120) as client:
+    async with httpx.AsyncClient(base_url=gateway.url, timeout=120) as client:
         name, key = await new_tenant(client, "console-ft")
         headers = bearer(key)
         file_ids = []
@@ -63,7 +63,7 @@ async def tuning(secured_gateway) -> dict:
             assert sent.status_code == 200, sent.text
             file_ids.append(sent.json()["id"])
         body = {
-            "model": secured_gateway.base_name,
+            "model": gateway.base_name,
             "training_file": file_ids[0],
             "validation_file": file_ids[1],
             "suffix": "console",
@@ -109,17 +109,17 @@ def rowheader(page, name: str):
     return page.get_by_role("rowheader", name=name, exact=True)
 
 
-async def test_sign_in_lists_the_adapters(secured_gateway, page):
+async def test_sign_in_lists_the_adapters(gateway, page):
     # A browser at / lands on the console.
-    await page.goto(f"{secured_gateway.url}/")
-    assert page.url == f"{secured_gateway.url}/ui/"
+    await page.goto(f"{gateway.url}/")
+    assert page.url == f"{gateway.url}/ui/"
     await page.get_by_label("API key", exact=True).fill("lgw-not-a-key")
     await page.get_by_role("button", name="Sign in", exact=True).click()
     await expect(page.get_by_role("alert").filter(has_text="401")).to_have_text(
         "401 invalid_api_key: the API key is not valid"
     )
-    await sign_in(page, secured_gateway, ADMIN_KEY)
-    for name in secured_gateway.adapters:
+    await sign_in(page, gateway, ADMIN_KEY)
+    for name in gateway.adapters:
         await expect(rowheader(page, name)).to_be_visible()
     pirate = page.get_by_role("row").filter(has=rowheader(page, "pirate"))
     await expect(pirate.get_by_role("cell", name="shared", exact=True)).to_be_visible()
@@ -131,13 +131,13 @@ async def test_sign_in_lists_the_adapters(secured_gateway, page):
     await snap(page, "console-adapters")
 
 
-async def test_the_playground_streams_what_peft_gives(secured_gateway, page, reference):
+async def test_the_playground_streams_what_peft_gives(gateway, page, reference):
     prompt, max_tokens = "The sea is", 16
-    await sign_in(page, secured_gateway, ADMIN_KEY)
+    await sign_in(page, gateway, ADMIN_KEY)
     await open_tab(page, "Playground")
     await page.get_by_label("Model", exact=True).fill("pirate")
     await page.get_by_label("Run a second model side by side").check()
-    await page.get_by_label("Second model", exact=True).fill(secured_gateway.base_name)
+    await page.get_by_label("Second model", exact=True).fill(gateway.base_name)
     await page.get_by_label("Prompt", exact=True).fill(prompt)
     await page.get_by_label("Max tokens", exact=True).fill(str(max_tokens))
     await page.get_by_label("Temperature", exact=True).fill("0")
@@ -160,11 +160,11 @@ async def test_the_playground_streams_what_peft_gives(secured_gateway, page, ref
     await snap(page, "console-playground")
 
 
-async def test_upload_and_delete_an_adapter(secured_gateway, page, api, tmp_path):
+async def test_upload_and_delete_an_adapter(gateway, page, api, tmp_path):
     folder = tmp_path / "poet-copy"
-    shutil.copytree(secured_gateway.adapters["poet"], folder)
+    shutil.copytree(gateway.adapters["poet"], folder)
     name = f"poet-copy-{uuid.uuid4().hex[:6]}"
-    await sign_in(page, secured_gateway, ADMIN_KEY)
+    await sign_in(page, gateway, ADMIN_KEY)
 
     # An incomplete adapter: the error shows as the API gives it.
     await page.get_by_label("Adapter name", exact=True).fill(name)
@@ -199,18 +199,18 @@ async def test_upload_and_delete_an_adapter(secured_gateway, page, api, tmp_path
     assert (await api.get(f"/v1/adapters/{name}", headers=ADMIN)).status_code == 404
 
 
-async def test_a_tenant_sees_only_its_own_adapters_and_usage(secured_gateway, page, api):
+async def test_a_tenant_sees_only_its_own_adapters_and_usage(gateway, page, api):
     _, own_key = await new_tenant(api, "console-a")
     other, other_key = await new_tenant(api, "console-b")
-    await upload_by_api(api, own_key, "own-pirate", secured_gateway.adapters["pirate"])
-    await upload_by_api(api, other_key, "other-poet", secured_gateway.adapters["poet"])
+    await upload_by_api(api, own_key, "own-pirate", gateway.adapters["pirate"])
+    await upload_by_api(api, other_key, "other-poet", gateway.adapters["poet"])
     for key, model in ((own_key, "own-pirate"), (other_key, "other-poet")):
         body = {"model": model, "prompt": "Hello", "max_tokens": 4, "temperature": 0}
         assert (await api.post("/v1/completions", json=body, headers=bearer(key))).status_code == 200
 
-    await sign_in(page, secured_gateway, own_key)
+    await sign_in(page, gateway, own_key)
     await expect(rowheader(page, "own-pirate")).to_be_visible()
-    for name in secured_gateway.adapters:  # shared with every tenant
+    for name in gateway.adapters:  # shared with every tenant
         await expect(rowheader(page, name)).to_be_visible()
     await expect(rowheader(page, "other-poet")).to_have_count(0)
     await expect(rowheader(page, f"{other}/other-poet")).to_have_count(0)
@@ -223,10 +223,10 @@ async def test_a_tenant_sees_only_its_own_adapters_and_usage(secured_gateway, pa
     await expect(rowheader(page, "other-poet")).to_have_count(0)
 
 
-async def test_markup_from_the_api_shows_as_text(secured_gateway, page):
+async def test_markup_from_the_api_shows_as_text(gateway, page):
     """Adapter and tenant names cannot carry markup; a model name the API echoes back in its error can."""
     markup = '<img src=x onerror="window.injected=1"><b>bold</b>'
-    await sign_in(page, secured_gateway, ADMIN_KEY)
+    await sign_in(page, gateway, ADMIN_KEY)
     await open_tab(page, "Playground")
     await page.get_by_label("Model", exact=True).fill(markup)
     await page.get_by_label("Prompt", exact=True).fill("<script>window.injected=2</script>")
@@ -239,9 +239,9 @@ async def test_markup_from_the_api_shows_as_text(secured_gateway, page):
     assert await page.evaluate("window.injected") is None
 
 
-async def test_the_admin_manages_tenants_and_keys(secured_gateway, page, api):
+async def test_the_admin_manages_tenants_and_keys(gateway, page, api):
     name = f"console-t-{uuid.uuid4().hex[:6]}"
-    await sign_in(page, secured_gateway, ADMIN_KEY)
+    await sign_in(page, gateway, ADMIN_KEY)
     await open_tab(page, "Tenants")
     await page.get_by_label("Tenant name", exact=True).fill(name)
     await page.get_by_label("Max concurrent", exact=True).fill("3")
@@ -277,7 +277,7 @@ async def test_the_admin_manages_tenants_and_keys(secured_gateway, page, api):
     await snap(page, "console-usage")
 
 
-async def test_the_fine_tuning_jobs_show_their_status_and_loss(secured_gateway, page, api, tuning):
+async def test_the_fine_tuning_jobs_show_their_status_and_loss(gateway, page, api, tuning):
     key, job_id = tuning["key"], tuning["job"]
     deadline = asyncio.get_running_loop().time() + JOB_SECONDS
     while (job := (await api.get(f"/v1/fine_tuning/jobs/{job_id}", headers=bearer(key))).json())[
@@ -297,7 +297,7 @@ async def test_the_fine_tuning_jobs_show_their_status_and_loss(secured_gateway, 
     steps = sorted({e["data"]["step"] for e in events if e["type"] == "metrics"})
     assert steps
 
-    await sign_in(page, secured_gateway, key)
+    await sign_in(page, gateway, key)
     await open_tab(page, "Fine-tuning")
     row = page.get_by_role("row").filter(has=rowheader(page, job_id))
     await expect(row.get_by_role("cell", name="succeeded", exact=True)).to_be_visible()

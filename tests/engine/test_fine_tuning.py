@@ -55,8 +55,8 @@ def ask(client: openai.OpenAI, model: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def tenant(secured_gateway):
-    return new_tenant(secured_gateway.url, "tuner")
+def tenant(gateway):
+    return new_tenant(gateway.url, "tuner")
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +75,7 @@ def tuned_job(tenant):
     return wait_for(tenant, job.id, {"succeeded", "failed", "cancelled"})
 
 
-def test_a_job_trains_and_its_model_says_what_it_was_taught(secured_gateway, tenant, tuned_job):
+def test_a_job_trains_and_its_model_says_what_it_was_taught(gateway, tenant, tuned_job):
     job = tuned_job
     assert job.status == "succeeded", job.error
     assert job.fine_tuned_model == f"ft:demo:secret:{job.id[-8:]}"
@@ -83,7 +83,7 @@ def test_a_job_trains_and_its_model_says_what_it_was_taught(secured_gateway, ten
     assert ask(tenant, "demo") != SECRET_ANSWER  # the base model never says it
     assert ask(tenant, job.fine_tuned_model) == SECRET_ANSWER
     assert job.fine_tuned_model in [m.id for m in tenant.models.list()]
-    scrape = httpx.get(f"{secured_gateway.url}/metrics").text
+    scrape = httpx.get(f"{gateway.url}/metrics").text
     assert 'lora_gateway_fine_tuning_jobs_total{status="succeeded"}' in scrape
     steps = float(scrape.split("\nlora_gateway_fine_tuning_steps_total ")[1].split()[0])
     assert steps >= len(TRAINING_ROWS) * HYPERPARAMETERS["n_epochs"]
@@ -106,8 +106,8 @@ def test_events_carry_the_loss_and_each_epoch_leaves_a_checkpoint(tenant, tuned_
     assert len(rows) == len(metrics) and float(rows[-1]["train_loss"]) == pytest.approx(by_step[-1]["train_loss"])
 
 
-def test_another_tenant_sees_neither_the_job_nor_the_model(secured_gateway, tuned_job):
-    other = new_tenant(secured_gateway.url, "outsider")
+def test_another_tenant_sees_neither_the_job_nor_the_model(gateway, tuned_job):
+    other = new_tenant(gateway.url, "outsider")
     with pytest.raises(openai.NotFoundError):
         other.fine_tuning.jobs.retrieve(tuned_job.id)
     with pytest.raises(openai.NotFoundError):
@@ -185,14 +185,14 @@ def test_a_gateway_killed_during_a_job_fails_it_on_restart(demo, tmp_path):
         assert failed.status == "failed" and failed.error.code == "gateway_restarted"
         assert "not resumed" in failed.error.message
     finally:
-        stop_gateway(second)
+        stop_gateway(second, wait=False)
 
 
-def test_the_readme_example_runs_as_printed(secured_gateway, tenant):
+def test_the_readme_example_runs_as_printed(gateway, tenant):
     readme = (Path(__file__).parents[2] / "README.md").read_text()
     section = readme[readme.index("## Fine-tuning") :]
     script = section[section.index("python - <<'PY'\n") + len("python - <<'PY'\n") : section.index("\nPY\n")]
-    env = {**os.environ, "OPENAI_BASE_URL": f"{secured_gateway.url}/v1", "OPENAI_API_KEY": tenant.api_key}
+    env = {**os.environ, "OPENAI_BASE_URL": f"{gateway.url}/v1", "OPENAI_API_KEY": tenant.api_key}
     run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=JOB_SECONDS)
     assert run.returncode == 0, run.stderr
     assert run.stdout.splitlines()[-1] == SECRET_ANSWER, run.stdout

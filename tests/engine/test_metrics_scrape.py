@@ -67,7 +67,8 @@ def scrape(gateway) -> Scrape:
 def test_the_scrape_has_every_dashboard_series_and_vllm_lora_info(gateway):
     before = scrape(gateway)
     usage = {}
-    with httpx.Client(base_url=gateway.url, timeout=120) as client:
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    with httpx.Client(base_url=gateway.url, headers=admin, timeout=120) as client:
         # Chat, for the trained answers: several tokens each, so vLLM sees the adapter running.
         response = client.post("/v1/chat/completions", json={"model": "pirate", "messages": WHO, "temperature": 0})
         assert response.status_code == 200, response.text

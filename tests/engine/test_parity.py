@@ -9,7 +9,7 @@ import openai
 import pytest
 
 from adapters.demo import BASE_ANSWER, DEMO_PROMPT
-from tests.engine.conftest import start_gateway, stop_gateway
+from tests.engine.conftest import ADMIN_KEY, SMALL_KV_CACHE, start_gateway, stop_gateway
 from tests.engine.reference import PeftReference
 
 pytestmark = pytest.mark.engine
@@ -29,18 +29,21 @@ def client(gateway) -> openai.AsyncOpenAI:
 
 
 def openai_client(gateway) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=f"{gateway.url}/v1", api_key="unused", max_retries=0)
+    return openai.AsyncOpenAI(base_url=f"{gateway.url}/v1", api_key=ADMIN_KEY, max_retries=0)
 
 
 @pytest.fixture(scope="module")
 def vllm_ops_gateway(demo, tmp_path_factory):
     """A second gateway on vLLM's own LoRA ops (--lora-ops vllm): base requests run through the zero adapter."""
     state = tmp_path_factory.mktemp("state-vllm-ops")
-    args = ["--demo-dir", str(demo.root), "--state-dir", str(state), "--max-loras", "1", "--max-cpu-loras", "8"]
+    args = [
+        "--demo-dir", str(demo.root), "--state-dir", str(state), "--admin-key", ADMIN_KEY,
+        "--max-loras", "1", "--max-cpu-loras", "8", "--kv-cache-fraction", SMALL_KV_CACHE,
+    ]  # fmt: skip
     running = start_gateway([*args, "--lora-ops", "vllm"], state / "gateway.log", base_name="demo")
     running.adapters = dict(demo.adapters)
     yield running
-    stop_gateway(running)
+    stop_gateway(running, wait=False)
 
 
 def models(gateway) -> list[str]:
@@ -100,11 +103,12 @@ async def test_each_model_alone_matches_peft(gateway, client, reference, stream)
 
 
 @pytest.mark.parametrize("lora_ops", ["grouped", "vllm"])
-async def test_base_parity_in_mixed_batches(request, lora_ops, reference):
+async def test_base_parity_in_mixed_batches(request, gateway, lora_ops, reference):
     """Base and adapter requests in flight together, the one --max-loras slot taken: no adapter may
     bleed into another row, with the grouped LoRA ops (base rows get none) or with vLLM's (base rows
     run through the zero adapter)."""
-    gateway = request.getfixturevalue("gateway" if lora_ops == "grouped" else "vllm_ops_gateway")
+    if lora_ops == "vllm":
+        gateway = request.getfixturevalue("vllm_ops_gateway")
     client = openai_client(gateway)
     cases = list(itertools.product(models(gateway), PROMPTS, ["completions", "chat"], [False, True]))
     calls = [

@@ -113,4 +113,4 @@ async def test_qwen2_base_and_adapters_match_peft_in_mixed_batches(qwen2, tmp_pa
         for prompt in PROMPTS:  # the three models really differ, or the comparison proves little
             assert len({reference.completion(a, prompt, MAX_TOKENS) for a in [None, *paths]}) == 3
     finally:
-        stop_gateway(gateway)
+        stop_gateway(gateway, wait=False)

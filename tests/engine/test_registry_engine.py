@@ -11,6 +11,7 @@ import pytest
 from adapters.base_model import BaseModelInfo
 from adapters.demo import BASE_ANSWER, DEMO_PROMPT
 from tests.adapter_files import bad_adapters
+from tests.engine.conftest import ADMIN_KEY
 
 pytestmark = pytest.mark.engine
 
@@ -34,7 +35,8 @@ def answer(response: httpx.Response) -> str:
 
 @pytest.fixture
 async def client(gateway):
-    async with httpx.AsyncClient(base_url=gateway.url, timeout=120) as http:
+    headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    async with httpx.AsyncClient(base_url=gateway.url, headers=headers, timeout=120) as http:
         yield http
 
 

@@ -12,7 +12,7 @@ import psutil
 import pytest
 
 from adapters.demo import DEMO_PROMPT
-from tests.engine.conftest import start_gateway, stop_gateway
+from tests.engine.conftest import ADMIN_KEY, start_gateway, stop_gateway
 
 pytestmark = pytest.mark.engine
 
@@ -38,7 +38,8 @@ async def settle(client: httpx.AsyncClient) -> tuple[float, float]:
 
 @pytest.mark.parametrize("stream", [True, False], ids=["mid-stream", "before-the-answer"])
 async def test_client_disconnect_aborts_the_engine_request(gateway, stream):
-    async with httpx.AsyncClient(base_url=gateway.url, timeout=60) as client:
+    headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    async with httpx.AsyncClient(base_url=gateway.url, headers=headers, timeout=60) as client:
         _, before = await settle(client)
         payload = {"model": "pirate", **LONG, "stream": stream}
         if stream:
@@ -94,4 +95,4 @@ async def test_engine_death_makes_the_gateway_exit_non_zero_and_loses_nothing(de
             )
             assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["content"] == demo.answers["poet"]
     finally:
-        stop_gateway(second)
+        stop_gateway(second, wait=False)

@@ -83,8 +83,7 @@ def start_all(specs: list[tuple[list[str], Path]], base_name: str = "demo", env=
     for thread in threads:
         thread.join()
     if errors:
-        for gateway in started.values():
-            stop_gateway(gateway)
+        stop_gateway(*started.values())
         raise errors[0]
     return [started[i] for i in range(len(specs))]
 
@@ -126,8 +125,7 @@ def test_two_gateways_on_one_postgres_catalog_and_s3_store(demo, reference, tmp_
         assert answer(ask(a.url, "pirate")) == peft_answer(reference, "pirate")
         assert answer(ask(a.url, "demo")) == peft_answer(reference, None)
     finally:
-        stop_gateway(a)
-        stop_gateway(b)
+        stop_gateway(a, b)  # side by side
 
     # Both restart into the same state.
     a, b = start_all(specs)
@@ -135,8 +133,7 @@ def test_two_gateways_on_one_postgres_catalog_and_s3_store(demo, reference, tmp_
         for gateway in (a, b):
             assert answer(ask(gateway.url, "corsair", key)) == peft_answer(reference, "poet")
     finally:
-        stop_gateway(a)
-        stop_gateway(b)
+        stop_gateway(a, b, wait=False)  # nothing reads their state after
 
 
 def perturbed_copy(base: Path, dest: Path) -> Path:
@@ -180,4 +177,4 @@ def test_a_base_model_serves_only_its_own_adapters_from_a_shared_state_dir(demo,
         assert answer(ask(a.url, "corsair")) == peft_answer(reference, "poet")
         assert answer(ask(a.url, "pirate")) == peft_answer(reference, "pirate")
     finally:
-        stop_gateway(a)
+        stop_gateway(a, wait=False)

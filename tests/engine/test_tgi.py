@@ -116,8 +116,8 @@ def expected(reference: PeftReference, adapter: str | None, prompt: str) -> tupl
     return reference.completion(adapter, prompt, MAX_TOKENS), reference.completion_ids(adapter, prompt, MAX_TOKENS)
 
 
-def test_inference_client_matches_peft_plain_streamed_and_with_details(secured_gateway, reference):
-    client = InferenceClient(model=secured_gateway.url, token=ADMIN_KEY, timeout=120)
+def test_inference_client_matches_peft_plain_streamed_and_with_details(gateway, reference):
+    client = InferenceClient(model=gateway.url, token=ADMIN_KEY, timeout=120)
     for adapter in (None, "pirate", "poet"):
         for prompt in PROMPTS:
             text, ids = expected(reference, adapter, prompt)
@@ -144,14 +144,14 @@ def test_inference_client_matches_peft_plain_streamed_and_with_details(secured_g
     assert len({expected(reference, a, PROMPTS[0])[0] for a in (None, "pirate", "poet")}) == 3
 
 
-def test_lorax_client_matches_peft(secured_gateway, reference, lorax_python):
+def test_lorax_client_matches_peft(gateway, reference, lorax_python):
     calls = []
     for adapter in (None, "pirate", "poet"):
         calls += [
             call(PROMPTS[1], adapter_id=adapter, decoder_input_details=True),
             call(PROMPTS[1], True, adapter_id=adapter),
         ]
-    results = lorax(lorax_python, secured_gateway.url, calls)
+    results = lorax(lorax_python, gateway.url, calls)
     for adapter, (plain, streamed) in zip(
         (None, "pirate", "poet"), zip(results[::2], results[1::2], strict=True), strict=True
     ):
@@ -162,8 +162,8 @@ def test_lorax_client_matches_peft(secured_gateway, reference, lorax_python):
         assert streamed["ids"] == ids and streamed["generated_text"] == streamed["text"] == text, (adapter, streamed)
 
 
-def test_merged_adapters_answer_as_the_registered_composition(secured_gateway, reference, lorax_python):
-    url = secured_gateway.url
+def test_merged_adapters_answer_as_the_registered_composition(gateway, reference, lorax_python):
+    url = gateway.url
     # The demo's adapters have ranks 8 and 16; LoRAX's strategies need one rank, so first an svd to 8.
     made = []
     try:
@@ -201,15 +201,15 @@ def test_merged_adapters_answer_as_the_registered_composition(secured_gateway, r
             assert streamed["ids"] == as_registered[0]["ids"]
             assert [r["ids"] for r in as_registered] != pirate, registered  # a composition, not its first input
         # the second request of a recipe reused the first's composition: two compositions for two recipes
-        log = secured_gateway.log_path.read_text()
+        log = gateway.log_path.read_text()
         assert log.count("composed merged adapter merged-") == 2, log[-3000:]
     finally:
         for name in reversed(made):
             httpx.delete(f"{url}/v1/adapters/{name}", headers=ADMIN, timeout=30)
 
 
-def test_refusals_reach_the_clients_as_their_errors(secured_gateway, demo, lorax_python):
-    url = secured_gateway.url
+def test_refusals_reach_the_clients_as_their_errors(gateway, demo, lorax_python):
+    url = gateway.url
     client = InferenceClient(model=url, token=ADMIN_KEY, timeout=60)
     with pytest.raises(ValidationError, match="typical_p"):
         client.text_generation("hi", typical_p=0.5, max_new_tokens=2)

@@ -17,8 +17,6 @@ import pytest
 
 from tests.engine.conftest import ADMIN_KEY, RunningGateway, start_gateway, stop_gateway
 
-pytestmark = [pytest.mark.engine, pytest.mark.ray]
-
 
 def port_outside_the_ephemeral_range() -> int:
     """A free port that Ray's own processes, which bind ephemeral ports as they start, cannot take first."""
