@@ -19,7 +19,14 @@ def quiet_process(monkeypatch):
 
 
 def test_secret_flag_values_leave_argv_in_each_form(monkeypatch, quiet_process):
-    argv = ["lora-gateway", "serve", "--admin-key", "k3y-value-long-enough-for-an-admin-key", "--catalog-url=sqlite:///x.db", "--adm=k3y-value-long-enough-for-an-admin-key"]
+    argv = [
+        "lora-gateway",
+        "serve",
+        "--admin-key",
+        "k3y-value-long-enough-for-an-admin-key",
+        "--catalog-url=sqlite:///x.db",
+        "--adm=k3y-value-long-enough-for-an-admin-key",
+    ]
     monkeypatch.setattr(sys, "argv", list(argv))
     monkeypatch.setattr(sys, "orig_argv", ["python", *argv])
     protect_gateway(Settings(admin_key="k3y-value-long-enough-for-an-admin-key", catalog_url="sqlite:///x.db"))
