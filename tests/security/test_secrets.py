@@ -29,10 +29,10 @@ from tests.training_data import TRAINING_ROWS, jsonl
 
 pytestmark = pytest.mark.engine
 ROOT = Path(__file__).resolve().parents[2]
-ADMIN_KEY = "canary-admin-flag-7c41"
+ADMIN_KEY = "canary-admin-flag-7c41-long-enough-to-be-a-key"
 SECRETS = {
     "LORA_GATEWAY_CATALOG_URL": None,  # set per test: a catalog under the test's folder, its name a canary
-    "LORA_GATEWAY_METRICS_KEY": "canary-metrics-key-2e9a",
+    "LORA_GATEWAY_METRICS_KEY": "canary-metrics-key-2e9a-long-enough-for-a-key",
     "AWS_ACCESS_KEY_ID": "canary-aws-key-id-51f0",
     "AWS_SECRET_ACCESS_KEY": "canary-aws-secret-93d2",
     "PGPASSWORD": "canary-pg-password-0b77",
