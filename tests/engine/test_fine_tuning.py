@@ -83,7 +83,7 @@ def test_a_job_trains_and_its_model_says_what_it_was_taught(gateway, tenant, tun
     assert ask(tenant, "demo") != SECRET_ANSWER  # the base model never says it
     assert ask(tenant, job.fine_tuned_model) == SECRET_ANSWER
     assert job.fine_tuned_model in [m.id for m in tenant.models.list()]
-    scrape = httpx.get(f"{gateway.url}/metrics").text
+    scrape = httpx.get(f"{gateway.url}/metrics", headers={"Authorization": f"Bearer {ADMIN_KEY}"}).text
     assert 'lora_gateway_fine_tuning_jobs_total{status="succeeded"}' in scrape
     steps = float(scrape.split("\nlora_gateway_fine_tuning_steps_total ")[1].split()[0])
     assert steps >= len(TRAINING_ROWS) * HYPERPARAMETERS["n_epochs"]

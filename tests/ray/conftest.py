@@ -63,6 +63,22 @@ def kill_a_replica_while_both_start(marker: str, seconds: float, killed: list[in
         time.sleep(0.2)
 
 
+def wait_for_healthy_replicas(url: str, count: int, seconds: float) -> None:
+    import httpx
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            response = httpx.get(f"{url}/v1/cluster", headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=10)
+            replicas = response.json()["data"] if response.status_code == 200 else []
+            if sum(1 for replica in replicas if isinstance(replica, dict) and replica.get("healthy")) >= count:
+                return
+        except (httpx.HTTPError, ValueError):
+            pass
+        time.sleep(1)
+    raise RuntimeError(f"fewer than {count} healthy engine replicas after {seconds:g} s")
+
+
 @pytest.fixture(scope="session")
 def ray_gateway(demo, tmp_path_factory) -> Iterator[RunningGateway]:
     if shutil.which("ray", path=str(Path(sys.executable).parent)) is None:
@@ -103,6 +119,9 @@ def ray_gateway(demo, tmp_path_factory) -> Iterator[RunningGateway]:
     )
     killer.join(1)
     running.killed_during_start = killed_during_start
+    # The gateway is ready with one engine replica; the tests start once the killed one's
+    # replacement serves too, so that affinity is judged over both.
+    wait_for_healthy_replicas(running.url, 2, 240)
     running.adapters = dict(demo.adapters)
     running.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
     try:
