@@ -21,11 +21,12 @@ venv: $(STAMP)
 serve: $(STAMP)
 	$(BIN)/lora-gateway serve
 
-# Two pytest-xdist workers, one per core: the real engine computes on one core, and the fast tests
-# use the other meanwhile. --dist loadgroup keeps the session gateway's tests on one worker (one
-# engine for them all, tests/conftest.py); the rest go to whichever worker is free. WORKERS=0 runs
-# everything in pytest's own process, in file order.
-WORKERS ?= 2
+# `make test` runs in pytest's own process, in file order (WORKERS=0). WORKERS=2 runs two
+# pytest-xdist workers, one per core (--dist loadgroup keeps the session gateway's tests on one
+# worker and Ray's on one, tests/conftest.py): 9 min 44 s here, but then Ray's replicas, the session
+# gateway and the tests' own gateways run at once, and three tests that start or kill engines failed
+# from that contention in each of two runs. `make test-fast` takes the two workers.
+WORKERS ?= 0
 XDIST := -n $(WORKERS) --dist loadgroup
 
 # pytest exits 5 when it collects nothing: for this suite that is a failure.
@@ -45,7 +46,7 @@ format: $(STAMP)
 
 # Everything but the real engine and Ray (tests/engine, tests/ray): for working on one room.
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest $(XDIST) -m "not engine and not ray"
+	$(BIN)/python -m pytest -n 2 --dist loadgroup -m "not engine and not ray"
 
 clean:
 	rm -rf $(VENV) .pytest_cache
