@@ -13,6 +13,21 @@ from adapters.engine import AdapterEngine, AdapterHandle
 
 
 @dataclass(frozen=True, slots=True)
+class OutputConstraint:
+    """A grammar the output must follow (vLLM's structured outputs); exactly one field is set.
+
+    The protocol layers (OpenAI's `response_format` and `structured_outputs`, forced tool calls,
+    TGI's `grammar`) build it; the engine turns it into its own structured-output parameters.
+    """
+
+    json_schema: str | None = None  # a JSON Schema, as JSON text (hashable, and cached by text)
+    json_object: bool = False  # any JSON object
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None
+    grammar: str | None = None  # an EBNF / Lark grammar, as vLLM takes it
+
+
+@dataclass(frozen=True, slots=True)
 class SamplingOptions:
     """Sampling parameters, already validated by the protocol models."""
 
@@ -32,6 +47,7 @@ class SamplingOptions:
     repetition_penalty: float = 1.0
     prompt_logprobs: bool = False  # each prompt token's logprob, on the generation's first step
     include_stop_str: bool = False  # the text keeps the stop sequence that ended it, as TGI's does
+    constraint: OutputConstraint | None = None  # structured output; None: unconstrained
 
 
 @dataclass(slots=True)
