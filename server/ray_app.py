@@ -11,6 +11,7 @@ validation, the catalog), in front of N engine replicas reached through a Deploy
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import socket
 import threading
@@ -100,6 +101,7 @@ class GatewayIngress:
         from server.engine.ray_replica import BOARD_NAME, BOARD_NAMESPACE, ClusterBoard
         from server.engine.vllm_engine import default_max_model_len
         from server.gateway import StartupError, assemble, prepare
+        from server.ops.isolation import withhold_secrets
         from server.ops.logs import configure_logging
 
         configure_logging(settings.log_level, settings.log_format)
@@ -112,6 +114,9 @@ class GatewayIngress:
             .options(name=BOARD_NAME, namespace=BOARD_NAMESPACE, get_if_exists=True, num_cpus=0)
             .remote()
         )
+        # The catalog and the store are open: the fine-tuning workers this replica starts inherit
+        # no secret (each worker's environment is filtered too, server/finetune/runners.py).
+        withhold_secrets()
         tokenizer = AutoTokenizer.from_pretrained(prepared.model_path)
         max_model_len = settings.max_model_len or default_max_model_len(prepared.model_path)
         self._app = assemble(prepared, RayEngine(replicas, tokenizer, max_model_len, board))
@@ -132,6 +137,7 @@ def serve_on_ray(settings: Settings) -> int:
         print(f"lora-gateway: error: --host/--port: cannot listen on {settings.host}:{settings.port}: {exc}")
         return 2
     from server.gateway import StartupError, prepare
+    from server.ops.isolation import STORE_CREDENTIALS, withhold_secrets
 
     try:
         prepare(settings).catalog.close()  # fail fast on the model, adapters, catalog and store
@@ -139,6 +145,10 @@ def serve_on_ray(settings: Settings) -> int:
         print(f"lora-gateway: error: {exc}")
         return 2
 
+    # Ray's processes (its node, its workers and whatever they spawn) inherit this environment;
+    # the settings reach the replicas as an argument, so only the store's credentials stay in it,
+    # for the replicas to open the store with (each withholds them before its engine starts).
+    withhold_secrets(os.environ, keep=STORE_CREDENTIALS)
     local = settings.ray_address is None
     extra = {"_metrics_export_port": settings.ray_metrics_port} if local and settings.ray_metrics_port else {}
     ray.init(

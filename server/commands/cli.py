@@ -141,7 +141,7 @@ def serve(settings: Settings) -> int:
     if settings.ray:
         from server.ray_app import serve_on_ray
 
-        return serve_on_ray(settings)
+        return serve_on_ray(catalog_password_in_url(settings))  # PGPASSWORD leaves the environment
     try:
         prepared = prepare(catalog_password_in_url(settings))
     except StartupError as exc:

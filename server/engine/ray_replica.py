@@ -67,8 +67,15 @@ def replica_class(max_adapters: int) -> type:
 
             from adapters.store import open_adapter_store
             from server.engine.vllm_engine import VllmEngine
+            from server.ops.isolation import withhold_secrets
 
             self.settings = settings
+            self.store = open_adapter_store(
+                settings.store_url, settings.state_dir / "adapters", settings.max_adapter_bytes
+            )
+            # The store's client holds its credentials now: the engine's processes, spawned from
+            # this one, inherit an environment without any secret (the owner mark below is set after).
+            withhold_secrets()
             # Replicas share a node's cores: vLLM's default pinning would put them all on core 0.
             os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
             # Ray kills a failed replica, not the engine processes it spawned; mark ours, and
@@ -80,9 +87,6 @@ def replica_class(max_adapters: int) -> type:
             # vLLM's series go out through Ray's metrics export, tagged with this replica's id.
             self.engine = VllmEngine.start(
                 self.settings, self.settings.model or "", stat_loggers=[RayPrometheusStatLogger]
-            )
-            self.store = open_adapter_store(
-                settings.store_url, settings.state_dir / "adapters", settings.max_adapter_bytes
             )
             self._ids = itertools.count(1)
             self.loaded: dict[str, AdapterHandle] = {}

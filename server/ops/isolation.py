@@ -27,6 +27,8 @@ from server.config import ENV_PREFIX, Settings
 logger = logging.getLogger(__name__)
 
 SECRET_PREFIXES = (ENV_PREFIX, "AWS_")
+# What Ray's replicas still need from the environment: the store's client reads its credentials.
+STORE_CREDENTIALS = ("AWS_",)
 SECRET_NAMES = frozenset({"PGPASSWORD", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"})
 # Settings whose values are secrets, besides every SecretStr field: a store URL may name a host
 # whose address is not for tenants to learn.
@@ -64,10 +66,11 @@ def protect_gateway(settings: Settings) -> None:
     setproctitle.setproctitle(" ".join(sys.orig_argv))
 
 
-def withhold_secrets(environ: MutableMapping[str, str] = os.environ) -> list[str]:
+def withhold_secrets(environ: MutableMapping[str, str] = os.environ, keep: tuple[str, ...] = ()) -> list[str]:
     """Remove the variables that may carry secrets from `environ` (the gateway's own, by default,
-    which every child inherits); returns their names. Call once the catalog and store are open."""
-    names = sorted(name for name in environ if is_secret(name))
+    which every child inherits), except those starting with a prefix in `keep`; returns their
+    names. Call once the catalog and store are open."""
+    names = sorted(name for name in environ if is_secret(name) and not name.startswith(keep))
     for name in names:
         del environ[name]
     if names:

@@ -32,6 +32,13 @@ def port_outside_the_ephemeral_range() -> int:
 
 
 ENGINE_REPLICA_TITLE = "ServeReplica:lora-gateway:engine"
+# Secrets the gateway is started with, in its environment: tests/ray/test_secrets.py looks for
+# them in Ray's processes and the engines'.
+SECRET_ENV = {
+    "LORA_GATEWAY_METRICS_KEY": "ray-metrics-canary-0123456789abcdefghijklmnop",
+    "AWS_SECRET_ACCESS_KEY": "ray-store-canary-0123456789abcdefghijklmnop",
+    "HF_TOKEN": "ray-hub-canary-0123456789abcdefghijklmnop",
+}
 
 
 def engine_replicas_under(marker: str) -> list:
@@ -116,6 +123,7 @@ def ray_gateway(demo, tmp_path_factory) -> Iterator[RunningGateway]:
         ],  # fmt: skip
         state / "gateway.log",
         base_name="demo",
+        env=SECRET_ENV,
     )
     killer.join(1)
     running.killed_during_start = killed_during_start
@@ -124,6 +132,7 @@ def ray_gateway(demo, tmp_path_factory) -> Iterator[RunningGateway]:
     wait_for_healthy_replicas(running.url, 2, 240)
     running.adapters = dict(demo.adapters)
     running.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+    running.marker = str(state)
     try:
         yield running
     finally:
