@@ -152,7 +152,9 @@ def serve_on_ray(settings: Settings) -> int:
     local = settings.ray_address is None
     extra = {"_metrics_export_port": settings.ray_metrics_port} if local and settings.ray_metrics_port else {}
     ray.init(
-        address=settings.ray_address,
+        # "local": a Ray of our own, never one that another program started on this machine
+        # (ray.init() alone joins the newest local cluster, whose Serve we would then shut down).
+        address=settings.ray_address or "local",
         include_dashboard=False,
         **extra,
         logging_level=logging.WARNING,

@@ -6,7 +6,6 @@ from __future__ import annotations
 import random
 import shutil
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -136,8 +135,18 @@ def ray_gateway(demo, tmp_path_factory) -> Iterator[RunningGateway]:
     try:
         yield running
     finally:
+        import psutil
+
+        try:
+            ray_processes = psutil.Process(running.process.pid).children(recursive=True)
+        except psutil.Error:
+            ray_processes = []
         stop_gateway(running)
-        # The local Ray the gateway started is gone with it; make sure no process of it stays.
-        subprocess.run(
-            [str(Path(sys.executable).parent / "ray"), "stop", "--force"], capture_output=True, timeout=60, check=False
-        )
+        # The local Ray the gateway started is gone with it; make sure no process of it stays
+        # (only of this one: another program's Ray on this machine is not ours to stop).
+        for process in ray_processes:
+            try:
+                process.kill()
+            except psutil.Error:
+                pass
+        psutil.wait_procs(ray_processes, timeout=30)
