@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
+from _pytest.mark.expression import Expression
 
 from adapters.database import Database
 from adapters.registry import Registry
@@ -24,15 +25,29 @@ pytest_plugins = ["tests.services.postgres", "tests.services.s3", "tests.service
 
 
 TESTS = Path(__file__).parent
+ENGINE_FOLDERS = ("engine", "ray")  # every test in these is marked so
+ENGINE_GROUP = "engine"  # the xdist group of every test that starts a real engine
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """With `-m "not engine and not ray"` (make test-fast), tests/engine/ and tests/ray/ are not even
+    imported: every test in them carries those markers, and importing them costs each worker seconds."""
+    if collection_path.parent == TESTS and collection_path.name in ENGINE_FOLDERS:
+        selects = Expression.compile(config.option.markexpr) if config.option.markexpr else None
+        if selects is not None and not selects.evaluate(lambda name, **_: name in ("engine", "ray")):
+            return True
+    return None
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Mark by folder, before `-m` selects: tests/engine/ starts real engines, tests/ray/ Ray as well.
 
-    Under pytest-xdist with `--dist loadgroup` (make test), the tests on the session gateway go to
-    one worker as one group, so that one engine serves them all; Ray's tests likewise. The rest,
-    fast tests and tests that start gateways of their own, go to whichever worker is free.
+    Under pytest-xdist with `--dist loadgroup` (make test), every test marked `engine` (those
+    folders, and the tests elsewhere that start a real gateway) goes to one worker as one group,
+    in file order, as in one process: the session gateway, Ray's gateway and the gateways tests
+    start of their own then never run at once, and each starts once. The other worker takes the
+    engine-free tests, each of its files whole, so that a module's fixtures are built once.
     """
     grouping = config.getoption("loadgroup", default=False)  # set in xdist's workers
     counts = Counter(item.nodeid for item in items)
@@ -43,17 +58,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             # xdist keys its work by node id, and ran one of test_fuzz.py's 42 tests.
             node_id = f"{node_id.rpartition('::')[0]}::{item.name}"
         folder = item.path.relative_to(TESTS).parts[0] if item.path.is_relative_to(TESTS) else ""
-        if folder in ("engine", "ray"):
+        if folder in ENGINE_FOLDERS:
             item.add_marker(pytest.mark.engine)
             if folder == "ray":
                 item.add_marker(pytest.mark.ray)
-            fixtures = getattr(item, "fixturenames", ())
-            # tests/engine/conftest.py's `gateway`, not the FakeEngine one of tests/routes
-            group = "session-gateway" if "gateway" in fixtures else "ray-gateway" if "ray_gateway" in fixtures else ""
-            if grouping and group:
-                node_id = f"{node_id}@{group}"  # the suffix xdist's loadgroup groups by
+        if grouping:
+            # The suffix xdist's loadgroup groups by.
+            group = ENGINE_GROUP if item.get_closest_marker("engine") else item.nodeid.partition("::")[0]
+            node_id = f"{node_id}@{group}"
         if node_id != item.nodeid:
             set_node_id(item, node_id)
+    # A test marked `last` ends a session fixture that others use first (a gateway it kills, say).
+    items.sort(key=lambda item: item.get_closest_marker("last") is not None)
 
 
 def set_node_id(item: pytest.Item, node_id: str) -> None:
