@@ -31,11 +31,18 @@ ENGINE_GROUP = "engine"  # the xdist group of every test that starts a real engi
 
 def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
     """With `-m "not engine and not ray"` (make test-fast), tests/engine/ and tests/ray/ are not even
-    imported: every test in them carries those markers, and importing them costs each worker seconds."""
-    if collection_path.parent == TESTS and collection_path.name in ENGINE_FOLDERS:
-        selects = Expression.compile(config.option.markexpr) if config.option.markexpr else None
-        if selects is not None and not selects.evaluate(lambda name, **_: name in ("engine", "ray")):
-            return True
+    imported: `-m` would deselect every test in them by the markers their folder gives, whatever
+    other markers they carry, and importing them costs each worker seconds."""
+    if collection_path.parent != TESTS or collection_path.name not in ENGINE_FOLDERS or not config.option.markexpr:
+        return None
+    given = {"engine"} | ({"ray"} if collection_path.name == "ray" else set())
+    expression = Expression.compile(config.option.markexpr)
+
+    def marked(others: bool):  # a test with its folder's markers, and all others or none
+        return lambda name, **_: name in given or others
+
+    if not any(expression.evaluate(marked(others)) for others in (False, True)):
+        return True
     return None
 
 
