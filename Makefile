@@ -24,8 +24,9 @@ serve: $(STAMP)
 # `make test` runs two pytest-xdist workers, one per core of the project's 2-CPU machine, in
 # groups (--dist loadgroup, tests/conftest.py): one worker takes every test that starts a real
 # engine, in file order, as one process would, so that the session gateway, Ray's gateway and the
-# gateways tests start of their own never run at once; the other takes the engine-free tests, a
-# file at a time. --no-loadscope-reorder keeps that order, so that the engine's group starts first.
+# gateways tests start of their own never run at once; the other takes the engine-free tests
+# (those of a file that share a module-scoped fixture together). --no-loadscope-reorder keeps the
+# collection's order, so that the engine's group starts first.
 # WORKERS=0 runs everything in pytest's own process instead.
 WORKERS ?= 2
 XDIST := -n $(WORKERS) --dist loadgroup --no-loadscope-reorder

@@ -54,7 +54,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     folders, and the tests elsewhere that start a real gateway) goes to one worker as one group,
     in file order, as in one process: the session gateway, Ray's gateway and the gateways tests
     start of their own then never run at once, and each starts once. The other worker takes the
-    engine-free tests, each of its files whole, so that a module's fixtures are built once.
+    engine-free tests one by one, except that the tests of a file that share a module-scoped
+    fixture go together, so that it is built once.
     """
     grouping = config.getoption("loadgroup", default=False)  # set in xdist's workers
     counts = Counter(item.nodeid for item in items)
@@ -70,13 +71,21 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             if folder == "ray":
                 item.add_marker(pytest.mark.ray)
         if grouping:
-            # The suffix xdist's loadgroup groups by.
-            group = ENGINE_GROUP if item.get_closest_marker("engine") else item.nodeid.partition("::")[0]
-            node_id = f"{node_id}@{group}"
+            if item.get_closest_marker("engine"):
+                node_id = f"{node_id}@{ENGINE_GROUP}"  # the suffix xdist's loadgroup groups by
+            elif shares_a_module_fixture(item):
+                node_id = f"{node_id}@{item.nodeid.partition('::')[0]}"
         if node_id != item.nodeid:
             set_node_id(item, node_id)
     # A test marked `last` ends a session fixture that others use first (a gateway it kills, say).
     items.sort(key=lambda item: item.get_closest_marker("last") is not None)
+
+
+def shares_a_module_fixture(item: pytest.Item) -> bool:
+    """Whether the test uses a module-scoped fixture (a demo build, say), which its file's other
+    tests share: on two workers that would be built twice."""
+    info = getattr(item, "_fixtureinfo", None)
+    return info is not None and any(defs[-1].scope == "module" for defs in info.name2fixturedefs.values() if defs)
 
 
 def set_node_id(item: pytest.Item, node_id: str) -> None:
