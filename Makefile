@@ -21,13 +21,15 @@ venv: $(STAMP)
 serve: $(STAMP)
 	$(BIN)/lora-gateway serve
 
-# `make test` runs in pytest's own process, in file order (WORKERS=0). WORKERS=2 runs two
-# pytest-xdist workers, one per core (--dist loadgroup keeps the session gateway's tests on one
-# worker and Ray's on one, tests/conftest.py): 9 min 44 s here, but then Ray's replicas, the session
-# gateway and the tests' own gateways run at once, and three tests that start or kill engines failed
-# from that contention in each of two runs. `make test-fast` takes the two workers.
-WORKERS ?= 0
-XDIST := -n $(WORKERS) --dist loadgroup
+# `make test` runs two pytest-xdist workers, one per core of the project's 2-CPU machine, in
+# groups (--dist loadgroup, tests/conftest.py): one worker takes every test that starts a real
+# engine, in file order, as one process would, so that the session gateway, Ray's gateway and the
+# gateways tests start of their own never run at once; the other takes the engine-free tests
+# (those of a file that share a module-scoped fixture together). --no-loadscope-reorder keeps the
+# collection's order, so that the engine's group starts first.
+# WORKERS=0 runs everything in pytest's own process instead.
+WORKERS ?= 2
+XDIST := -n $(WORKERS) --dist loadgroup --no-loadscope-reorder
 
 # pytest exits 5 when it collects nothing: for this suite that is a failure.
 test: $(STAMP)
@@ -44,9 +46,10 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-# Everything but the real engine and Ray (tests/engine, tests/ray): for working on one room.
+# Everything but the real engine and Ray (tests/engine, tests/ray, and the tests elsewhere marked
+# `engine`): for working on one room. Those folders are not even imported then (tests/conftest.py).
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -n 2 --dist loadgroup -m "not engine and not ray"
+	$(BIN)/python -m pytest $(XDIST) -m "not engine and not ray"
 
 clean:
 	rm -rf $(VENV) .pytest_cache

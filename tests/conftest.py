@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
+from _pytest.mark.expression import Expression
 
 from adapters.database import Database
 from adapters.registry import Registry
@@ -24,15 +25,37 @@ pytest_plugins = ["tests.services.postgres", "tests.services.s3", "tests.service
 
 
 TESTS = Path(__file__).parent
+ENGINE_FOLDERS = ("engine", "ray")  # every test in these is marked so
+ENGINE_GROUP = "engine"  # the xdist group of every test that starts a real engine
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """With `-m "not engine and not ray"` (make test-fast), tests/engine/ and tests/ray/ are not even
+    imported: `-m` would deselect every test in them by the markers their folder gives, whatever
+    other markers they carry, and importing them costs each worker seconds."""
+    if collection_path.parent != TESTS or collection_path.name not in ENGINE_FOLDERS or not config.option.markexpr:
+        return None
+    given = {"engine"} | ({"ray"} if collection_path.name == "ray" else set())
+    expression = Expression.compile(config.option.markexpr)
+
+    def marked(others: bool):  # a test with its folder's markers, and all others or none
+        return lambda name, **_: name in given or others
+
+    if not any(expression.evaluate(marked(others)) for others in (False, True)):
+        return True
+    return None
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Mark by folder, before `-m` selects: tests/engine/ starts real engines, tests/ray/ Ray as well.
 
-    Under pytest-xdist with `--dist loadgroup` (make test), the tests on the session gateway go to
-    one worker as one group, so that one engine serves them all; Ray's tests likewise. The rest,
-    fast tests and tests that start gateways of their own, go to whichever worker is free.
+    Under pytest-xdist with `--dist loadgroup` (make test), every test marked `engine` (those
+    folders, and the tests elsewhere that start a real gateway) goes to one worker as one group,
+    in file order, as in one process: the session gateway, Ray's gateway and the gateways tests
+    start of their own then never run at once, and each starts once. The other worker takes the
+    engine-free tests one by one, except that the tests of a file that share a module-scoped
+    fixture go together, so that it is built once.
     """
     grouping = config.getoption("loadgroup", default=False)  # set in xdist's workers
     counts = Counter(item.nodeid for item in items)
@@ -43,17 +66,26 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             # xdist keys its work by node id, and ran one of test_fuzz.py's 42 tests.
             node_id = f"{node_id.rpartition('::')[0]}::{item.name}"
         folder = item.path.relative_to(TESTS).parts[0] if item.path.is_relative_to(TESTS) else ""
-        if folder in ("engine", "ray"):
+        if folder in ENGINE_FOLDERS:
             item.add_marker(pytest.mark.engine)
             if folder == "ray":
                 item.add_marker(pytest.mark.ray)
-            fixtures = getattr(item, "fixturenames", ())
-            # tests/engine/conftest.py's `gateway`, not the FakeEngine one of tests/routes
-            group = "session-gateway" if "gateway" in fixtures else "ray-gateway" if "ray_gateway" in fixtures else ""
-            if grouping and group:
-                node_id = f"{node_id}@{group}"  # the suffix xdist's loadgroup groups by
+        if grouping:
+            if item.get_closest_marker("engine"):
+                node_id = f"{node_id}@{ENGINE_GROUP}"  # the suffix xdist's loadgroup groups by
+            elif shares_a_module_fixture(item):
+                node_id = f"{node_id}@{item.nodeid.partition('::')[0]}"
         if node_id != item.nodeid:
             set_node_id(item, node_id)
+    # A test marked `last` ends a session fixture that others use first (a gateway it kills, say).
+    items.sort(key=lambda item: item.get_closest_marker("last") is not None)
+
+
+def shares_a_module_fixture(item: pytest.Item) -> bool:
+    """Whether the test uses a module-scoped fixture (a demo build, say), which its file's other
+    tests share: on two workers that would be built twice."""
+    info = getattr(item, "_fixtureinfo", None)
+    return info is not None and any(defs[-1].scope == "module" for defs in info.name2fixturedefs.values() if defs)
 
 
 def set_node_id(item: pytest.Item, node_id: str) -> None:

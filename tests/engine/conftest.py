@@ -16,7 +16,13 @@ import pytest
 
 STARTUP_SECONDS = 300
 ADMIN_KEY = "test-admin-key-for-the-engine-tests-0123"
-SMALL_KV_CACHE = "0.05"  # of memory, for gateways that run beside others (the default 0.2 is ~4.7 GiB here)
+# Of memory, for every gateway a test starts unless it asks for another (the default 0.2 is ~4.7 GiB
+# here, and takes seconds to set up): the demo's prompts are short, and gateways run side by side.
+SMALL_KV_CACHE = "0.05"
+# vLLM on CPU pins each engine's worker to core 0 by default and leaves the other cores to the
+# gateway's own process: the test's gateways would all compute on that one core, beside each other
+# and beside Ray's replicas. Unpinned, the kernel spreads them over the machine's cores.
+ENGINE_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "nobind"}
 
 
 def free_port() -> int:
@@ -66,11 +72,13 @@ def _start_gateway(
 ) -> RunningGateway:
     port = free_port()
     log = log_path.open("w")
+    if "--kv-cache-fraction" not in args:
+        args = [*args, "--kv-cache-fraction", SMALL_KV_CACHE]
     process = subprocess.Popen(
         [*prefix, sys.executable, "-m", "server", "serve", "--port", str(port), *args],
         stdout=log,
         stderr=subprocess.STDOUT,
-        env={**os.environ, **(env or {})},
+        env={**ENGINE_ENV, **os.environ, **(env or {})},
     )
     gateway = RunningGateway(f"http://127.0.0.1:{port}", process, log_path, base_name)
     deadline = time.monotonic() + STARTUP_SECONDS
@@ -124,14 +132,16 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         _wait_for_exit(_stopping.pop())
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def gateway(demo, tmp_path_factory) -> Iterator[RunningGateway]:
     """The session's one real gateway, with an admin key; every engine test that can share one does.
 
     Each start costs half a minute or more of the machine's two cores, and an idle engine holds
     memory, so there is one: tests that need no tenant send the admin key. --max-loras 1: the
     mixed-batch and metrics tests rely on one adapter slot. Its KV cache is small (the demo's
-    prompts are short), so that the gateways some tests start of their own fit beside it.
+    prompts are short), so that the gateways some tests start of their own fit beside it. It
+    lives while tests/engine/ runs (they run in a row, in one process or on one xdist worker), and
+    stops while the tests after them run.
     """
     state = tmp_path_factory.mktemp("state")
     args = [
@@ -141,4 +151,4 @@ def gateway(demo, tmp_path_factory) -> Iterator[RunningGateway]:
     running = start_gateway(args, state / "gateway.log", base_name="demo")
     running.adapters = dict(demo.adapters)
     yield running
-    stop_gateway(running)
+    stop_gateway(running, wait=False)  # nothing reads its state after

@@ -85,8 +85,10 @@ def wait_for_healthy_replicas(url: str, count: int, seconds: float) -> None:
     raise RuntimeError(f"fewer than {count} healthy engine replicas after {seconds:g} s")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def ray_gateway(demo, tmp_path_factory) -> Iterator[RunningGateway]:
+    """The gateway for tests/ray/, which run in a row; Ray stops once they are done, not at the end
+    of the session, so that its processes leave the machine to the tests after them."""
     if shutil.which("ray", path=str(Path(sys.executable).parent)) is None:
         pytest.fail("Ray Serve is not installed: pip install -e '.[test]' (the ray extra)")
     state = tmp_path_factory.mktemp("ray-state")

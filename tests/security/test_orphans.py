@@ -2,7 +2,9 @@
 
 It runs no cleanup then, so each child must learn of its parent's death from the kernel: vLLM's
 engine core and workers (server/engine/lifeline.py), the fine-tuning worker and the pickle
-sandbox (adapters/confine.py). Every process of the tree must be gone within 10 s.
+sandbox (adapters/confine.py). Every process of the tree must be gone within 10 s. The gateway
+killed is the session's gateway as nobody (tests/security/gateway_as_nobody.py), once
+test_secrets.py has read its children: one engine start serves both.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.engine.conftest import ADMIN_KEY, SMALL_KV_CACHE, start_gateway
+from tests.security.gateway_as_nobody import NobodyGateway
 from tests.security.nonroot import as_nobody, is_root, open_folder
 from tests.security.test_sandbox_escape import HOLE, ROOT, Escape
 from tests.training_data import TRAINING_ROWS, jsonl
@@ -104,14 +106,12 @@ def test_a_pickle_sandbox_dies_with_its_killed_parent(as_root):
 
 
 @pytest.mark.engine
-def test_a_killed_gateway_leaves_no_engine_or_training_process(demo, tmp_path):
-    args = ["--demo-dir", str(demo.root), "--state-dir", str(tmp_path / "state"), "--admin-key", ADMIN_KEY]
-    args += ["--kv-cache-fraction", SMALL_KV_CACHE]
-    gateway = start_gateway(args, tmp_path / "gateway.log", base_name="demo")
+@pytest.mark.last  # it kills the session's gateway as nobody, which test_secrets.py reads first
+def test_a_killed_gateway_leaves_no_engine_or_training_process(nobody_gateway: NobodyGateway):
+    gateway = nobody_gateway.running
     processes: list[psutil.Process] = []
     try:
-        admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
-        with httpx.Client(base_url=gateway.url, headers=admin, timeout=120) as client:
+        with httpx.Client(base_url=gateway.url, headers=nobody_gateway.admin, timeout=120) as client:
             uploaded = client.post(
                 "/v1/files", data={"purpose": "fine-tune"}, files={"file": ("t.jsonl", jsonl(TRAINING_ROWS * 20))}
             )

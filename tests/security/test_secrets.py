@@ -2,15 +2,14 @@
 
 A real gateway runs as a user who is not root (as the images do), with an admin key given as a
 flag and a catalog URL, store credentials, a database password and a hub token in its
-environment. Its engine's processes, a fine-tuning worker and the pickle sandbox each run while
-their /proc/<pid>/environ and cmdline are read: none holds any of those values. The gateway's own
-command line is free of them, and another process of its user cannot read its environment.
+environment (tests/security/gateway_as_nobody.py). Its engine's processes, a fine-tuning worker
+and the pickle sandbox each run while their /proc/<pid>/environ and cmdline are read: none holds
+any of those values. The gateway's own command line is free of them, and another process of its
+user cannot read its environment.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -23,22 +22,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.engine.conftest import SMALL_KV_CACHE, start_gateway, stop_gateway
-from tests.security.nonroot import NOBODY, as_nobody, is_root, open_folder
+from tests.security.gateway_as_nobody import ADMIN_KEY, NobodyGateway
+from tests.security.nonroot import as_nobody
 from tests.training_data import TRAINING_ROWS, jsonl
 
 pytestmark = pytest.mark.engine
-ROOT = Path(__file__).resolve().parents[2]
-ADMIN_KEY = "canary-admin-flag-7c41-long-enough-to-be-a-key"
-SECRETS = {
-    "LORA_GATEWAY_CATALOG_URL": None,  # set per test: a catalog under the test's folder, its name a canary
-    "LORA_GATEWAY_METRICS_KEY": "canary-metrics-key-2e9a-long-enough-for-a-key",
-    "AWS_ACCESS_KEY_ID": "canary-aws-key-id-51f0",
-    "AWS_SECRET_ACCESS_KEY": "canary-aws-secret-93d2",
-    "PGPASSWORD": "canary-pg-password-0b77",
-    "HF_TOKEN": "canary-hf-token-d15e",
-}
-CATALOG_CANARY = "canary-catalog-8f3e"
 
 
 def proc_text(pid: int, name: str) -> str:
@@ -79,13 +67,6 @@ class ChildWatcher(threading.Thread):
         self.look()
 
 
-def nobody_folder(prefix: str) -> Path:
-    folder = open_folder(prefix)
-    if is_root():
-        os.chown(folder, NOBODY, NOBODY)
-    return folder
-
-
 def wait_until(predicate, timeout: float, what: str, log=lambda: ""):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -104,77 +85,57 @@ def leaks(seen: dict[int, tuple[str, str]], canaries: list[str]) -> dict[str, li
     return found
 
 
-def test_no_secret_reaches_a_child_process_or_another_process_of_the_user(demo):
-    folder = nobody_folder("lgw-secrets-")
+def test_no_secret_reaches_a_child_process_or_another_process_of_the_user(demo, nobody_gateway: NobodyGateway):
+    gateway, folder, canaries = nobody_gateway.running, nobody_gateway.folder, nobody_gateway.canaries
+    watcher = ChildWatcher(gateway.process.pid)
+    watcher.start()
     try:
-        shutil.copytree(demo.root, folder / "demo")
-        for sub in ("state", "home"):
-            (folder / sub).mkdir()
-        if is_root():
-            subprocess.run(["chown", "-R", f"{NOBODY}:{NOBODY}", str(folder)], check=True)
-        secrets = {**SECRETS, "LORA_GATEWAY_CATALOG_URL": f"sqlite:///{folder}/state/{CATALOG_CANARY}.sqlite3"}
-        canaries = [ADMIN_KEY, CATALOG_CANARY, *(value for value in secrets.values())]
-        env = {**secrets, "HOME": str(folder / "home"), "XDG_CACHE_HOME": str(folder / "home" / ".cache")}
-        python_path = [Path(entry) for entry in os.environ.get("PYTHONPATH", "").split(os.pathsep) if entry]
-        args = ["--demo-dir", str(folder / "demo"), "--state-dir", str(folder / "state"), "--admin-key", ADMIN_KEY]
-        args += ["--kv-cache-fraction", SMALL_KV_CACHE]
-        prefix = as_nobody([], folder, [ROOT, *python_path])
-        gateway = start_gateway(args, folder / "gateway.log", "demo", env=env, prefix=prefix)
-        watcher = ChildWatcher(gateway.process.pid)
-        watcher.start()
-        try:
-            watcher.look()  # the engine's processes, before anything else starts
-            assert leaks(watcher.seen, canaries) == {}, "secrets in the engine's environment or command line"
-            admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
-            with httpx.Client(base_url=gateway.url, headers=admin, timeout=120) as client:
-                # A training worker, kept running long enough to be read.
-                uploaded = client.post(
-                    "/v1/files", data={"purpose": "fine-tune"}, files={"file": ("t.jsonl", jsonl(TRAINING_ROWS * 20))}
-                )
-                assert uploaded.status_code == 200, uploaded.text
-                job = client.post(
-                    "/v1/fine_tuning/jobs",
-                    json={"model": "demo", "training_file": uploaded.json()["id"], "hyperparameters": {"n_epochs": 50}},
-                )
-                assert job.status_code == 200, job.text
-                wait_until(
-                    lambda: any("adapters.training.worker" in cmd for cmd, _ in watcher.seen.values()),
-                    120,
-                    "a training worker started",
-                    gateway.log_tail,
-                )
-                # The pickle sandbox: an adapter uploaded as adapter_model.bin is converted there.
-                pirate = demo.adapters["pirate"]
-                weights = folder / "adapter_model.bin"
-                torch.save(load_file(str(pirate / "adapter_model.safetensors")), weights)
-                files = [
-                    ("file", ("adapter_config.json", (pirate / "adapter_config.json").read_bytes())),
-                    ("file", ("adapter_model.bin", weights.read_bytes())),
-                ]
-                registered = client.post("/v1/adapters", data={"name": "pirate-bin"}, files=files)
-                assert registered.status_code == 201, registered.text
-                client.post(f"/v1/fine_tuning/jobs/{job.json()['id']}/cancel")
-            watcher.stop()
-            kinds = {
-                "sandbox": "adapters.sandbox",
-                "training worker": "adapters.training.worker",
-                "engine": "VLLM::EngineCore",
-            }
-            found = {
-                kind: [pid for pid, (cmd, _) in watcher.seen.items() if mark in cmd] for kind, mark in kinds.items()
-            }
-            assert all(found.values()), f"not every kind of child was seen: {found}; {watcher.seen}"
-            assert leaks(watcher.seen, canaries) == {}, "secrets in children's environment or command line"
+        watcher.look()  # the engine's processes, before anything else starts
+        assert leaks(watcher.seen, canaries) == {}, "secrets in the engine's environment or command line"
+        with httpx.Client(base_url=gateway.url, headers=nobody_gateway.admin, timeout=120) as client:
+            # A training worker, kept running long enough to be read.
+            uploaded = client.post(
+                "/v1/files", data={"purpose": "fine-tune"}, files={"file": ("t.jsonl", jsonl(TRAINING_ROWS * 20))}
+            )
+            assert uploaded.status_code == 200, uploaded.text
+            job = client.post(
+                "/v1/fine_tuning/jobs",
+                json={"model": "demo", "training_file": uploaded.json()["id"], "hyperparameters": {"n_epochs": 50}},
+            )
+            assert job.status_code == 200, job.text
+            wait_until(
+                lambda: any("adapters.training.worker" in cmd for cmd, _ in watcher.seen.values()),
+                120,
+                "a training worker started",
+                gateway.log_tail,
+            )
+            # The pickle sandbox: an adapter uploaded as adapter_model.bin is converted there.
+            pirate = demo.adapters["pirate"]
+            weights = folder / "adapter_model.bin"
+            torch.save(load_file(str(pirate / "adapter_model.safetensors")), weights)
+            files = [
+                ("file", ("adapter_config.json", (pirate / "adapter_config.json").read_bytes())),
+                ("file", ("adapter_model.bin", weights.read_bytes())),
+            ]
+            registered = client.post("/v1/adapters", data={"name": "pirate-bin"}, files=files)
+            assert registered.status_code == 201, registered.text
+            client.post(f"/v1/fine_tuning/jobs/{job.json()['id']}/cancel")
+        watcher.stop()
+        kinds = {
+            "sandbox": "adapters.sandbox",
+            "training worker": "adapters.training.worker",
+            "engine": "VLLM::EngineCore",
+        }
+        found = {kind: [pid for pid, (cmd, _) in watcher.seen.items() if mark in cmd] for kind, mark in kinds.items()}
+        assert all(found.values()), f"not every kind of child was seen: {found}; {watcher.seen}"
+        assert leaks(watcher.seen, canaries) == {}, "secrets in children's environment or command line"
 
-            # The gateway itself: its command line shows no secret flag's value...
-            own = proc_text(gateway.process.pid, "cmdline")
-            assert "--admin-key" in own and ADMIN_KEY not in own
-            # ...and no other process of its user reads its environment.
-            reader = [sys.executable, "-I", "-c", f"open('/proc/{gateway.process.pid}/environ', 'rb').read()"]
-            read = subprocess.run(as_nobody(reader, folder), capture_output=True, text=True, timeout=60)
-            assert read.returncode != 0 and "PermissionError" in read.stderr, read.stdout + read.stderr
-        finally:
-            watcher.stopped.set()
-            stop_gateway(gateway)
+        # The gateway itself: its command line shows no secret flag's value...
+        own = proc_text(gateway.process.pid, "cmdline")
+        assert "--admin-key" in own and ADMIN_KEY not in own
+        # ...and no other process of its user reads its environment.
+        reader = [sys.executable, "-I", "-c", f"open('/proc/{gateway.process.pid}/environ', 'rb').read()"]
+        read = subprocess.run(as_nobody(reader, folder), capture_output=True, text=True, timeout=60)
+        assert read.returncode != 0 and "PermissionError" in read.stderr, read.stdout + read.stderr
     finally:
-        subprocess.run(["rm", "-rf", str(folder)], check=False)
+        watcher.stopped.set()
