@@ -210,7 +210,7 @@ class Settings(BaseSettings):
         "tenant's least recently used, whose files are deleted",
     )
     adapter_work_threads: int = Field(
-        2,
+        4,
         ge=1,
         le=64,
         description="threads for slow adapter work (conversions, validation, compositions, training-file "
