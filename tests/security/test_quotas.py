@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
+import time
 from contextlib import AsyncExitStack
 from pathlib import Path
 
@@ -171,11 +173,14 @@ async def test_fifty_writes_at_once_at_one_request_per_second_are_not_all_accept
             )
         return tuned.client.post("/v1/adapters", data={"name": f"a{i}"}, files=files_of(adapter), headers=acme)
 
+    started = time.monotonic()
     responses = await asyncio.gather(*[call(i) for i in range(50)])
+    elapsed = time.monotonic() - started
     accepted = [r for r in responses if r.status_code in (200, 201)]
     refused = [r for r in responses if r.status_code == 429]
     assert len(accepted) + len(refused) == 50, [r.text for r in responses if r not in accepted + refused]
-    assert len(accepted) <= 2, len(accepted)  # a burst of one, and one more if a second passed meanwhile
+    # A burst of one, and one more for each second the fifty took on a busy machine.
+    assert len(accepted) <= 1 + math.ceil(elapsed), (len(accepted), elapsed)
     refusals_are_openai_429s(refused, "rate_limit_exceeded")
     assert tuned.app.state.tenants.in_flight("acme") == 0
 
