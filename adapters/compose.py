@@ -408,11 +408,20 @@ def _frobenius_sq(lora_b, lora_a) -> float:
 
 
 async def compose_registered(
-    registry: Registry, owner: str, name: str, inputs: Sequence[AdapterEntry], recipe: Recipe, labels: Sequence[str]
+    registry: Registry,
+    owner: str,
+    name: str,
+    inputs: Sequence[AdapterEntry],
+    recipe: Recipe,
+    labels: Sequence[str],
+    *,
+    max_adapters: int | None = None,
 ) -> tuple[AdapterEntry, Composition]:
     """Compose registered adapters from the store's copies, and register the result as owner's `name`.
 
-    The result is validated and loaded like any adapter (rank, shapes, the engine's add_lora).
+    The result is validated and loaded like any adapter (rank, shapes, the engine's add_lora);
+    the composition runs in the registry's work pool. `max_adapters`: the owner's quota, which
+    the catalog checks as it writes the row.
     """
     if registry.store is None or registry.rules is None:
         raise RuntimeError("this registry has no store")
@@ -423,5 +432,5 @@ async def compose_registered(
         folders = [store.ensure_local(entry.spec.content_hash) for entry in inputs]
         results.append(compose(folders, recipe, staging, max_rank=max_rank, names=labels))
 
-    entry = await registry.add_folder(owner, name, fill)
+    entry = await registry.add_folder(owner, name, fill, max_adapters=max_adapters)
     return entry, results[0]

@@ -52,6 +52,13 @@ def check_format(source_format: str) -> str:
     return source_format
 
 
+def needs_sandbox(staging: Path, source_format: str) -> bool:
+    """Whether `convert_staged` would load a pickle here (in the sandbox), so the caller takes a slot first."""
+    if source_format == MINIMIND:
+        return True
+    return (staging / PICKLED_WEIGHTS_FILE).exists() and not (staging / WEIGHTS_FILE).exists()
+
+
 def convert_staged(staging: Path, source_format: str = PEFT, limits: SandboxLimits = DEFAULT_LIMITS) -> None:
     """Turn a staged adapter into PEFT safetensors in place; no pickle is left behind.
 

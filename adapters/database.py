@@ -26,7 +26,7 @@ from pathlib import Path
 import sqlalchemy as sa
 from sqlalchemy import event
 
-from adapters.errors import CatalogUnavailable, OwnerNotFound
+from adapters.errors import CatalogUnavailable, OwnerNotFound, QuotaExceeded
 from adapters.spec import SHARED
 
 logger = logging.getLogger(__name__)
@@ -299,11 +299,14 @@ class Database:
     def adapters(self) -> list[AdapterRow]:
         return [_adapter_row(r) for r in self._read(self._adapters_query())]
 
-    def put_adapter(self, row: AdapterRow, guard: WriteGuard | None = None) -> None:
+    def put_adapter(self, row: AdapterRow, guard: WriteGuard | None = None, max_adapters: int | None = None) -> None:
         """Add or replace; an upsert, so two gateways registering one name at once both succeed.
 
         The owner must still exist (OwnerNotFound when its tenant was deleted meanwhile), and
-        `guard` runs first in the same transaction: it refuses the write by raising.
+        `guard` runs first in the same transaction: it refuses the write by raising. With
+        `max_adapters`, a new name is refused (QuotaExceeded) when the owner has that many already;
+        the count and the write are one transaction, behind the change counter's lock, so gateways
+        sharing the catalog cannot together pass the limit.
         """
         values = {
             "content_hash": row.content_hash,
@@ -321,7 +324,25 @@ class Database:
             self.hold_owner(conn, row.owner)
             if guard is not None:
                 guard(conn)
+            if max_adapters is not None:
+                others = self._count_adapters(conn, row.owner, but=row.name)
+                if others >= max_adapters:
+                    raise QuotaExceeded(
+                        f"this tenant already has its limit of {max_adapters} adapters; delete one first",
+                        limit="max_adapters",
+                    )
             conn.execute(upsert)
+
+    def _count_adapters(self, conn: sa.Connection, owner: str | None, *, but: str, pinned: bool = False) -> int:
+        """This base's adapters of `owner`, leaving out its `but`; with None, every tenant's (`but` unused)."""
+        statement = sa.select(sa.func.count()).select_from(adapters_table).where(self._mine())
+        if owner is None:
+            statement = statement.where(adapters_table.c.owner != SHARED)
+        else:
+            statement = statement.where(adapters_table.c.owner == owner, adapters_table.c.name != but)
+        if pinned:
+            statement = statement.where(adapters_table.c.pinned == sa.true())
+        return int(conn.execute(statement).scalar_one())
 
     def delete_adapter(self, owner: str, name: str) -> None:
         with self._write() as conn:
@@ -331,8 +352,30 @@ class Database:
                 )
             )
 
-    def set_pinned(self, owner: str, name: str, pinned: bool) -> None:
+    def set_pinned(
+        self, owner: str, name: str, pinned: bool, *, max_pinned: int | None = None, max_tenant_pins: int | None = None
+    ) -> None:
+        """Pin or unpin. A pin may be refused (QuotaExceeded): past the owner's `max_pinned`, or past
+        `max_tenant_pins`, the pins of every tenant's adapters together; counted in the write's transaction."""
         with self._write() as conn:
+            if pinned and max_pinned is not None:
+                if self._count_adapters(conn, owner, but=name, pinned=True) >= max_pinned:
+                    raise QuotaExceeded(
+                        f"this tenant already pins its limit of {max_pinned} adapters; unpin one first",
+                        limit="max_pinned",
+                    )
+            if pinned and max_tenant_pins is not None:
+                tenant_pins = self._count_adapters(conn, None, but=name, pinned=True)
+                this = sa.select(adapters_table.c.pinned).where(
+                    self._mine(), adapters_table.c.owner == owner, adapters_table.c.name == name
+                )
+                already = bool(conn.execute(this).scalar())
+                if not already and tenant_pins >= max_tenant_pins:
+                    raise QuotaExceeded(
+                        f"tenants' pins together hold {tenant_pins} of the engine's cache, the most they may "
+                        f"(half of --max-cpu-loras); unpin one first",
+                        limit="max_pinned",
+                    )
             conn.execute(
                 adapters_table.update()
                 .where(self._mine(), adapters_table.c.owner == owner, adapters_table.c.name == name)
@@ -377,6 +420,20 @@ class Database:
             return
         held = sa.select(tenants_table.c.name).where(tenants_table.c.name == owner)
         if conn.execute(held.with_for_update(read=True, key_share=True)).first() is None:
+            raise OwnerNotFound(owner)
+
+    def lock_owner(self, conn: sa.Connection, owner: str) -> None:
+        """Inside a write that checks a quota before it inserts: one such write per owner at a time.
+
+        On PostgreSQL it locks the tenant's row (FOR NO KEY UPDATE, which leaves `hold_owner`'s
+        readers alone), so a second gateway's check waits for the first one's insert and counts
+        it. SQLite needs nothing here: there the caller's insert comes first and takes the
+        database's write lock, and it counts after it.
+        """
+        if self.dialect != "postgresql" or owner == SHARED:
+            return
+        row = sa.select(tenants_table.c.name).where(tenants_table.c.name == owner)
+        if conn.execute(row.with_for_update(key_share=True)).first() is None:
             raise OwnerNotFound(owner)
 
     def tenants(self) -> dict[str, tuple[dict, float]]:

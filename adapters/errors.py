@@ -72,6 +72,22 @@ class ConverterBusy(Unavailable):
     """Every sandbox that converts pickled weights is in use; the same upload may succeed shortly."""
 
 
+class QuotaExceeded(AdapterError):
+    """An owner is at one of its limits (adapters, pins, merges, queued jobs); nothing was taken.
+
+    `limit` names the tenant limit, as `PATCH /v1/tenants/NAME` spells it.
+    """
+
+    def __init__(self, message: str, *, limit: str, retry_after: float = 60.0):
+        super().__init__(message)
+        self.limit = limit
+        self.retry_after = retry_after
+
+
+class StorageQuotaExceeded(QuotaExceeded):
+    """An owner's bytes kept (training files) would pass its limit; nothing was stored."""
+
+
 class OwnerNotFound(AdapterError):
     """A row for a tenant the catalog no longer holds (deleted meanwhile); nothing was written."""
 

@@ -25,7 +25,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from adapters.database import Database, WriteGuard, metadata
-from adapters.errors import JobGone
+from adapters.errors import JobGone, QuotaExceeded, StorageQuotaExceeded
 
 files_table = sa.Table(
     "files",
@@ -187,14 +187,26 @@ class FineTuningRecords:
 
     # -- files ---------------------------------------------------------------------------------
 
-    def add_file(self, row: FileRow) -> None:
+    def add_file(self, row: FileRow, max_bytes: int | None = None) -> None:
+        """A file's row; with `max_bytes`, refused (StorageQuotaExceeded) when the owner's files,
+        this one among them, would pass it: the sum is taken in the insert's transaction."""
         values = {k: getattr(row, k) for k in ("id", "owner", "filename", "purpose", "bytes", "content_hash")}
         with self._write() as conn:
+            if max_bytes is not None:
+                self.catalog.lock_owner(conn, row.owner)
             # The insert first: on SQLite it takes the write lock before the owner is read.
             conn.execute(
                 files_table.insert().values(**values, summary=json.dumps(row.summary), created_at=row.created_at)
             )
             self.catalog.hold_owner(conn, row.owner)
+            if max_bytes is not None:
+                kept = conn.execute(self._file_bytes_query(row.owner)).scalar_one()
+                if kept > max_bytes:
+                    raise StorageQuotaExceeded(
+                        f"this tenant keeps {int(kept) - row.bytes} bytes of files and may keep {max_bytes}; "
+                        "delete files first",
+                        limit="max_file_bytes",
+                    )
 
     def file(self, file_id: str) -> FileRow | None:
         rows = self._read(sa.select(files_table).where(files_table.c.id == file_id))
@@ -214,8 +226,11 @@ class FineTuningRecords:
             return conn.execute(files_table.delete().where(files_table.c.id == file_id)).rowcount > 0
 
     def file_bytes(self, owner: str) -> int:
-        total = sa.select(sa.func.coalesce(sa.func.sum(files_table.c.bytes), 0)).where(files_table.c.owner == owner)
-        return int(self._read(total)[0][0])
+        return int(self._read(self._file_bytes_query(owner))[0][0])
+
+    @staticmethod
+    def _file_bytes_query(owner: str):
+        return sa.select(sa.func.coalesce(sa.func.sum(files_table.c.bytes), 0)).where(files_table.c.owner == owner)
 
     def files_in_use(self, file_ids: set[str]) -> set[str]:
         """The files among `file_ids` that a job not yet done still needs."""
@@ -228,8 +243,12 @@ class FineTuningRecords:
 
     # -- jobs ----------------------------------------------------------------------------------
 
-    def add_job(self, row: JobRow) -> None:
+    def add_job(self, row: JobRow, max_waiting: int | None = None) -> None:
+        """A job's row; with `max_waiting`, refused (QuotaExceeded) when the owner's waiting jobs,
+        this one among them, would pass it: counted in the insert's transaction."""
         with self._write() as conn:
+            if max_waiting is not None:
+                self.catalog.lock_owner(conn, row.owner)
             conn.execute(
                 jobs_table.insert().values(
                     id=row.id,
@@ -242,6 +261,12 @@ class FineTuningRecords:
                 )
             )
             self.catalog.hold_owner(conn, row.owner)
+            if max_waiting is not None and conn.execute(self._waiting_query(row.owner)).scalar_one() > max_waiting:
+                raise QuotaExceeded(
+                    f"this tenant already has {max_waiting} fine-tuning jobs waiting; let one start first",
+                    limit="max_queued_jobs",
+                    retry_after=30,
+                )
 
     def job(self, job_id: str) -> JobRow | None:
         rows = self._read(sa.select(jobs_table).where(jobs_table.c.id == job_id))
@@ -255,10 +280,13 @@ class FineTuningRecords:
 
     def count_waiting(self, owner: str) -> int:
         """An owner's jobs that are not running yet: validating or queued."""
-        statement = sa.select(sa.func.count()).where(
+        return int(self._read(self._waiting_query(owner))[0][0])
+
+    @staticmethod
+    def _waiting_query(owner: str):
+        return sa.select(sa.func.count()).where(
             jobs_table.c.owner == owner, jobs_table.c.status.in_(("validating_files", QUEUED))
         )
-        return int(self._read(statement)[0][0])
 
     def update_job(self, job_id: str, *, only_if: tuple[str, ...] | None = None, **values: Any) -> bool:
         """Set fields of a job; with `only_if`, only while its status is one of those. True if it changed."""

@@ -31,15 +31,17 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from adapters.base_model import BaseModelInfo
-from adapters.convert import PEFT, convert_staged
+from adapters.convert import PEFT, convert_staged, needs_sandbox
 from adapters.database import AdapterRow, Database, WriteGuard
 from adapters.engine import AdapterEngine, AdapterHandle, AdapterLoadFailed
-from adapters.errors import AdapterNotFound, AdapterRejected, InvalidAdapterName
+from adapters.errors import AdapterNotFound, AdapterRejected, InvalidAdapterName, QuotaExceeded
 from adapters.events import NoEvents, RegistryEvents
+from adapters.quota import Reservations
 from adapters.sandbox import DEFAULT_LIMITS
 from adapters.spec import SHARED, AdapterSpec
 from adapters.store import AdapterStore
 from adapters.validate import check_name, validate_adapter
+from adapters.work import WorkPool
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +111,7 @@ class Registry:
         store: AdapterStore | None = None,
         rules: AdapterRules | None = None,
         events: RegistryEvents | None = None,
+        work: WorkPool | None = None,
     ):
         if max_resident < 1:
             raise ValueError("max_resident must be at least 1")
@@ -132,6 +135,10 @@ class Registry:
         # Removed or replaced, with requests still in flight: the engine may load them from the store.
         self._draining: dict[int, AdapterEntry] = {}
         self.started_at = time.time()
+        # Slow work (conversion, validation, composition) runs apart from the catalog's and store's threads.
+        self.work = work or WorkPool()
+        self.reserved = Reservations()  # adapters being uploaded, per owner, not yet registered
+        self._pin_lock = asyncio.Lock()
 
     async def start(self) -> None:
         """Load the base model's zero adapter, and restore the catalog (loaded on first use).
@@ -242,27 +249,54 @@ class Registry:
         *,
         source_format: str = PEFT,
         guard: WriteGuard | None = None,
+        max_adapters: int | None = None,
     ) -> AdapterEntry:
         """Stage files with `fill(staging)`, validate the staged copy, store it, and register it.
 
         Staged files in another form (PEFT's adapter_model.bin, a MiniMind .pth) are converted to
         PEFT safetensors first, in a sandbox (adapters/convert.py); the pickle is never stored.
-        `guard` may refuse the catalog write (`Database.put_adapter`).
+        Filling, converting and validating run in the work pool, a conversion once it has a
+        sandbox slot. `guard` and `max_adapters` may refuse the catalog write (`Database.put_adapter`).
         """
         if self.store is None or self.rules is None:
             raise RuntimeError("this registry has no store")
         self.check_new_name(name)
         staging = self.store.new_staging()
         try:
-            await asyncio.to_thread(fill, staging)
+            await self.work.run(fill, staging)
             limits = replace(DEFAULT_LIMITS, max_input_bytes=self.rules.max_bytes)
-            await asyncio.to_thread(convert_staged, staging, source_format, limits)
-            spec = await asyncio.to_thread(self.rules.validate, staging)
+            if needs_sandbox(staging, source_format):
+                await self.work.run_sandboxed(convert_staged, staging, source_format, limits)
+            else:
+                await self.work.run(convert_staged, staging, source_format, limits)
+            spec = await self.work.run(self.rules.validate, staging)
             path = await asyncio.to_thread(self.store.commit, staging, spec.content_hash)
         except BaseException:
             self.store.discard(staging)
             raise
-        return await self.register(owner, name, replace(spec, path=path), load=True, guard=guard)
+        spec = replace(spec, path=path)
+        return await self.register(owner, name, spec, load=True, guard=guard, max_adapters=max_adapters)
+
+    @asynccontextmanager
+    async def adapter_quota(self, owner: str, name: str, max_adapters: int | None) -> AsyncIterator[None]:
+        """Reserve one of owner's `max_adapters` while the block uploads `name` (None: no limit).
+
+        A name the owner has already is a replacement and takes nothing. The catalog counts again
+        when it writes the row (pass `max_adapters` on to `add_folder`), for gateways sharing it.
+        """
+        if owner == SHARED or max_adapters is None or self.find(owner, name) is not None:
+            yield
+            return
+
+        def refuse(in_use: int) -> QuotaExceeded:
+            return QuotaExceeded(
+                f"this tenant already has its limit of {max_adapters} adapters ({in_use} registered or being "
+                "uploaded); delete one first",
+                limit="max_adapters",
+            )
+
+        async with self.reserved.hold(owner, 1, max_adapters, lambda: self.count(owner), refuse):
+            yield
 
     def new_adapter_id(self) -> int:
         """An engine id no entry has had: for adapters served without a name in the catalog."""
@@ -274,7 +308,14 @@ class Registry:
             raise InvalidAdapterName(f"'{name}' is the base model's name", param="name")
 
     async def register(
-        self, owner: str, name: str, spec: AdapterSpec, *, load: bool = False, guard: WriteGuard | None = None
+        self,
+        owner: str,
+        name: str,
+        spec: AdapterSpec,
+        *,
+        load: bool = False,
+        guard: WriteGuard | None = None,
+        max_adapters: int | None = None,
     ) -> AdapterEntry:
         """Add or replace owner's `name`. A replaced version finishes its requests, then unloads.
 
@@ -302,7 +343,7 @@ class Registry:
                     entry.registered_at,
                 )
                 try:
-                    await asyncio.to_thread(self.catalog.put_adapter, row, guard)
+                    await asyncio.to_thread(self.catalog.put_adapter, row, guard, max_adapters)
                 except BaseException:
                     await self._unload(entry)  # the engine may hold it; the catalog does not
                     raise
@@ -325,11 +366,37 @@ class Registry:
         await self._retire(entry)
         logger.info("unregistered adapter %s", entry.qualified_name)
 
-    async def set_pinned(self, entry: AdapterEntry, pinned: bool) -> AdapterEntry:
-        if self.catalog is not None:
-            await asyncio.to_thread(self.catalog.set_pinned, entry.owner, entry.name, pinned)
-        entry.pinned = pinned
+    @property
+    def max_tenant_pins(self) -> int:
+        """Pins of tenants' adapters, all tenants together: half the engine's cache, so the rest serves the others."""
+        return self.max_resident // 2
+
+    async def set_pinned(self, entry: AdapterEntry, pinned: bool, *, max_pinned: int | None = None) -> AdapterEntry:
+        """Pin or unpin. With `max_pinned` (a tenant asks), a pin is refused (QuotaExceeded) past the
+        owner's limit or past `max_tenant_pins`; checked and taken under one lock here, and again in
+        the catalog's transaction for gateways sharing it."""
+        async with self._pin_lock:
+            limits: dict[str, int] = {}
+            if pinned and max_pinned is not None and not entry.pinned:
+                limits = {"max_pinned": max_pinned, "max_tenant_pins": self.max_tenant_pins}
+                self._check_pins(entry, max_pinned)
+            if self.catalog is not None:
+                await asyncio.to_thread(self.catalog.set_pinned, entry.owner, entry.name, pinned, **limits)
+            entry.pinned = pinned
         return entry
+
+    def _check_pins(self, entry: AdapterEntry, max_pinned: int) -> None:
+        pinned = [e for e in self._entries.values() if e.pinned and e.owner != SHARED and e is not entry]
+        if sum(e.owner == entry.owner for e in pinned) >= max_pinned:
+            raise QuotaExceeded(
+                f"this tenant already pins its limit of {max_pinned} adapters; unpin one first", limit="max_pinned"
+            )
+        if len(pinned) >= self.max_tenant_pins:
+            raise QuotaExceeded(
+                f"tenants' pins together hold {len(pinned)} of the engine's {self.max_resident} cache slots, the "
+                "most they may (half of --max-cpu-loras); unpin one first",
+                limit="max_pinned",
+            )
 
     async def drop_owner(self, owner: str) -> None:
         """Forget an owner's adapters, which the catalog has deleted with their tenant."""

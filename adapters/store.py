@@ -250,6 +250,12 @@ def write_files(files: Iterable[tuple[str, io.BufferedIOBase]], staging: Path, m
             total += _copy_limited(stream, writer, max_bytes - total)
 
 
+def write_stream(stream: BinaryIO, dest: Path, max_bytes: int) -> None:
+    """Write one uploaded stream to `dest`, stopping at `max_bytes`."""
+    with open(dest, "wb") as writer:
+        _copy_limited(stream, writer, max_bytes)
+
+
 def extract_tarball(stream: BinaryIO, staging: Path, max_bytes: int) -> None:
     """Unpack a .tar.gz (or .tar) of adapter files: regular files only, flat or under one folder.
 

@@ -64,6 +64,8 @@ def build_app(
         max_upload_bytes=settings.max_adapter_bytes,
         max_file_bytes=settings.tenant_max_file_bytes,
         max_queued_jobs=settings.tenant_max_queued_jobs,
+        max_pinned=settings.tenant_max_pinned,
+        max_merges=settings.tenant_max_merges,
     )
     tenant_book = Tenants(registry.catalog, tenant_defaults)
 
@@ -105,6 +107,7 @@ def build_app(
             watchdog.cancel()
             app.state.ready = False
             await engine.shutdown()
+            registry.work.close()
 
     app = FastAPI(
         title="lora-gateway",

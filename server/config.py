@@ -197,6 +197,26 @@ class Settings(BaseSettings):
     )
     tenant_requests_per_second: float = Field(20.0, gt=0, description="default: requests per second per tenant")
     tenant_max_adapters: int = Field(100, ge=1, description="default: adapters one tenant may register")
+    tenant_max_pinned: int = Field(
+        1,
+        ge=1,
+        description="default: adapters one tenant may pin in the engine's cache; whatever the limits, tenants' "
+        "pins together never take more than half of --max-cpu-loras",
+    )
+    tenant_max_merges: int = Field(
+        4,
+        ge=1,
+        description="default: merged_adapters compositions kept for one tenant; a new one past it replaces the "
+        "tenant's least recently used, whose files are deleted",
+    )
+    adapter_work_threads: int = Field(
+        4,
+        ge=1,
+        le=64,
+        description="threads for slow adapter work (conversions, validation, compositions, training-file "
+        "checks), a pool apart from the one catalog and store calls use, so that one tenant's uploads never "
+        "hold the threads another tenant's listing needs",
+    )
     metrics_adapter_labels: int = Field(
         50, ge=0, description="adapters that get their own metrics label; the rest share 'other'"
     )

@@ -21,6 +21,7 @@ from adapters.registry import AdapterRules, Registry
 from adapters.spec import AdapterSpec
 from adapters.store import AdapterStore, open_adapter_store
 from adapters.validate import check_name
+from adapters.work import WorkPool
 from server.config import Settings
 from server.http.open_mode import is_loopback
 
@@ -171,6 +172,7 @@ def assemble(prepared: Prepared, engine, zero_spec: AdapterSpec | None = None, m
         store=prepared.store,
         rules=prepared.rules,
         events=metrics.events,
+        work=WorkPool(settings.adapter_work_threads),
     )
     return build_app(settings, engine, registry, prepared.preload, metrics)
 

@@ -6,9 +6,9 @@ admin alone; tenants upload the files instead (multipart, or one .tar.gz).
 
 from __future__ import annotations
 
-import io
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import orjson
 from fastapi import APIRouter, Request, Response
@@ -21,12 +21,12 @@ from adapters.convert import MINIMIND, MINIMIND_FILE, PEFT, SOURCE_FORMATS
 from adapters.errors import AdapterNotFound, AdapterTooLarge, InvalidComposition
 from adapters.registry import AdapterEntry, Registry
 from adapters.spec import SHARED
-from adapters.store import copy_folder, extract_tarball, write_files
+from adapters.store import copy_folder, extract_tarball, write_files, write_stream
 from server.http.auth import AdminOnly, Principal
 from server.http.deps import AdminDep, PrincipalDep, RegistryDep, TenantsDep
 from server.http.errors import GatewayError, InvalidRequest, ModelNotFound
 from server.http.responses import JSONResponse
-from server.http.tenancy import RateLimited, Tenants
+from server.http.tenancy import Tenants
 from server.openai.protocol import ModelName
 
 router = APIRouter()
@@ -145,12 +145,9 @@ def _editable(registry: Registry, principal: Principal, name: str) -> AdapterEnt
     return entry
 
 
-def _check_quota(registry: Registry, tenants: Tenants, owner: str, name: str) -> None:
-    if owner == SHARED or registry.find(owner, name) is not None:
-        return
-    limit = tenants.limits(owner).max_adapters
-    if registry.count(owner) >= limit:
-        raise RateLimited(f"this tenant already has its limit of {limit} adapters; delete one first", 60)
+def _max_adapters(tenants: Tenants, owner: str) -> int | None:
+    """The owner's adapter quota; shared adapters (the admin's) have none."""
+    return None if owner == SHARED else tenants.limits(owner).max_adapters
 
 
 @router.post("/v1/adapters", status_code=201, response_model=None)
@@ -175,10 +172,13 @@ async def _register(request: Request, registry: Registry, tenants: Tenants, prin
             raise AdminOnly("registering from a server path")
         body = RegisterFromPath.model_validate_json(raw)
         owner = _owner_for(principal, body.owner, tenants)
-        _check_quota(registry, tenants, owner, body.name)
         max_bytes = registry.rules.max_bytes if registry.rules else 0
         folder = Path(body.path)
-        entry = await registry.add_folder(owner, body.name, lambda staging: copy_folder(folder, staging, max_bytes))
+        quota = _max_adapters(tenants, owner)
+        async with registry.adapter_quota(owner, body.name, quota):
+            entry = await registry.add_folder(
+                owner, body.name, lambda staging: copy_folder(folder, staging, max_bytes), max_adapters=quota
+            )
     else:
         raise InvalidRequest(
             "send application/json {name, path} (admin) or {name, compose}, or multipart/form-data with the files"
@@ -211,9 +211,12 @@ async def _register_composition(
             seed=spec.seed,
         )
         owner = _owner_for(principal, body.owner, tenants)
-        _check_quota(registry, tenants, owner, body.name)
         inputs = [_composition_input(registry, principal, name, i) for i, name in enumerate(spec.adapters)]
-        entry, result = await compose_registered(registry, owner, body.name, inputs, recipe, spec.adapters)
+        quota = _max_adapters(tenants, owner)
+        async with registry.adapter_quota(owner, body.name, quota):
+            entry, result = await compose_registered(
+                registry, owner, body.name, inputs, recipe, spec.adapters, max_adapters=quota
+            )
     except InvalidComposition as exc:
         exc.param = f"compose.{exc.param}" if exc.param else "compose"
         raise
@@ -256,34 +259,33 @@ async def _register_upload(
         format_field = form.get("format", PEFT)
         if not isinstance(format_field, str) or format_field not in SOURCE_FORMATS:
             raise InvalidRequest(f"format is one of {', '.join(SOURCE_FORMATS)} (default {PEFT})", param="format")
-        _check_quota(registry, tenants, owner, name)
         uploads = [value for _, value in form.multi_items() if isinstance(value, UploadFile)]
         if not uploads:
             raise InvalidRequest(
                 "the form holds no files; send adapter_config.json and adapter_model.safetensors, or one .tar.gz",
                 param="file",
             )
-        blobs = [(upload.filename or "", await upload.read(limit + 1)) for upload in uploads]
+        if sum(upload.size or 0 for upload in uploads) > limit:
+            raise AdapterTooLarge(f"the upload is over this tenant's {limit}-byte limit")
+        fill = _filler(format_field, [(upload.filename or "", upload.file) for upload in uploads], limit)
+        quota = _max_adapters(tenants, owner)
+        async with registry.adapter_quota(owner, name, quota):
+            # The parts are spooled to temporary files by the form parser; they are copied from
+            # there into staging within `limit`, never read whole into memory.
+            return await registry.add_folder(owner, name, fill, source_format=format_field, max_adapters=quota)
     finally:
         await form.close()
-    if sum(len(blob) for _, blob in blobs) > limit:
-        raise AdapterTooLarge(f"the upload is over this tenant's {limit}-byte limit")
-    if format_field == MINIMIND:
-        if len(blobs) != 1:
+
+
+def _filler(source_format: str, files: list[tuple[str, BinaryIO]], limit: int) -> Callable[[Path], None]:
+    """What stages an upload's files: one MiniMind .pth, one archive, or the adapter's files."""
+    if source_format == MINIMIND:
+        if len(files) != 1:
             raise InvalidRequest("format=minimind takes one file: the MiniMind LoRA .pth", param="file")
-
-        def fill(staging: Path) -> None:
-            (staging / MINIMIND_FILE).write_bytes(blobs[0][1])
-    elif len(blobs) == 1 and blobs[0][0].endswith((".tar.gz", ".tgz", ".tar")):
-
-        def fill(staging: Path) -> None:
-            extract_tarball(io.BytesIO(blobs[0][1]), staging, limit)
-    else:
-
-        def fill(staging: Path) -> None:
-            write_files([(filename, io.BytesIO(blob)) for filename, blob in blobs], staging, limit)
-
-    return await registry.add_folder(owner, name, fill, source_format=format_field)
+        return lambda staging: write_stream(files[0][1], staging / MINIMIND_FILE, limit)
+    if len(files) == 1 and files[0][0].endswith((".tar.gz", ".tgz", ".tar")):
+        return lambda staging: extract_tarball(files[0][1], staging, limit)
+    return lambda staging: write_files(files, staging, limit)
 
 
 @router.get("/v1/adapters", response_model=None)
@@ -311,8 +313,11 @@ async def delete_adapter(name: str, registry: RegistryDep, principal: PrincipalD
 
 
 @router.post("/v1/adapters/{name:path}/pin", response_model=None)
-async def pin_adapter(name: str, registry: RegistryDep, principal: PrincipalDep) -> JSONResponse:
-    return JSONResponse(adapter_card(await registry.set_pinned(_editable(registry, principal, name), True), principal))
+async def pin_adapter(name: str, registry: RegistryDep, tenants: TenantsDep, principal: PrincipalDep) -> JSONResponse:
+    """Keep an adapter in the engine's cache: a tenant at most `max_pinned`, and tenants together half the cache."""
+    entry = _editable(registry, principal, name)
+    max_pinned = tenants.limits(principal.tenant).max_pinned if principal.tenant else None
+    return JSONResponse(adapter_card(await registry.set_pinned(entry, True, max_pinned=max_pinned), principal))
 
 
 @router.post("/v1/adapters/{name:path}/unpin", response_model=None)

@@ -17,9 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from adapters.blobs import BlobNotFound, Blobs
-from adapters.errors import OwnerNotFound, StoreUnavailable
+from adapters.errors import OwnerNotFound, StorageQuotaExceeded, StoreUnavailable
 from adapters.fine_tuning_db import FileRow, FineTuningRecords, Page, file_blob_key
+from adapters.quota import Reservations
 from adapters.training.data import validate_training_file
+from adapters.work import WorkPool
 from server.http.auth import Principal
 from server.http.errors import GatewayError, InvalidRequest
 
@@ -67,30 +69,45 @@ def file_card(row: FileRow) -> dict[str, Any]:
 class TrainingFiles:
     """Upload, list, read and delete files; every call checks the caller owns the file."""
 
-    def __init__(self, records: FineTuningRecords, blobs: Blobs, scratch: Path):
+    def __init__(self, records: FineTuningRecords, blobs: Blobs, scratch: Path, work: WorkPool | None = None):
         self.records = records
         self.blobs = blobs
         self.scratch = scratch
+        self.work = work or WorkPool()
+        self.reserved = Reservations()  # bytes of files being uploaded, per owner
 
-    async def upload(self, owner: str, filename: str, purpose: str, raw: bytes, quota_bytes: int) -> FileRow:
+    async def upload(self, owner: str, filename: str, purpose: str, raw: bytes, quota_bytes: int | None) -> FileRow:
+        """Validate and keep a training file; `quota_bytes` bounds the owner's files together (None: no bound).
+
+        The bytes are reserved before the file is validated, so uploads at once cannot together
+        pass the quota, and the catalog sums them again as it writes the row (across gateways).
+        """
         if purpose != FINE_TUNE:
             raise InvalidRequest(
                 f"purpose '{purpose[:32]}' is not served here; upload training data with purpose=fine-tune",
                 param="purpose",
             )
-        used = await asyncio.to_thread(self.records.file_bytes, owner)
-        if used + len(raw) > quota_bytes:
-            raise FileQuotaExceeded(
-                f"this tenant keeps {used} bytes of files and may keep {quota_bytes}; delete files first"
-            )
-        summary = await asyncio.to_thread(validate_training_file, raw)
-        described = {"format": summary.format, "examples": summary.examples}
-        return await self.add(owner, filename or "training.jsonl", purpose, raw, described)
 
-    async def add(self, owner: str, filename: str, purpose: str, raw: bytes, summary: dict[str, Any]) -> FileRow:
+        def refuse(in_use: int) -> StorageQuotaExceeded:
+            return StorageQuotaExceeded(
+                f"this tenant keeps {in_use} bytes of files (uploads under way included) and may keep "
+                f"{quota_bytes}; this one has {len(raw)}: delete files first",
+                limit="max_file_bytes",
+            )
+
+        used = lambda: asyncio.to_thread(self.records.file_bytes, owner)  # noqa: E731
+        async with self.reserved.hold(owner, len(raw), quota_bytes, used, refuse):
+            summary = await self.work.run(validate_training_file, raw)
+            described = {"format": summary.format, "examples": summary.examples}
+            return await self.add(owner, filename or "training.jsonl", purpose, raw, described, max_bytes=quota_bytes)
+
+    async def add(
+        self, owner: str, filename: str, purpose: str, raw: bytes, summary: dict[str, Any], max_bytes: int | None = None
+    ) -> FileRow:
         """A new file: the bytes into the store, then the row, so a row never points at missing bytes.
 
-        A row the catalog refuses (the owner was deleted meanwhile) takes its bytes with it.
+        A row the catalog refuses (the owner was deleted meanwhile, or `max_bytes` would be
+        passed) takes its bytes with it.
         """
         row = FileRow(
             id=f"file-{uuid.uuid4().hex[:24]}",
@@ -110,8 +127,8 @@ class TrainingFiles:
         finally:
             staged.unlink(missing_ok=True)
         try:
-            await asyncio.to_thread(self.records.add_file, row)
-        except OwnerNotFound:
+            await asyncio.to_thread(self.records.add_file, row, max_bytes)
+        except (OwnerNotFound, StorageQuotaExceeded):
             with contextlib.suppress(StoreUnavailable):  # else the store sweep removes them
                 await asyncio.to_thread(self.blobs.delete, file_blob_key(row.id))
             raise

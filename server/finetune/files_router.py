@@ -10,11 +10,15 @@ from starlette.datastructures import UploadFile
 from starlette.responses import Response
 
 from server.admin.adapters import LengthRequired
+from server.config import Settings
 from server.finetune.files import FileQuotaExceeded, file_card
 from server.finetune.jobs_router import FineTuningDep, list_body
+from server.finetune.service import FineTuning
+from server.http.auth import Principal
 from server.http.deps import PrincipalDep, SettingsDep, TenantsDep
 from server.http.errors import InvalidRequest
 from server.http.responses import JSONResponse
+from server.http.tenancy import Tenants
 
 router = APIRouter()
 
@@ -22,6 +26,14 @@ router = APIRouter()
 @router.post("/v1/files", response_model=None)
 async def upload_file(
     request: Request, fine_tuning: FineTuningDep, principal: PrincipalDep, tenants: TenantsDep, settings: SettingsDep
+) -> JSONResponse:
+    """Upload a training file; the tenant's rate and concurrency are counted before the body is read."""
+    with tenants.admitted(principal.tenant):
+        return await _upload_file(request, fine_tuning, principal, tenants, settings)
+
+
+async def _upload_file(
+    request: Request, fine_tuning: FineTuning, principal: Principal, tenants: Tenants, settings: Settings
 ) -> JSONResponse:
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise InvalidRequest("send multipart/form-data with 'file' and 'purpose'")
@@ -43,7 +55,7 @@ async def upload_file(
         await form.close()
     if len(raw) > limit:
         raise FileQuotaExceeded(f"the file is over the {limit}-byte limit (--max-file-bytes)")
-    quota = tenants.limits(principal.tenant).max_file_bytes if principal.tenant else float("inf")
+    quota = tenants.limits(principal.tenant).max_file_bytes if principal.tenant else None
     row = await fine_tuning.files.upload(principal.owner, filename, purpose, raw, quota)
     return JSONResponse(file_card(row))
 
@@ -66,9 +78,12 @@ async def get_file(file_id: str, fine_tuning: FineTuningDep, principal: Principa
 
 
 @router.delete("/v1/files/{file_id}", response_model=None)
-async def delete_file(file_id: str, fine_tuning: FineTuningDep, principal: PrincipalDep) -> JSONResponse:
-    row = await fine_tuning.files.get(file_id, principal)
-    await fine_tuning.files.delete(row)
+async def delete_file(
+    file_id: str, fine_tuning: FineTuningDep, principal: PrincipalDep, tenants: TenantsDep
+) -> JSONResponse:
+    with tenants.admitted(principal.tenant):
+        row = await fine_tuning.files.get(file_id, principal)
+        await fine_tuning.files.delete(row)
     return JSONResponse({"id": row.id, "object": "file", "deleted": True})
 
 

@@ -28,7 +28,7 @@ from adapters.validate import NAME_PATTERN
 from server.finetune.files import FINE_TUNE, TrainingFiles
 from server.http.auth import Principal
 from server.http.errors import GatewayError, InvalidRequest, ModelNotFound, UnsupportedParameter
-from server.http.tenancy import RateLimited, Tenants
+from server.http.tenancy import Tenants
 
 VALIDATING = "validating_files"
 MAX_METADATA_PAIRS = 16
@@ -188,8 +188,6 @@ class FineTuningJobs:
         lora = await asyncio.to_thread(resolve_lora_settings, body.lora, self.base_dir, self.max_lora_rank)
         owner = principal.owner
         limit = self.tenants.limits(owner).max_queued_jobs if principal.tenant else None
-        if limit is not None and await asyncio.to_thread(self.records.count_waiting, owner) >= limit:
-            raise RateLimited(f"this tenant already has {limit} fine-tuning jobs waiting; let one start first", 30)
         request = {
             "training_file": training.id,
             "validation_file": None if validation is None else validation.id,
@@ -201,7 +199,8 @@ class FineTuningJobs:
             "fine_tuned_model": name,
         }
         row = JobRow(job_id, owner, base, VALIDATING, request, time.time())
-        await asyncio.to_thread(self.records.add_job, row)
+        # The catalog counts the tenant's waiting jobs in the insert's transaction: one check, one write.
+        await asyncio.to_thread(self.records.add_job, row, limit)
         await asyncio.to_thread(self.records.add_event, new_event(job_id, f"Validating training file: {training.id}"))
         return row
 

@@ -15,7 +15,8 @@ from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from adapters.fine_tuning_db import Page
 from server.finetune.jobs import CreateJob, event_card, job_card
 from server.finetune.service import FineTuning, open_fine_tuning
-from server.http.deps import PrincipalDep
+from server.http.auth import Principal
+from server.http.deps import PrincipalDep, TenantsDep
 from server.http.errors import GatewayError
 from server.http.responses import JSONResponse
 
@@ -78,8 +79,12 @@ def checkpoint_card(fine_tuned_model: str, row) -> dict[str, Any]:
 
 
 @router.post("/v1/fine_tuning/jobs", response_model=None)
-async def create_job(body: CreateJob, fine_tuning: FineTuningDep, principal: PrincipalDep) -> JSONResponse:
-    return JSONResponse(job_card(await fine_tuning.jobs.create(body, principal)))
+async def create_job(
+    body: CreateJob, fine_tuning: FineTuningDep, principal: PrincipalDep, tenants: TenantsDep
+) -> JSONResponse:
+    """Create a job; the tenant's rate and concurrency are counted first, its queued jobs as the row is written."""
+    with tenants.admitted(principal.tenant):
+        return JSONResponse(job_card(await fine_tuning.jobs.create(body, principal)))
 
 
 @router.get("/v1/fine_tuning/jobs", response_model=None)
@@ -95,8 +100,15 @@ async def get_job(job_id: str, fine_tuning: FineTuningDep, principal: PrincipalD
 
 
 @router.post("/v1/fine_tuning/jobs/{job_id}/cancel", response_model=None)
-async def cancel_job(job_id: str, fine_tuning: FineTuningDep, principal: PrincipalDep) -> JSONResponse:
+async def cancel_job(
+    job_id: str, fine_tuning: FineTuningDep, principal: PrincipalDep, tenants: TenantsDep
+) -> JSONResponse:
     """Stops a running job within seconds; answers once it has stopped here, or after 10 s elsewhere."""
+    with tenants.admitted(principal.tenant):
+        return await _cancel_job(job_id, fine_tuning, principal)
+
+
+async def _cancel_job(job_id: str, fine_tuning: FineTuning, principal: Principal) -> JSONResponse:
     row = await fine_tuning.jobs.request_cancel(await fine_tuning.jobs.get(job_id, principal))
     if row.status == "running":
         if fine_tuning.scheduler.stop_job(job_id):

@@ -72,7 +72,7 @@ def open_fine_tuning(
     records = FineTuningRecords(registry.catalog)
     work_dir = settings.state_dir / "fine-tuning"
     work_dir.mkdir(parents=True, exist_ok=True)
-    files = TrainingFiles(records, file_blobs(registry.store, settings.state_dir), work_dir)
+    files = TrainingFiles(records, file_blobs(registry.store, settings.state_dir), work_dir, registry.work)
     jobs = FineTuningJobs(records, files, registry, tenants, base_dir, settings.max_lora_rank)
     if settings.ray:
         runner = RayRunner(settings.training_threads, settings.training_cpus)

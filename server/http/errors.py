@@ -122,6 +122,8 @@ _ADAPTER_ERRORS: dict[type[adapter_errors.AdapterError], tuple[int, str, str]] =
     adapter_errors.AdapterTooLarge: (413, "invalid_request_error", "adapter_too_large"),
     adapter_errors.InvalidComposition: (400, "invalid_request_error", "invalid_composition"),
     adapter_errors.MergeFailed: (400, "invalid_request_error", "merge_failed"),
+    adapter_errors.QuotaExceeded: (429, "rate_limit_error", "quota_exceeded"),
+    adapter_errors.StorageQuotaExceeded: (413, "invalid_request_error", "file_too_large"),
     adapter_errors.OwnerNotFound: (404, "invalid_request_error", "tenant_not_found"),
     adapter_errors.JobGone: (404, "invalid_request_error", "fine_tuning_job_not_found"),
     adapter_errors.InvalidTrainingFile: (400, "invalid_request_error", "invalid_training_file"),
@@ -137,7 +139,7 @@ def from_adapter_error(exc: adapter_errors.AdapterError) -> GatewayError:
     kind = next(k for k in type(exc).__mro__ if k in _ADAPTER_ERRORS)
     status, error_type, code = _ADAPTER_ERRORS[kind]
     headers = {}
-    if isinstance(exc, adapter_errors.Unavailable):
+    if isinstance(exc, adapter_errors.Unavailable | adapter_errors.QuotaExceeded) and status in (429, 503):
         headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
     error = GatewayError(exc.message, param=exc.param, headers=headers)
     error.status_code, error.error_type, error.code = status, error_type, code

@@ -47,6 +47,8 @@ class TenantLimits:
     max_upload_bytes: int = 512 * 1024 * 1024
     max_file_bytes: int = 1024 * 1024 * 1024  # training files kept, all together
     max_queued_jobs: int = 4  # fine-tuning jobs validating or queued
+    max_pinned: int = 1  # adapters pinned in the engine's cache; tenants together get half of it at most
+    max_merges: int = 4  # merged_adapters compositions kept; past it, the tenant's least recently used goes
 
     def updated(self, changes: dict) -> TenantLimits:
         unknown = set(changes) - set(asdict(self))

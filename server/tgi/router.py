@@ -50,7 +50,12 @@ async def get_merged(request: Request) -> MergedAdapterCache:
     cache = getattr(state, "merged_adapters", None)
     if cache is None:
         bound = max(DEFAULT_MAX_ENTRIES, state.settings.max_cpu_loras)
-        cache = state.merged_adapters = MergedAdapterCache(state.registry, bound)
+        tenants = state.tenants
+
+        def max_merges(owner: str) -> int | None:
+            return tenants.limits(owner).max_merges if tenants.exists(owner) else None
+
+        cache = state.merged_adapters = MergedAdapterCache(state.registry, bound, max_merges)
     return cache
 
 

@@ -65,6 +65,10 @@ async def test_the_sweep_removes_orphans_and_keeps_what_is_referenced_in_use_or_
         merge["weights"] = [1.0, 0.25]
         assert (await gw.client.post("/generate", json=body, headers=acme)).status_code == 200
         (cached,) = [entry.spec.content_hash for entry in cache.entries()]
+        # An evicted merge's files go with it, without waiting for the sweep.
+        local = tmp_path / "state" / "adapters"
+        assert not (local / evicted).exists() and not gw.registry.store.blobs.exists(f"adapters/{evicted}.tar")
+        assert (local / cached).is_dir() and cache.files_deleted == 1
         # An adapter deleted while a request to it runs: the engine may still load it from the store.
         gw.engine.release = asyncio.Event()
         request = asyncio.create_task(
@@ -79,7 +83,6 @@ async def test_the_sweep_removes_orphans_and_keeps_what_is_referenced_in_use_or_
         put(blobs, "checkpoints/ftjob-gone/ftckpt-gone.tar", tmp_path)
 
         sweep: StoreSweep = gw.app.state.store_sweep
-        local = tmp_path / "state" / "adapters"
 
         def present() -> dict[str, bool]:
             hashes = {
@@ -88,7 +91,6 @@ async def test_the_sweep_removes_orphans_and_keeps_what_is_referenced_in_use_or_
                 "current": current,
                 "deleted": deleted,
                 "busy": busy,
-                "evicted-merge": evicted,
                 "cached-merge": cached,
             }
             objects = {f"{name} object": blobs.exists(f"adapters/{h}.tar") for name, h in hashes.items()}
@@ -106,7 +108,7 @@ async def test_the_sweep_removes_orphans_and_keeps_what_is_referenced_in_use_or_
         await asyncio.to_thread(sweep.sweep, held_hashes(gw.app.state))
         after = present()
         gone = {name for name, here in after.items() if not here}
-        orphans = ("replaced", "deleted", "evicted-merge")
+        orphans = ("replaced", "deleted")
         assert gone == {f"{n} {kind}" for n in orphans for kind in ("object", "folder")} | {
             "files/file-orphan",
             "checkpoint",
