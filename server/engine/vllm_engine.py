@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from transformers import AutoTokenizer
+from vllm.config import StructuredOutputsConfig
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.exceptions import VLLMClientError
 from vllm.inputs.engine import tokens_input
@@ -22,6 +23,7 @@ from vllm.v1.engine.exceptions import EngineDeadError
 from adapters.engine import AdapterLoadFailed
 from server.config import Settings
 from server.engine import lifeline, sampler_ops
+from server.engine.grammar import structured_outputs
 from server.engine.plugins import plugin_env
 from server.engine.protocol import (
     AdapterHandle,
@@ -74,6 +76,10 @@ class VllmEngine(Tokenizing):
             gpu_memory_utilization=settings.kv_cache_fraction,
             # Sampling defaults come from the request, never from the model's files.
             generation_config="vllm",
+            # xgrammar, as the gateway checks grammars with it (server/engine/grammar.py); it caches compiled ones.
+            structured_outputs_config=StructuredOutputsConfig(
+                backend="xgrammar", disable_any_whitespace=settings.json_whitespace == "compact"
+            ),
         )
         logger.info("starting engine for %s (max_model_len %d)", settings.base_name, max_model_len)
         os.environ.update(plugin_env(settings))
@@ -115,10 +121,14 @@ class VllmEngine(Tokenizing):
                 prompt_logprobs=0 if options.prompt_logprobs else None,
                 include_stop_str_in_output=options.include_stop_str,
                 output_kind=RequestOutputKind.DELTA if options.stream else RequestOutputKind.FINAL_ONLY,
+                structured_outputs=structured_outputs(options.constraint),
             )
             async for output in self._llm.generate(
                 tokens_input(prompt_token_ids), params, request_id, lora_request=lora
             ):
+                if options.constraint is not None and any(c.finish_reason == "error" for c in output.outputs):
+                    # The engine core fails a request whose grammar it could not compile this way.
+                    raise EngineRejected("the engine could not compile this request's output constraint")
                 yield GenerationStep(
                     prompt_tokens=len(output.prompt_token_ids or prompt_token_ids),
                     choices=[

@@ -14,6 +14,7 @@ from server.http.errors import InvalidRequest
 from server.http.responses import DONE, JSONResponse, sse_response, unless_disconnected
 from server.openai.generation import Generator, GeneratorDep, Job, Usage, new_request_id
 from server.openai.protocol import ChatCompletionRequest
+from server.openai.structured import request_constraint
 
 router = APIRouter()
 
@@ -28,6 +29,7 @@ async def create_chat_completion(
     generator.check_chat_size(messages)
     admission = generator.admit(principal, sequences)
     with admission.released_on_error():
+        constraint = await request_constraint(request, body.response_format, body.structured_outputs)
         admission.entry = await generator.resolve(body.model, principal)
         try:
             prompt = await generator.render_chat(messages)
@@ -47,6 +49,7 @@ async def create_chat_completion(
             stream=body.stream,
             min_tokens=body.min_tokens,
             ignore_eos=body.ignore_eos,
+            constraint=constraint,
         )
         job = Job(new_request_id("chatcmpl"), body.model, [prompt], options, record, admission, body.return_token_ids)
     top = body.top_logprobs or 0
