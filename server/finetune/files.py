@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -71,11 +72,14 @@ class TrainingFiles:
         self.records = records
         self.blobs = blobs
         self.scratch = scratch
+        # Other uploadable purposes (batch, server/batches/) and how each checks its file, in a thread.
+        self.validators: dict[str, Callable[[bytes], dict[str, Any]]] = {}
 
     async def upload(self, owner: str, filename: str, purpose: str, raw: bytes, quota_bytes: int) -> FileRow:
-        if purpose != FINE_TUNE:
+        if purpose != FINE_TUNE and purpose not in self.validators:
+            served = " or ".join(f"purpose={name}" for name in (FINE_TUNE, *self.validators))
             raise InvalidRequest(
-                f"purpose '{purpose[:32]}' is not served here; upload training data with purpose=fine-tune",
+                f"purpose '{purpose[:32]}' is not served here; upload with {served}",
                 param="purpose",
             )
         used = await asyncio.to_thread(self.records.file_bytes, owner)
@@ -83,6 +87,9 @@ class TrainingFiles:
             raise FileQuotaExceeded(
                 f"this tenant keeps {used} bytes of files and may keep {quota_bytes}; delete files first"
             )
+        if purpose != FINE_TUNE:
+            described = await asyncio.to_thread(self.validators[purpose], raw)
+            return await self.add(owner, filename or f"{purpose}.jsonl", purpose, raw, described)
         summary = await asyncio.to_thread(validate_training_file, raw)
         described = {"format": summary.format, "examples": summary.examples}
         return await self.add(owner, filename or "training.jsonl", purpose, raw, described)

@@ -47,6 +47,8 @@ class TenantLimits:
     max_upload_bytes: int = 512 * 1024 * 1024
     max_file_bytes: int = 1024 * 1024 * 1024  # training files kept, all together
     max_queued_jobs: int = 4  # fine-tuning jobs validating or queued
+    max_queued_batches: int = 8  # batches not finished
+    max_batch_lines: int = 100_000  # lines of those batches, together
 
     def updated(self, changes: dict) -> TenantLimits:
         unknown = set(changes) - set(asdict(self))
