@@ -241,8 +241,9 @@ class BatchRecords:
                 values |= {"status": IN_PROGRESS, "in_progress_at": now}
             statement = table.update().where(table.c.id == batch_id, table.c.status == status, needs_runner)
             with self._write() as conn:
-                if conn.execute(statement.values(**values)).rowcount > 0:
-                    return self.get(batch_id)
+                claimed = conn.execute(statement.values(**values)).rowcount > 0
+            if claimed:  # read once committed
+                return self.get(batch_id)
         return None
 
     def heartbeat(self, batch_id: str, runner: str) -> BatchRow | None:

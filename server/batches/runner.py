@@ -104,8 +104,12 @@ class BatchRunner:
             except Exception:  # noqa: BLE001 - the loop must outlive any one failure
                 logger.exception("batch runner step failed")
             self._claim_now.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._claim_now.wait(), POLL_SECONDS)
+            # asyncio.wait, not wait_for: 3.11's wait_for can swallow a cancel that meets a poke.
+            poked = asyncio.ensure_future(self._claim_now.wait())
+            try:
+                await asyncio.wait({poked}, timeout=POLL_SECONDS)
+            finally:
+                poked.cancel()
 
     def poke(self) -> None:
         """Look for work now (a batch was just created here)."""

@@ -43,8 +43,17 @@ class GatedEngine(FakeEngine):
 
 
 @pytest.fixture
-async def gw(tmp_path, demo):
-    async with full_gateway(tmp_path / "state", model=str(demo.base), max_training_jobs=0) as gateway:
+def base(tmp_path):
+    """A base model's folder as far as the files API needs one (it reads config.json); the engine is fake."""
+    folder = tmp_path / "base-model"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"hidden_size": 64}))
+    return str(folder)
+
+
+@pytest.fixture
+async def gw(tmp_path, base):
+    async with full_gateway(tmp_path / "state", model=base, max_training_jobs=0) as gateway:
         yield gateway
 
 
@@ -175,8 +184,8 @@ async def test_bad_input_files_are_refused_naming_the_line(gw, rows, phrase):
     assert (await gw.client.get("/v1/files", headers=gw.admin)).json()["data"] == []
 
 
-async def test_unparsable_and_oversized_files_name_the_line(tmp_path, demo):
-    async with full_gateway(tmp_path / "s", model=str(demo.base), batch_max_lines=2, max_body_bytes=1024) as gw:
+async def test_unparsable_and_oversized_files_name_the_line(tmp_path, base):
+    async with full_gateway(tmp_path / "s", model=base, batch_max_lines=2, max_body_bytes=1024) as gw:
         good = json.dumps(chat_line("a", "x")).encode()
         for raw, phrase in (
             (good + b"\nnot json\n", "line 2: not valid JSON"),
@@ -231,9 +240,9 @@ async def test_limits_on_queued_batches_and_lines(gw):
     gw.engine.release.set()
 
 
-async def test_cancel_stops_within_seconds_and_keeps_what_was_done(tmp_path, demo):
+async def test_cancel_stops_within_seconds_and_keeps_what_was_done(tmp_path, base):
     engine = GatedEngine(free=2, cache_size=3)
-    async with full_gateway(tmp_path / "s", engine, model=str(demo.base), batch_lines_per_batch=1) as gw:
+    async with full_gateway(tmp_path / "s", engine, model=base, batch_lines_per_batch=1) as gw:
         batch = await start_batch(gw, gw.admin, [chat_line(f"q{i}", f"q {i}") for i in range(6)])
         running = await wait_for(gw, batch["id"], gw.admin, lambda b: b["request_counts"]["completed"] == 2)
         assert running["status"] == "in_progress", running
@@ -249,23 +258,23 @@ async def test_cancel_stops_within_seconds_and_keeps_what_was_done(tmp_path, dem
         assert again.json()["status"] == "cancelled"
 
 
-async def test_a_batch_not_started_is_cancelled_at_once(tmp_path, demo):
-    async with full_gateway(tmp_path / "s", model=str(demo.base), batch_max_running=0) as gw:
+async def test_a_batch_not_started_is_cancelled_at_once(tmp_path, base):
+    async with full_gateway(tmp_path / "s", model=base, batch_max_running=0) as gw:
         batch = await start_batch(gw, gw.admin, [chat_line("a", "x")])
         cancelled = (await gw.client.post(f"/v1/batches/{batch['id']}/cancel", headers=gw.admin)).json()
         assert cancelled["status"] == "cancelled" and cancelled["in_progress_at"] is None
         assert cancelled["output_file_id"] is None
 
 
-async def test_a_batch_survives_a_restart_and_runs_only_the_lines_left(tmp_path, demo):
+async def test_a_batch_survives_a_restart_and_runs_only_the_lines_left(tmp_path, base):
     state = tmp_path / "state"
     rows = [chat_line(f"q{i}", f"q {i}") for i in range(8)]
     first = GatedEngine(free=3, cache_size=3)
-    async with full_gateway(state, first, model=str(demo.base), batch_lines_per_batch=1) as gw:
+    async with full_gateway(state, first, model=base, batch_lines_per_batch=1) as gw:
         batch = await start_batch(gw, gw.admin, rows)
         await wait_for(gw, batch["id"], gw.admin, lambda b: b["request_counts"]["completed"] == 3)
     second = FakeEngine(cache_size=3)
-    async with full_gateway(state, second, model=str(demo.base)) as gw:
+    async with full_gateway(state, second, model=base) as gw:
         done = await wait_for(gw, batch["id"], gw.admin, finished)
         assert done["status"] == "completed" and done["request_counts"] == {"total": 8, "completed": 8, "failed": 0}
         assert len(second.generated) == 5  # the three done before the restart were kept, not run again
@@ -273,9 +282,9 @@ async def test_a_batch_survives_a_restart_and_runs_only_the_lines_left(tmp_path,
         assert [line["custom_id"] for line in outputs] == [f"q{i}" for i in range(8)]
 
 
-async def test_an_expired_batch_ends_expired_with_what_was_done(tmp_path, demo):
+async def test_an_expired_batch_ends_expired_with_what_was_done(tmp_path, base):
     engine = GatedEngine(free=2, cache_size=3)
-    async with full_gateway(tmp_path / "s", engine, model=str(demo.base), batch_lines_per_batch=1) as gw:
+    async with full_gateway(tmp_path / "s", engine, model=base, batch_lines_per_batch=1) as gw:
         batch = await start_batch(gw, gw.admin, [chat_line(f"q{i}", "x") for i in range(5)])
         await wait_for(gw, batch["id"], gw.admin, lambda b: b["request_counts"]["completed"] == 2)
         with gw.registry.catalog.raw_engine.begin() as conn:
@@ -315,7 +324,7 @@ async def test_deleting_a_tenant_deletes_its_batches_and_their_files(gw):
         assert (await gw.client.get(f"/v1/files/{file_id}", headers=gw.admin)).status_code == 404
 
 
-def test_one_runner_claims_a_batch_and_another_takes_it_over_once_stale(tmp_path, demo):
+def test_one_runner_claims_a_batch_and_another_takes_it_over_once_stale(tmp_path):
     from adapters.batches_db import BatchRow
     from adapters.database import BaseIdentity, Database
 
