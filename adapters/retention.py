@@ -1,9 +1,10 @@
 """What the catalog lets go: a tenant's rows, in one transaction, and the stored objects no row names.
 
 `purge_tenant` deletes a tenant and every row it owns, in every table (adapters on every base,
-keys, files, fine-tuning jobs with their events and checkpoints), in one transaction: on a
-failure nothing is deleted. Its SQL spans the tables of adapters/database.py and
-adapters/fine_tuning_db.py, so it lives beside both rather than in either.
+keys, files, fine-tuning jobs with their events and checkpoints, batches with their lines'
+results), in one transaction: on a failure nothing is deleted. Its SQL spans the tables of
+adapters/database.py, adapters/fine_tuning_db.py and adapters/batches_db.py, so it lives beside
+them rather than in any one.
 
 `StoreSweep` removes stored objects that nothing references: adapter folders in this process's
 cache, and adapter, file and checkpoint objects in the shared store. Each gateway serves from its
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 
 import sqlalchemy as sa
 
+from adapters.batches_db import batch_lines_table, batches_table
 from adapters.blobs import Blobs
 from adapters.database import Database, adapters_table, keys_table, tenants_table
 from adapters.errors import CatalogUnavailable, OwnerNotFound, StoreUnavailable
@@ -55,6 +57,7 @@ class PurgedTenant:
     jobs: int
     running_jobs: tuple[str, ...]
     checkpoint_keys: tuple[str, ...]
+    batches: int = 0
 
     @property
     def blob_keys(self) -> list[str]:
@@ -82,6 +85,9 @@ def purge_tenant(catalog: Database, name: str) -> PurgedTenant:
         conn.execute(checkpoints_table.delete().where(checkpoints_table.c.job_id.in_(owned_jobs)))
         conn.execute(jobs_table.delete().where(jobs_table.c.owner == name))
         conn.execute(files_table.delete().where(files_table.c.owner == name))
+        owned_batches = sa.select(batches_table.c.id).where(batches_table.c.owner == name)
+        conn.execute(batch_lines_table.delete().where(batch_lines_table.c.batch_id.in_(owned_batches)))
+        batches = conn.execute(batches_table.delete().where(batches_table.c.owner == name)).rowcount
         adapters = conn.execute(adapters_table.delete().where(adapters_table.c.owner == name)).rowcount
         conn.execute(keys_table.delete().where(keys_table.c.tenant == name))
     return PurgedTenant(
@@ -92,6 +98,7 @@ def purge_tenant(catalog: Database, name: str) -> PurgedTenant:
         jobs=len(jobs),
         running_jobs=tuple(job_id for job_id, status in jobs if status == RUNNING),
         checkpoint_keys=checkpoint_keys,
+        batches=batches,
     )
 
 

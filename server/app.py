@@ -16,6 +16,7 @@ from adapters.spec import SHARED
 from adapters.store import copy_folder
 from server.admin import adapters, cluster, tenant_deletion, tenants, usage
 from server.admin import export as export_route
+from server.batches import router as batches_route
 from server.config import Settings
 from server.console import router as ui
 from server.engine.protocol import Engine
@@ -66,6 +67,8 @@ def build_app(
         max_queued_jobs=settings.tenant_max_queued_jobs,
         max_pinned=settings.tenant_max_pinned,
         max_merges=settings.tenant_max_merges,
+        max_queued_batches=settings.tenant_max_queued_batches,
+        max_batch_lines=settings.tenant_max_batch_lines,
     )
     tenant_book = Tenants(registry.catalog, tenant_defaults)
 
@@ -163,6 +166,7 @@ def build_app(
     app.include_router(tgi_route.router)  # TGI's and LoRAX's API; after the console's GET /
     app.include_router(fine_tuning.router)
     app.include_router(files.router)
+    app.include_router(batches_route.router)  # after fine-tuning's: its lifespan opens the files it uses
     return app
 
 

@@ -195,6 +195,34 @@ class Settings(BaseSettings):
     tenant_max_queued_jobs: int = Field(
         4, ge=1, description="default: fine-tuning jobs one tenant may have waiting (validating or queued)"
     )
+    tenant_max_queued_batches: int = Field(
+        8, ge=1, description="default: batches one tenant may have not finished (validating, in progress, finalizing)"
+    )
+    tenant_max_batch_lines: int = Field(
+        100_000, ge=1, description="default: lines one tenant's unfinished batches may hold together"
+    )
+    batch_max_lines: int = Field(
+        50_000,
+        ge=1,
+        description="most lines one batch input file (purpose=batch) may have; its bytes are capped "
+        "by --max-file-bytes",
+    )
+    batch_max_running: int = Field(
+        2,
+        ge=0,
+        le=64,
+        description="batches this gateway runs at once; 0 runs none here (another gateway of the catalog takes them)",
+    )
+    batch_lines_in_flight: int = Field(
+        2, ge=1, description="lines of all batches this gateway runs at once; each is one request on the engine"
+    )
+    batch_lines_per_batch: int = Field(2, ge=1, description="lines of one batch in flight at once")
+    batch_yield_below: int = Field(
+        1,
+        ge=1,
+        description="batch traffic yields to interactive traffic: a batch line starts only while fewer than this "
+        "many interactive sequences are in flight on this gateway (1: only when none are)",
+    )
     max_adapter_bytes: int = Field(
         512 * 1024 * 1024, ge=1024, description="largest adapter accepted, in bytes (files together)"
     )

@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -75,16 +76,19 @@ class TrainingFiles:
         self.scratch = scratch
         self.work = work or WorkPool()
         self.reserved = Reservations()  # bytes of files being uploaded, per owner
+        # Other uploadable purposes (batch, server/batches/) and how each checks its file, in a thread.
+        self.validators: dict[str, Callable[[bytes], dict[str, Any]]] = {}
 
     async def upload(self, owner: str, filename: str, purpose: str, raw: bytes, quota_bytes: int | None) -> FileRow:
-        """Validate and keep a training file; `quota_bytes` bounds the owner's files together (None: no bound).
+        """Validate and keep a file; `quota_bytes` bounds the owner's files together (None: no bound).
 
         The bytes are reserved before the file is validated, so uploads at once cannot together
         pass the quota, and the catalog sums them again as it writes the row (across gateways).
         """
-        if purpose != FINE_TUNE:
+        if purpose != FINE_TUNE and purpose not in self.validators:
+            served = " or ".join(f"purpose={name}" for name in (FINE_TUNE, *self.validators))
             raise InvalidRequest(
-                f"purpose '{purpose[:32]}' is not served here; upload training data with purpose=fine-tune",
+                f"purpose '{purpose[:32]}' is not served here; upload with {served}",
                 param="purpose",
             )
 
@@ -97,6 +101,11 @@ class TrainingFiles:
 
         used = lambda: asyncio.to_thread(self.records.file_bytes, owner)  # noqa: E731
         async with self.reserved.hold(owner, len(raw), quota_bytes, used, refuse):
+            if purpose != FINE_TUNE:
+                described = await self.work.run(self.validators[purpose], raw)
+                return await self.add(
+                    owner, filename or f"{purpose}.jsonl", purpose, raw, described, max_bytes=quota_bytes
+                )
             summary = await self.work.run(validate_training_file, raw)
             described = {"format": summary.format, "examples": summary.examples}
             return await self.add(owner, filename or "training.jsonl", purpose, raw, described, max_bytes=quota_bytes)

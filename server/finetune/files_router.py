@@ -1,5 +1,5 @@
-"""OpenAI's files API, for training data: upload (multipart, purpose=fine-tune), list, get,
-delete and content. A tenant sees its own files only."""
+"""OpenAI's files API, for training data and batches: upload (multipart, purpose=fine-tune or
+batch), list, get, delete and content. A tenant sees its own files only."""
 
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ async def _upload_file(
     try:
         purpose = form.get("purpose")
         if not isinstance(purpose, str) or not purpose:
-            raise InvalidRequest("the form needs a 'purpose' field: fine-tune", param="purpose")
+            raise InvalidRequest("the form needs a 'purpose' field: fine-tune or batch", param="purpose")
         upload = form.get("file")
         if not isinstance(upload, UploadFile):
             raise InvalidRequest("the form needs a 'file' field with the JSONL training data", param="file")

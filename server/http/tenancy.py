@@ -49,6 +49,8 @@ class TenantLimits:
     max_queued_jobs: int = 4  # fine-tuning jobs validating or queued
     max_pinned: int = 1  # adapters pinned in the engine's cache; tenants together get half of it at most
     max_merges: int = 4  # merged_adapters compositions kept; past it, the tenant's least recently used goes
+    max_queued_batches: int = 8  # batches not finished
+    max_batch_lines: int = 100_000  # lines of those batches, together
 
     def updated(self, changes: dict) -> TenantLimits:
         unknown = set(changes) - set(asdict(self))

@@ -1,0 +1,1 @@
+"""OpenAI's Batch API: routes, shapes, the line runner and the batch runner."""
