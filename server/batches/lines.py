@@ -53,7 +53,11 @@ class LineAnswer:
 
 
 class _NoClient:
-    """Stands in for the HTTP request a route watches for its client leaving: a batch's never does."""
+    """Stands in for the HTTP request a route reads: its app (shared state such as the grammar
+    checker) and whether its client left, which a batch's never does."""
+
+    def __init__(self, app: Any):
+        self.app = app
 
     async def receive(self) -> dict[str, Any]:
         await asyncio.Event().wait()
@@ -72,7 +76,7 @@ def line_sequences(endpoint: str, body: dict[str, Any]) -> int:
         return 1
 
 
-async def run_line(generator: Generator, owner: str, endpoint: str, body: dict[str, Any]) -> LineAnswer:
+async def run_line(app: Any, generator: Generator, owner: str, endpoint: str, body: dict[str, Any]) -> LineAnswer:
     """One line, as its owner would have sent it to `endpoint`."""
     record = RequestRecord(request_id=uuid.uuid4().hex)
     record.tenant = owner or None
@@ -81,7 +85,11 @@ async def run_line(generator: Generator, owner: str, endpoint: str, body: dict[s
         request = parse_body(endpoint, body)
         with background():
             response = await spec.handler(
-                request=_NoClient(), body=request, generator=generator, principal=owner_principal(owner), record=record
+                request=_NoClient(app),
+                body=request,
+                generator=generator,
+                principal=owner_principal(owner),
+                record=record,
             )
         return LineAnswer(response.status_code, orjson.loads(response.body), record.request_id)
     except ValidationError as exc:

@@ -34,7 +34,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     fine_tuning = getattr(app.state, "fine_tuning", None)  # opened by the files API's lifespan, before this one
     batches = None
     if fine_tuning is not None:
-        batches = open_batches(app.state.settings, fine_tuning.files, app.state.tenants, app.state.generator)
+        batches = open_batches(app.state.settings, fine_tuning.files, app.state.tenants, app.state.generator, app)
         batches.start()
     app.state.batches = batches
     try:

@@ -64,6 +64,7 @@ class BatchRunner:
         files: TrainingFiles,
         generator: Generator,
         *,
+        app: Any,
         runner_id: str,
         work_dir: Path,
         max_running: int,
@@ -77,6 +78,7 @@ class BatchRunner:
         self.records = records
         self.files = files
         self.generator = generator
+        self.app = app  # what the routes a line runs through read from their request's app
         self.runner_id = runner_id
         self.work_dir = work_dir
         self.max_running = max_running
@@ -237,7 +239,7 @@ class BatchRunner:
         while True:
             self.background_sequences += sequences
             try:
-                answer = await run_line(self.generator, batch.owner, batch.endpoint, line.body)
+                answer = await run_line(self.app, self.generator, batch.owner, batch.endpoint, line.body)
             finally:
                 self.background_sequences -= sequences
             if not answer.retry:

@@ -7,6 +7,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 from adapters.batches_db import (
     CANCELLED,
@@ -113,7 +114,7 @@ class Batches:
             await asyncio.to_thread(self.records.set_status, row.id, CANCELLING, only_if=(IN_PROGRESS,))
 
 
-def open_batches(settings: Settings, files: TrainingFiles, tenants: Tenants, generator: Generator) -> Batches:
+def open_batches(settings: Settings, files: TrainingFiles, tenants: Tenants, generator: Generator, app: Any) -> Batches:
     """The batches of this gateway's catalog, and the runner that runs its share of them."""
     registry = generator.registry
     assert registry.catalog is not None
@@ -127,6 +128,7 @@ def open_batches(settings: Settings, files: TrainingFiles, tenants: Tenants, gen
         records,
         files,
         generator,
+        app=app,
         runner_id=runner_id(settings.state_dir),
         work_dir=work_dir,
         max_running=settings.batch_max_running,
