@@ -12,6 +12,7 @@ from server.engine.protocol import SamplingOptions, TokenLogprob
 from server.http.deps import PrincipalDep, RecordDep
 from server.http.errors import InvalidRequest
 from server.http.responses import DONE, JSONResponse, sse_response, unless_disconnected
+from server.openai.extras import engine_options
 from server.openai.generation import Generator, GeneratorDep, Job, Usage, new_request_id
 from server.openai.protocol import ChatCompletionRequest
 
@@ -47,6 +48,7 @@ async def create_chat_completion(
             stream=body.stream,
             min_tokens=body.min_tokens,
             ignore_eos=body.ignore_eos,
+            **engine_options(body, generator.engine.vocab_size),
         )
         job = Job(new_request_id("chatcmpl"), body.model, [prompt], options, record, admission, body.return_token_ids)
     top = body.top_logprobs or 0
