@@ -55,6 +55,7 @@ class FakeEngine:
         self.added: list[int] = []
         self.tokenized: list[tuple[str, bool]] = []  # (text, whether on the event loop) of each encode
         self.removed: list[int] = []
+        self.rendered: list[list[dict[str, Any]]] = []  # the messages of each chat rendered
         self.refuse_paths: set[str] = set()
         self.refuse_all = False
         self.release: asyncio.Event | None = None  # when set by a test, generation waits for it
@@ -94,6 +95,7 @@ class FakeEngine:
         return [f"<{t}>" for t in token_ids]
 
     def render_chat(self, messages: Sequence[dict[str, Any]]) -> list[int]:
+        self.rendered.append(list(messages))
         return self.encode("".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>")
 
     @staticmethod
