@@ -35,7 +35,7 @@ class ExtraFields(BaseModel):
     stop_token_ids: list[int] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
-    # OpenAI's bookkeeping: accepted, and no-ops here (docs/api.md says why).
+    # OpenAI's bookkeeping: accepted, and no-ops here (docs/evaluation.md says why).
     metadata: dict[str, Annotated[str, Field(max_length=MAX_METADATA_VALUE)]] | None = None
     store: bool = False
     service_tier: Literal["auto", "default", "flex", "scale", "priority"] | None = None

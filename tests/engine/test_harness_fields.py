@@ -3,6 +3,11 @@ and the model's own tokenizer, through the official openai client where it speak
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import httpx
 import openai
 import pytest
@@ -110,3 +115,15 @@ async def test_tokenize_and_detokenize_match_the_models_tokenizer(gateway, refer
         assert chat["tokens"] == tokenizer.encode(rendered, add_special_tokens=False)
         back = (await http.post("/detokenize", json={"model": ADAPTER, "tokens": ids})).json()
         assert back == {"prompt": tokenizer.decode(ids)}
+
+
+def test_the_readme_example_runs_as_printed(gateway):
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    section = readme[readme.index("## Evaluation harnesses") :]
+    script = section[section.index("python - <<'PY'\n") + len("python - <<'PY'\n") : section.index("\nPY\n")]
+    env = {**os.environ, "OPENAI_BASE_URL": f"{gateway.url}/v1", "OPENAI_API_KEY": ADMIN_KEY}
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert lines[-1] == " buried gold", run.stdout  # the pirate's own continuation (PEFT's greedy one)
+    assert len(lines) == 3
