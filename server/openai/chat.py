@@ -27,6 +27,7 @@ async def create_chat_completion(
     sequences = generator.check_sequences(1, body.n)
     messages = [m.as_template_input() for m in body.messages]
     generator.check_chat_size(messages)
+    extras = engine_options(body, generator.engine.vocab_size)
     admission = generator.admit(principal, sequences)
     with admission.released_on_error():
         admission.entry = await generator.resolve(body.model, principal)
@@ -48,7 +49,7 @@ async def create_chat_completion(
             stream=body.stream,
             min_tokens=body.min_tokens,
             ignore_eos=body.ignore_eos,
-            **engine_options(body, generator.engine.vocab_size),
+            **extras,
         )
         job = Job(new_request_id("chatcmpl"), body.model, [prompt], options, record, admission, body.return_token_ids)
     top = body.top_logprobs or 0

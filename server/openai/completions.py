@@ -28,6 +28,7 @@ async def create_completion(
     sequences = generator.check_sequences(len(prompts), body.n)
     texts = [prompt for prompt in prompts if isinstance(prompt, str)]
     generator.check_prompt_chars(max(map(len, texts), default=0), "prompt")
+    extras = engine_options(body, generator.engine.vocab_size)
     admission = generator.admit(principal, sequences)
     with admission.released_on_error():
         admission.entry = await generator.resolve(body.model, principal)
@@ -49,7 +50,7 @@ async def create_completion(
             min_tokens=body.min_tokens,
             ignore_eos=body.ignore_eos,
             prompt_logprobs=body.logprobs if body.echo else None,
-            **engine_options(body, generator.engine.vocab_size),
+            **extras,
         )
         job = Job(new_request_id("cmpl"), body.model, prompt_ids, options, record, admission, body.return_token_ids)
     echoing = Echoing(echo_texts, body.logprobs is not None, body.max_tokens == 0) if echo_texts is not None else None
