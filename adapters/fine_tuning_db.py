@@ -278,6 +278,13 @@ class FineTuningRecords:
             statement = statement.where(jobs_table.c.owner == owner)
         return self._page(statement, jobs_table, after, limit, _job_row)
 
+    def made_by_job(self, owner: str, fine_tuned_model: str) -> bool:
+        """Whether one of the owner's fine-tuning jobs made the model of this name."""
+        statement = sa.select(jobs_table.c.id).where(
+            jobs_table.c.owner == owner, jobs_table.c.fine_tuned_model == fine_tuned_model
+        )
+        return bool(self._read(statement.limit(1)))
+
     def count_waiting(self, owner: str) -> int:
         """An owner's jobs that are not running yet: validating or queued."""
         return int(self._read(self._waiting_query(owner))[0][0])

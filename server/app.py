@@ -22,6 +22,7 @@ from server.console import router as ui
 from server.engine.protocol import Engine
 from server.finetune import files_router as files
 from server.finetune import jobs_router as fine_tuning
+from server.finetune import models_router as fine_tuned_models
 from server.finetune.service import file_blobs
 from server.http.auth import KeyRing
 from server.http.bodylimit import BodyLimitMiddleware
@@ -30,7 +31,7 @@ from server.http.middleware import RequestGate, TelemetryMiddleware
 from server.http.open_mode import OpenModeGuard
 from server.http.responses import JSONResponse
 from server.http.tenancy import TenantLimits, Tenants
-from server.openai import chat, completions, models
+from server.openai import chat, completions, models, tokenize
 from server.openai.generation import Generator
 from server.ops import health
 from server.ops import metrics_router as metrics_route
@@ -159,12 +160,13 @@ def build_app(
         app.add_middleware(OpenModeGuard, listen_host=settings.host)
     app.add_middleware(TelemetryMiddleware)
     app.include_router(metrics_route.router)
-    for module in (health, models, completions, chat, adapters, tenants, cluster, usage, ui):
+    for module in (health, models, completions, chat, tokenize, adapters, tenants, cluster, usage, ui):
         app.include_router(module.router)
     app.mount(ui.UI_PATH, ui.console_app(), name="console")
     app.include_router(export_route.router)
     app.include_router(tgi_route.router)  # TGI's and LoRAX's API; after the console's GET /
     app.include_router(fine_tuning.router)
+    app.include_router(fine_tuned_models.router)
     app.include_router(files.router)
     app.include_router(batches_route.router)  # after fine-tuning's: its lifespan opens the files it uses
     return app

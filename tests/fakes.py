@@ -57,6 +57,7 @@ class FakeEngine:
         self.added: list[int] = []
         self.tokenized: list[tuple[str, bool]] = []  # (text, whether on the event loop) of each encode
         self.removed: list[int] = []
+        self.rendered: list[list[dict[str, Any]]] = []  # the messages of each chat rendered
         self.refuse_paths: set[str] = set()
         self.refuse_all = False
         self.release: asyncio.Event | None = None  # when set by a test, generation waits for it
@@ -71,14 +72,32 @@ class FakeEngine:
     def is_healthy(self) -> bool:
         return self.healthy
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         self.tokenized.append((text, _on_event_loop()))
-        return [1] + [b % 255 + 2 for b in text.encode()]
+        return [1] * add_special_tokens + [b % 255 + 2 for b in text.encode()]
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return "".join(self.token_pieces(token_ids))
+
+    def token_pieces(self, token_ids: Sequence[int]) -> list[str]:
+        return [f"<{t}>" for t in token_ids]
+
+    @staticmethod
+    def prompt_logprobs(prompt_token_ids: list[int], top: int | None) -> list[PromptToken] | None:
+        """Each prompt token at -1.0 but the first, with `top` alternatives: "x" at -2.0, then "y"..."""
+        if top is None:
+            return None
+        others = {name: -2.0 - i for i, name in enumerate("xyzuv"[:top])}
+        return [
+            PromptToken(t, None, f"<{t}>") if i == 0 else PromptToken(t, -1.0, f"<{t}>", {f"<{t}>": -1.0} | others)
+            for i, t in enumerate(prompt_token_ids)
+        ]
 
     def token_texts(self, token_ids: Sequence[int], context: Sequence[int] = ()) -> list[str]:
         return [f"<{t}>" for t in token_ids]
 
     def render_chat(self, messages: Sequence[dict[str, Any]]) -> list[int]:
+        self.rendered.append(list(messages))
         return self.encode("".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>")
 
     @staticmethod
@@ -124,12 +143,13 @@ class FakeEngine:
                             for c in range(options.n)
                         ],
                         finished=last,
+                        prompt_logprobs=self.prompt_logprobs(prompt_token_ids, options.prompt_logprobs)
+                        if i == 0
+                        else None,
                     )
             else:
                 text = "".join(words)
-                prompt_logprobs = None
-                if options.prompt_logprobs:
-                    prompt_logprobs = [PromptToken(t, None if i == 0 else -1.0) for i, t in enumerate(prompt_token_ids)]
+                prompt_logprobs = self.prompt_logprobs(prompt_token_ids, options.prompt_logprobs)
                 yield GenerationStep(
                     len(prompt_token_ids),
                     [

@@ -45,9 +45,14 @@ class SamplingOptions:
     ignore_eos: bool = False
     top_k: int = 0  # 0: every token
     repetition_penalty: float = 1.0
-    prompt_logprobs: bool = False  # each prompt token's logprob, on the generation's first step
+    # Each prompt token's logprob and this many top alternatives, on the generation's first step; None: none.
+    prompt_logprobs: int | None = None
     include_stop_str: bool = False  # the text keeps the stop sequence that ended it, as TGI's does
     constraint: OutputConstraint | None = None  # structured output; None: unconstrained
+    min_p: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
+    stop_token_ids: tuple[int, ...] = ()
+    skip_special_tokens: bool = True  # in the returned text
 
 
 @dataclass(slots=True)
@@ -77,6 +82,8 @@ class PromptToken:
 
     token_id: int
     logprob: float | None
+    text: str = ""  # the token as the engine decodes it alone, when it reports alternatives
+    top: dict[str, float] | None = None  # the token itself and the top alternatives; None for the first
 
 
 @dataclass(slots=True)
@@ -113,7 +120,11 @@ class Engine(AdapterEngine, Protocol):
     @property
     def special_token_ids(self) -> frozenset[int]: ...
 
-    def encode(self, text: str) -> list[int]: ...
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
+
+    def decode(self, token_ids: Sequence[int]) -> str: ...
+
+    def token_pieces(self, token_ids: Sequence[int]) -> list[str]: ...
 
     def token_texts(self, token_ids: Sequence[int], context: Sequence[int] = ()) -> list[str]: ...
 

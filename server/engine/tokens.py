@@ -26,8 +26,16 @@ class Tokenizing:
     def special_token_ids(self) -> frozenset[int]:
         return frozenset(self._tokenizer.all_special_ids)
 
-    def encode(self, text: str) -> list[int]:
-        return self._tokenizer.encode(text)
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        """The text of these tokens, special ones included, as vLLM's /detokenize gives it."""
+        return self._tokenizer.decode(list(token_ids))
+
+    def token_pieces(self, token_ids: Sequence[int]) -> list[str]:
+        """The vocabulary's own strings for these tokens (vLLM's `token_strs`)."""
+        return self._tokenizer.convert_ids_to_tokens(list(token_ids))
 
     def token_texts(self, token_ids: Sequence[int], context: Sequence[int] = ()) -> list[str]:
         """The text each token adds after `context` (the tokens before it), as TGI reports tokens.

@@ -118,8 +118,12 @@ class VllmEngine(Tokenizing):
                 ignore_eos=options.ignore_eos,
                 top_k=options.top_k,
                 repetition_penalty=options.repetition_penalty,
-                prompt_logprobs=0 if options.prompt_logprobs else None,
+                prompt_logprobs=options.prompt_logprobs,
                 include_stop_str_in_output=options.include_stop_str,
+                min_p=options.min_p,
+                logit_bias=dict(options.logit_bias) or None,
+                stop_token_ids=list(options.stop_token_ids) or None,
+                skip_special_tokens=options.skip_special_tokens,
                 output_kind=RequestOutputKind.DELTA if options.stream else RequestOutputKind.FINAL_ONLY,
                 structured_outputs=structured_outputs(options.constraint),
             )
@@ -143,7 +147,7 @@ class VllmEngine(Tokenizing):
                         for choice in output.outputs
                     ],
                     finished=output.finished,
-                    prompt_logprobs=_prompt_logprobs(output.prompt_logprobs, prompt_token_ids),
+                    prompt_logprobs=self._prompt_logprobs(output.prompt_logprobs, prompt_token_ids),
                 )
         except EngineDeadError as exc:
             raise EngineDead(str(exc)) from exc
@@ -157,6 +161,22 @@ class VllmEngine(Tokenizing):
             top = {self._token_text(tid, lp): lp.logprob for tid, lp in alternatives.items()}
             result.append(TokenLogprob(self._token_text(token_id, chosen), chosen.logprob, top))
         return result
+
+    def _prompt_logprobs(self, positions: Any, prompt_token_ids: list[int]) -> list[PromptToken] | None:
+        """vLLM's prompt logprobs (None first, then {token id: Logprob}, the prompt's own token
+        first and then the top alternatives) as the prompt's tokens; the first decoded alone."""
+        if positions is None:
+            return None
+        tokens = []
+        for token_id, position in zip(prompt_token_ids, positions, strict=False):
+            if position is None:
+                tokens.append(PromptToken(token_id, None, self._tokenizer.decode([token_id])))
+                continue
+            chosen = position[token_id]
+            # -inf (a logit_bias of -100 can give it) is not JSON: vLLM's server reports -9999.0.
+            top = {self._token_text(tid, lp): max(lp.logprob, -9999.0) for tid, lp in position.items()}
+            tokens.append(PromptToken(token_id, max(chosen.logprob, -9999.0), self._token_text(token_id, chosen), top))
+        return tokens
 
     def _token_text(self, token_id: int, logprob: Any) -> str:
         if logprob.decoded_token is not None:
@@ -179,13 +199,3 @@ class VllmEngine(Tokenizing):
 
     async def shutdown(self) -> None:
         self._llm.shutdown()
-
-
-def _prompt_logprobs(positions: Any, prompt_token_ids: list[int]) -> list[PromptToken] | None:
-    """vLLM's prompt logprobs (None first, then {token id: Logprob}) as the prompt's own tokens'."""
-    if positions is None:
-        return None
-    return [
-        PromptToken(token_id, None if position is None else position[token_id].logprob)
-        for token_id, position in zip(prompt_token_ids, positions, strict=False)
-    ]

@@ -12,6 +12,7 @@ from server.engine.protocol import SamplingOptions, TokenLogprob
 from server.http.deps import PrincipalDep, RecordDep
 from server.http.errors import InvalidRequest
 from server.http.responses import DONE, JSONResponse, sse_response, unless_disconnected
+from server.openai.extras import engine_options
 from server.openai.generation import Generator, GeneratorDep, Job, Usage, new_request_id
 from server.openai.protocol import ChatCompletionRequest
 from server.openai.structured import request_constraint
@@ -27,6 +28,7 @@ async def create_chat_completion(
     sequences = generator.check_sequences(1, body.n)
     messages = [m.as_template_input() for m in body.messages]
     generator.check_chat_size(messages)
+    extras = engine_options(body, generator.engine.vocab_size)
     admission = generator.admit(principal, sequences)
     with admission.released_on_error():
         constraint = await request_constraint(request, body.response_format, body.structured_outputs)
@@ -50,6 +52,7 @@ async def create_chat_completion(
             min_tokens=body.min_tokens,
             ignore_eos=body.ignore_eos,
             constraint=constraint,
+            **extras,
         )
         job = Job(new_request_id("chatcmpl"), body.model, [prompt], options, record, admission, body.return_token_ids)
     top = body.top_logprobs or 0

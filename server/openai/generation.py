@@ -23,6 +23,7 @@ from server.engine.protocol import (
     EngineDead,
     EngineRejected,
     GenerationStep,
+    PromptToken,
     SamplingOptions,
     TokenLogprob,
 )
@@ -124,6 +125,7 @@ class Usage:
 class Outcome:
     choices: list[ChoiceResult] = field(default_factory=list)
     usage: Usage = field(default_factory=Usage)
+    prompt_logprobs: dict[int, list[PromptToken]] = field(default_factory=dict)  # by prompt index
 
 
 def new_request_id(prefix: str) -> str:
@@ -229,6 +231,14 @@ class Generator:
         """Each text's token ids, tokenized off the event loop."""
         return await self._tokenizing(lambda: [self.engine.encode(text) for text in texts], sum(map(len, texts)))
 
+    async def decode(self, batch: Sequence[Sequence[int]]) -> list[str]:
+        """Each token sequence's text, decoded off the event loop."""
+        return await self._tokenizing(lambda: [self.engine.decode(ids) for ids in batch], sum(map(len, batch)))
+
+    async def tokenizing(self, work: Callable[[], T], chars: int) -> T:
+        """Run tokenizer work, off the event loop past a few hundred characters, in the tokenizer pool."""
+        return await self._tokenizing(work, chars)
+
     async def prompt_ids(self, prompts: list[str | list[int]], max_tokens: int) -> list[list[int]]:
         """Completions' prompts as token ids, each checked to fit the context with max_tokens."""
         encoded = iter(await self.encode([prompt for prompt in prompts if isinstance(prompt, str)]))
@@ -325,6 +335,8 @@ class Generator:
                 _accumulate(result, choice)
             if step.finished:
                 outcome.usage.prompt_tokens += step.prompt_tokens
+            if step.prompt_logprobs is not None:
+                outcome.prompt_logprobs.setdefault(prompt_index, step.prompt_logprobs)
         outcome.choices = [results[i] for i in sorted(results)]
         outcome.usage.completion_tokens = sum(c.token_count for c in outcome.choices)
         return outcome

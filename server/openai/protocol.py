@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from server.http.errors import InvalidRequest
 from server.openai.structured import ResponseFormat, StructuredOutputs
+from server.openai.extras import ExtraFields
 
 MAX_N = 16
 MAX_STOP = 4
@@ -44,7 +45,7 @@ class StreamOptions(_Request):
     include_usage: bool = False
 
 
-class _Sampling(_Request):
+class _Sampling(_Request, ExtraFields):
     model: ModelName
     temperature: Temperature = 1.0
     top_p: TopP = 1.0
@@ -126,8 +127,16 @@ class CompletionRequest(_Sampling):
         | Annotated[list[int], Field(min_length=1)]
         | Annotated[list[Annotated[list[int], Field(min_length=1)]], Field(min_length=1)]
     )
-    max_tokens: MaxTokens = 16
+    echo: bool = False  # the prompt comes back before the completion, with its logprobs if asked
+    max_tokens: int = Field(16, ge=0)  # 0 only with echo: the prompt and its logprobs, no completion
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+    @field_validator("max_tokens")
+    @classmethod
+    def _zero_only_to_echo(cls, max_tokens: int, info: ValidationInfo) -> int:
+        if max_tokens == 0 and not info.data.get("echo"):
+            raise ValueError("0 is only for echo, which returns the prompt; ask for 1 or more tokens")
+        return max_tokens
 
     @property
     def requested_max_tokens(self) -> int:
@@ -156,7 +165,8 @@ class ChatMessage(_Request):
     def as_template_input(self) -> dict[str, str]:
         content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
         role = "system" if self.role == "developer" else self.role
-        return {"role": role, "content": content}
+        # The template gets the name, as vLLM passes it; a template may use it or not.
+        return {"role": role, "content": content} | ({"name": self.name} if self.name is not None else {})
 
 
 class ChatCompletionRequest(_Sampling):

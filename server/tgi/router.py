@@ -249,7 +249,7 @@ async def _prepare(
             logprobs=0 if stream or params.details or params.decoder_input_details else None,
             stream=stream,
             ignore_eos=params.ignore_eos_token,
-            prompt_logprobs=params.decoder_input_details,
+            prompt_logprobs=0 if params.decoder_input_details else None,
             include_stop_str=True,
             constraint=constraint,
         )

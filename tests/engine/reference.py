@@ -38,6 +38,18 @@ class PeftReference:
         ids = self._cached(adapter, tuple(self.tokenizer.encode(text, add_special_tokens=False)), max_tokens)
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
+    def prompt_logprobs(self, adapter: str | None, prompt_ids: list[int]) -> torch.Tensor:
+        """Log-softmax over the vocabulary at each prompt position: row i scores the token at i + 1."""
+        inputs = torch.tensor([prompt_ids])
+        with torch.no_grad():
+            if adapter is None:
+                with self.model.disable_adapter():
+                    logits = self.model(inputs, attention_mask=torch.ones_like(inputs)).logits
+            else:
+                self.model.set_adapter(adapter)
+                logits = self.model(inputs, attention_mask=torch.ones_like(inputs)).logits
+        return torch.log_softmax(logits[0].float(), dim=-1)
+
     def _generate(self, adapter: str | None, prompt_ids: tuple[int, ...], max_tokens: int) -> tuple[int, ...]:
         inputs = torch.tensor([prompt_ids])
         kwargs = {

@@ -76,6 +76,24 @@ async def test_mixed_traffic_through_the_replicas_matches_peft(client, reference
         assert response.headers["x-lora-gateway-replica"]
 
 
+async def test_echo_prompt_logprobs_and_logit_bias_cross_the_replicas(client, reference):
+    prompt = "Once upon a time"
+    body = {"model": "pirate", "prompt": prompt, "max_tokens": 1, "echo": True, "logprobs": 2, "temperature": 0}
+    response = await client.post("/v1/completions", json=body)
+    assert response.status_code == 200, response.text
+    values = response.json()["choices"][0]["logprobs"]["token_logprobs"]
+    ids = reference.tokenizer.encode(prompt)
+    expected = reference.prompt_logprobs("pirate", ids)
+    assert values[0] is None
+    assert all(abs(values[i] - expected[i - 1, ids[i]].item()) < 1e-4 for i in range(1, len(ids))), values
+    forced = {"model": "pirate", "prompt": prompt, "max_tokens": 3, "temperature": 0, "return_token_ids": True}
+    biased = await client.post("/v1/completions", json=forced | {"logit_bias": {"11": 100}, "min_p": 0.5})
+    assert biased.status_code == 200, biased.text
+    assert biased.json()["choices"][0]["token_ids"] == [11, 11, 11]
+    tokenized = await client.post("/tokenize", json={"model": "pirate", "prompt": prompt})
+    assert tokenized.json()["tokens"] == ids
+
+
 async def test_each_adapter_is_served_by_one_replica_and_base_requests_spread(client):
     served: dict[str, set[str]] = defaultdict(set)
     for _ in range(6):

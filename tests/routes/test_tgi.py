@@ -57,7 +57,7 @@ async def test_details_carry_tgi_and_lorax_fields(gateway):
     ]
     assert (details["prompt_tokens"], details["skipped_tokens"]) == (len(prompt), 0)
     options = gateway.engine.generated[-1][2]
-    assert options.prompt_logprobs and options.logprobs == 0
+    assert options.prompt_logprobs == 0 and options.logprobs == 0
 
 
 async def test_sampling_parameters_reach_the_engine_and_the_seed_is_reported(gateway):

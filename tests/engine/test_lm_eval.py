@@ -1,0 +1,96 @@
+"""lm-evaluation-harness, unchanged, scores a small local task through the gateway on an adapter
+(its `local-completions` model: completions with echo and prompt logprobs) exactly as its `hf`
+model scores it with transformers + PEFT on the same adapter's files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.engine.conftest import ADMIN_KEY
+
+pytestmark = pytest.mark.engine
+
+ADAPTER = "pirate"
+TOLERANCE = 1e-4
+TASK = "gateway_tiny_mc"
+DOCS = [
+    {
+        "question": "What does the pirate say?",
+        "choices": ["Arr, matey!", "Good morning.", "Roses are red."],
+        "answer": 0,
+    },
+    {
+        "question": "Where is the treasure?",
+        "choices": ["On the island.", "In the market.", "Under the moon."],
+        "answer": 0,
+    },
+    {"question": "Who keeps a parrot?", "choices": ["The captain.", "The poet.", "The server."], "answer": 0},
+    {"question": "What do sailors sing?", "choices": ["Shanties.", "Sonnets.", "Numbers."], "answer": 0},
+]
+
+
+def write_task(folder) -> None:
+    """A multiple-choice task on a local jsonl file: the harness reads it with no hub access."""
+    data = folder / "docs.jsonl"
+    data.write_text("".join(json.dumps(doc) + "\n" for doc in DOCS))
+    (folder / f"{TASK}.yaml").write_text(
+        f"task: {TASK}\n"
+        "dataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {data}\n"
+        "test_split: test\n"
+        "output_type: multiple_choice\n"
+        'doc_to_text: "Question: {{question}}\\nAnswer:"\n'
+        'doc_to_choice: "{{choices}}"\n'
+        'doc_to_target: "{{answer}}"\n'
+        "metric_list:\n  - metric: acc\n"
+    )
+
+
+def loglikelihoods(results) -> list[list[tuple[float, bool]]]:
+    """Each document's (log-likelihood, is greedy) per choice, in document order."""
+    samples = sorted(results["samples"][TASK], key=lambda sample: sample["doc_id"])
+    return [[(float(ll), bool(greedy)) for ll, greedy in sample["filtered_resps"]] for sample in samples]
+
+
+def test_lm_eval_local_completions_equals_its_hf_peft_model(gateway, demo, tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", ADMIN_KEY)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets-cache"))
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    write_task(tasks)
+    manager = TaskManager(include_path=str(tasks))
+
+    def evaluate(model: str, model_args: dict) -> dict:
+        return lm_eval.simple_evaluate(
+            model=model, model_args=model_args, tasks=[TASK], task_manager=manager, log_samples=True
+        )
+
+    through_gateway = evaluate(
+        "local-completions",
+        {
+            "model": ADAPTER,
+            "base_url": f"{gateway.url}/v1/completions",
+            "tokenizer_backend": "huggingface",
+            "tokenizer": str(demo.base),
+            "batch_size": 4,  # several prompts in one request
+            "max_retries": 1,
+        },
+    )
+    with_peft = evaluate(
+        "hf",
+        {"pretrained": str(demo.base), "peft": str(demo.adapters[ADAPTER]), "dtype": "float32", "device": "cpu"},
+    )
+    got, want = loglikelihoods(through_gateway), loglikelihoods(with_peft)
+    assert len(got) == len(DOCS) and all(len(doc) == 3 for doc in got)
+    for doc_got, doc_want in zip(got, want, strict=True):
+        for (ll, greedy), (ll_want, greedy_want) in zip(doc_got, doc_want, strict=True):
+            assert abs(ll - ll_want) < TOLERANCE, (got, want)
+            assert greedy == greedy_want
+    assert through_gateway["results"][TASK]["acc,none"] == with_peft["results"][TASK]["acc,none"]
