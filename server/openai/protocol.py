@@ -11,8 +11,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from server.http.errors import InvalidRequest
-from server.openai.structured import ResponseFormat, StructuredOutputs
 from server.openai.extras import ExtraFields
+from server.openai.structured import ResponseFormat, StructuredOutputs
 
 MAX_N = 16
 MAX_STOP = 4
