@@ -54,6 +54,8 @@ def _tenant_card(tenants: Tenants, name: str, keys: list[Any], adapters: int) ->
             "max_upload_bytes": limits.max_upload_bytes,
             "max_file_bytes": limits.max_file_bytes,
             "max_queued_jobs": limits.max_queued_jobs,
+            "weight": limits.weight,
+            "max_training_seconds": limits.max_training_seconds,
         },
         "adapters": adapters,
         "in_flight": tenants.in_flight(name),

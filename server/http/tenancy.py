@@ -47,6 +47,9 @@ class TenantLimits:
     max_upload_bytes: int = 512 * 1024 * 1024
     max_file_bytes: int = 1024 * 1024 * 1024  # training files kept, all together
     max_queued_jobs: int = 4  # fine-tuning jobs validating or queued
+    # Fair sharing (docs/fairness.md): the tenant's share of the engine, and of a training run's time.
+    weight: float = 1.0  # a tenant of weight 2 gets twice the tokens of one of weight 1 when both wait
+    max_training_seconds: float = 24 * 3600.0  # wall-clock limit of one fine-tuning job
 
     def updated(self, changes: dict) -> TenantLimits:
         unknown = set(changes) - set(asdict(self))
