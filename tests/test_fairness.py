@@ -200,3 +200,14 @@ async def test_switching_to_first_come_lets_every_waiting_request_in():
     assert queue.in_flight == 0
     with pytest.raises(ValueError, match="fair or fcfs"):
         queue.set_policy("priority")
+
+
+def test_the_default_depth_is_the_engines_batch_and_with_ray_every_replicas():
+    from server.config import Settings
+
+    assert Settings(max_num_seqs=16).engine_sequences == 16
+    assert Settings(ray=True, replicas=3, max_num_seqs=8).engine_sequences == 24
+    # Autoscaling: room for the most replicas, so that Serve still sees the load it scales on.
+    assert Settings(ray=True, min_replicas=1, max_replicas=5, max_num_seqs=8).engine_sequences == 40
+    with pytest.raises(ValueError, match="--scheduling must be fair or fcfs"):
+        Settings(scheduling="priority")

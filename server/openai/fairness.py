@@ -60,7 +60,7 @@ class Turn:
         sequences = min(sequences, self.sequences)
         if sequences > 0:
             self.sequences -= sequences
-            self._queue._give_back(sequences)
+            self._queue._give_back(self.key, sequences)
 
     def release(self) -> None:
         """Give back every slot still held; safe to call more than once."""
@@ -88,6 +88,7 @@ class FairQueue:
         self.clock = clock
         self.in_flight = 0  # sequences in the engine
         self.counters: dict[str, float] = {}
+        self.running: dict[str, int] = {}  # sequences in the engine, by tenant
         self._waiting: dict[str, deque[_Waiter]] = {}
         self._last_left = 0.0  # the counter of the last tenant whose queue emptied
         self._order = itertools.count()
@@ -159,7 +160,10 @@ class FairQueue:
 
     def _dispatch(self) -> None:
         while self._waiting and self.in_flight < self.depth:
-            key = min(self._waiting, key=lambda k: (self.counters[k], self._waiting[k][0].order))
+            # Equal counters (a tenant just lifted to another's): the one with less in the engine first.
+            key = min(
+                self._waiting, key=lambda k: (self.counters[k], self.running.get(k, 0), self._waiting[k][0].order)
+            )
             queue = self._waiting[key]
             self._start(queue.popleft(), queue)
 
@@ -168,6 +172,7 @@ class FairQueue:
             self._waiting.pop(waiter.key, None)
             self._last_left = self.counters[waiter.key]
         self.in_flight += waiter.sequences
+        self.running[waiter.key] = self.running.get(waiter.key, 0) + waiter.sequences
         turn = Turn(self, waiter.key, waiter.weight, waiter.sequences)
         self._charge(waiter.key, waiter.weight, waiter.prompt_tokens * self.input_weight)
         if self.on_waited is not None:
@@ -190,6 +195,11 @@ class FairQueue:
         if self.on_served is not None and service:
             self.on_served(key, service)
 
-    def _give_back(self, sequences: int) -> None:
+    def _give_back(self, key: str, sequences: int) -> None:
         self.in_flight -= sequences
+        left = self.running.get(key, 0) - sequences
+        if left > 0:
+            self.running[key] = left
+        else:
+            self.running.pop(key, None)
         self._dispatch()
