@@ -7,6 +7,8 @@ that alternate the fair policy and first come, first served (PATCH /v1/schedulin
 Every request asks for 32 tokens with ignore_eos; each tenant runs closed loops (a client sends
 its next request when its last one is answered). Phases of each round:
 - alone: B keeps 4 requests in flight, A none: B's latency alone;
+- full: B keeps 16 in flight (a full batch), A none: the engine's own latency at a full batch,
+  the least B can see under a flood whatever the scheduler does;
 - flood: A keeps 128 in flight, B 4: B's latency under the flood, and the total throughput;
 - equal: both keep 64 in flight, weights 1 and 1: their token shares;
 - weighted: both keep 64 in flight, A's weight 2: their token shares.
@@ -134,6 +136,7 @@ async def measure(url: str, rounds: int, seconds: float) -> dict:
             result: dict = {"policy": policy}
             for name, loops, weight_a in (
                 ("alone", {"b": 4}, 1),
+                ("full", {"b": 16}, 1),
                 ("flood", {"a": 128, "b": 4}, 1),
                 ("equal", {"a": 64, "b": 64}, 1),
                 ("weighted", {"a": 64, "b": 64}, 2),
@@ -171,6 +174,8 @@ def summarize(runs: dict[str, list[dict]]) -> dict:
             "b_p50_alone_s": alone,
             "b_p50_flood_s": flooded,
             "b_p50_ratio": round(flooded / alone, 2),
+            "b_p50_full_batch_s": median(policy, "full", "p50_s", "b"),
+            "b_p50_flood_over_full_batch": round(flooded / median(policy, "full", "p50_s", "b"), 2),
             "a_p50_flood_s": median(policy, "flood", "p50_s", "a"),
             "b_p50_equal_s": median(policy, "equal", "p50_s", "b"),
             "b_mean_queue_wait_flood_s": median(policy, "flood", "mean_queue_wait_s", "b"),
@@ -186,6 +191,8 @@ def summarize(runs: dict[str, list[dict]]) -> dict:
     summary["targets"] = {
         "b_p50_flood_over_alone_fair (<= 1.5)": fair["b_p50_ratio"],
         "b_p50_flood_over_alone_fcfs": first["b_p50_ratio"],
+        "b_p50_flood_over_full_batch_fair": fair["b_p50_flood_over_full_batch"],
+        "b_p50_flood_over_full_batch_fcfs": first["b_p50_flood_over_full_batch"],
         "equal_share_a_over_b_fair (0.9 to 1.1)": round(fair["equal_share_a"] / (1 - fair["equal_share_a"]), 3),
         "weighted_share_a_over_b_fair (1.8 to 2.2)": fair["weighted_share_ratio_a_to_b"],
         "flood_throughput_fair_over_fcfs (>= 0.95)": round(fair["flood_tokens_per_s"] / first["flood_tokens_per_s"], 3),
@@ -202,16 +209,12 @@ def plot(summary: dict, path: Path) -> None:
 
     fair, first = summary["fair"], summary["fcfs"]
     figure, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4))
-    labels = ["B alone", "B under A's flood"]
+    labels = ["B alone (4)", "B alone (16)", "B + A's flood"]
     width = 0.38
-    for offset, (name, values) in enumerate(
-        (
-            ("fair", [fair["b_p50_alone_s"], fair["b_p50_flood_s"]]),
-            ("fcfs", [first["b_p50_alone_s"], first["b_p50_flood_s"]]),
-        )
-    ):
-        left.bar([i + offset * width for i in range(2)], values, width, label=name)
-    left.set_xticks([i + width / 2 for i in range(2)], labels)
+    for offset, policy in enumerate(("fair", "fcfs")):
+        values = [summary[policy][k] for k in ("b_p50_alone_s", "b_p50_full_batch_s", "b_p50_flood_s")]
+        left.bar([i + offset * width for i in range(3)], values, width, label=policy)
+    left.set_xticks([i + width / 2 for i in range(3)], labels)
     left.set_ylabel("B's p50 latency (s)")
     left.legend()
     shares = [fair["equal_share_a"], first["equal_share_a"]]
