@@ -211,3 +211,15 @@ def test_the_default_depth_is_the_engines_batch_and_with_ray_every_replicas():
     assert Settings(ray=True, min_replicas=1, max_replicas=5, max_num_seqs=8).engine_sequences == 40
     with pytest.raises(ValueError, match="--scheduling must be fair or fcfs"):
         Settings(scheduling="priority")
+
+
+async def test_a_tenant_arriving_while_another_has_the_engine_alone_starts_at_its_counter():
+    queue = FairQueue(4, clock=FakeClock())
+    engine = Engine(queue, tokens_per_request=4)
+    alone = closed_loop(queue, engine, "b", 2)  # within the depth: b never waits
+    await run_steps(engine, 50)
+    assert queue.waiting == 0 and queue.counters["b"] > 100
+    arriving = await queue.turn("a", 1.0, 1, 4)
+    assert queue.counters["a"] >= queue.counters["b"] - 20  # not 0: b's time alone is no debt of b's
+    arriving.release()
+    await stop(alone)

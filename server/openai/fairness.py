@@ -90,7 +90,7 @@ class FairQueue:
         self.counters: dict[str, float] = {}
         self.running: dict[str, int] = {}  # sequences in the engine, by tenant
         self._waiting: dict[str, deque[_Waiter]] = {}
-        self._last_left = 0.0  # the counter of the last tenant whose queue emptied
+        self._last_left = 0.0  # the counter of the last tenant with nothing left waiting or running
         self._order = itertools.count()
         self._failure: BaseException | None = None
         # Hooks for metrics: (key, weighted tokens) and (key, seconds waited).
@@ -153,9 +153,11 @@ class FairQueue:
     # -- inside ----------------------------------------------------------------------------------
 
     def _lift(self, key: str) -> None:
-        """A tenant that was not waiting starts at the lowest counter of those waiting (or of the
-        last to leave), never below its own: idle time earns no credit."""
-        floor = min((self.counters[k] for k in self._waiting), default=self._last_left)
+        """A tenant with nothing waiting starts at the lowest counter of the other tenants waiting or
+        running (with none, that of the last to leave), never below its own: time spent asking for
+        less than its share, or nothing, earns no credit to spend later."""
+        active = (self.counters[k] for k in {*self._waiting, *self.running} if k != key)
+        floor = min(active, default=self._last_left)
         self.counters[key] = max(self.counters.get(key, 0.0), floor)
 
     def _dispatch(self) -> None:
@@ -170,7 +172,6 @@ class FairQueue:
     def _start(self, waiter: _Waiter, queue: deque[_Waiter] | None) -> Turn:
         if queue is not None and not queue:
             self._waiting.pop(waiter.key, None)
-            self._last_left = self.counters[waiter.key]
         self.in_flight += waiter.sequences
         self.running[waiter.key] = self.running.get(waiter.key, 0) + waiter.sequences
         turn = Turn(self, waiter.key, waiter.weight, waiter.sequences)
@@ -188,7 +189,7 @@ class FairQueue:
         queue.remove(waiter)
         if not queue:
             del self._waiting[waiter.key]
-            self._last_left = self.counters[waiter.key]
+            self._left(waiter.key)
 
     def _charge(self, key: str, weight: float, service: float) -> None:
         self.counters[key] = self.counters.get(key, 0.0) + service / weight
@@ -202,4 +203,9 @@ class FairQueue:
             self.running[key] = left
         else:
             self.running.pop(key, None)
+            self._left(key)
         self._dispatch()
+
+    def _left(self, key: str) -> None:
+        if key not in self._waiting and key not in self.running:
+            self._last_left = self.counters[key]
