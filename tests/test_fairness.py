@@ -223,3 +223,16 @@ async def test_a_tenant_arriving_while_another_has_the_engine_alone_starts_at_it
     assert queue.counters["a"] >= queue.counters["b"] - 20  # not 0: b's time alone is no debt of b's
     arriving.release()
     await stop(alone)
+
+
+async def test_a_slot_freed_between_a_clients_leaving_and_its_task_noticing_is_not_lost():
+    queue = FairQueue(1, clock=FakeClock())
+    first = await queue.turn("a", 1.0, 1, 1)
+    waiting = asyncio.create_task(queue.turn("b", 1.0, 1, 1))
+    await settle()
+    waiting.cancel()  # cancels the future it awaits now; its own code runs on the next loop turn
+    first.release()  # a slot frees before then: it must not go to the request that left
+    await asyncio.gather(waiting, return_exceptions=True)
+    assert (queue.in_flight, queue.waiting, queue.running) == (0, 0, {})
+    again = await asyncio.wait_for(queue.turn("c", 1.0, 1, 1), 1)
+    again.release()

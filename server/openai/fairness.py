@@ -114,7 +114,8 @@ class FairQueue:
             waiters = sorted((w for queue in self._waiting.values() for w in queue), key=lambda w: w.order)
             self._waiting.clear()
             for waiter in waiters:
-                self._start(waiter, None)
+                if not waiter.ready.done():
+                    self._start(waiter, None)
         else:
             self._dispatch()
 
@@ -167,7 +168,13 @@ class FairQueue:
                 self._waiting, key=lambda k: (self.counters[k], self.running.get(k, 0), self._waiting[k][0].order)
             )
             queue = self._waiting[key]
-            self._start(queue.popleft(), queue)
+            waiter = queue.popleft()
+            if waiter.ready.done():  # its client left; its task has not run to drop it yet
+                if not queue:
+                    del self._waiting[key]
+                    self._left(key)
+                continue
+            self._start(waiter, queue)
 
     def _start(self, waiter: _Waiter, queue: deque[_Waiter] | None) -> Turn:
         if queue is not None and not queue:
