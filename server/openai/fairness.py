@@ -5,9 +5,11 @@ of the service it has received: input tokens × `input_weight` plus output token
 `output_weight`, divided by the tenant's weight. The gateway lets at most `depth` sequences into
 the engine at once (about the engine's --max-num-seqs, so that vLLM's own first-come queue stays
 short); past that, requests wait here, one queue per tenant, and each free slot goes to the
-waiting tenant with the lowest counter. A tenant that starts waiting has its counter lifted to
-the lowest counter of those already waiting, so that idle time banks no credit. A tenant that asks
-for less than its share has the lowest counter, and is served as soon as a slot frees.
+waiting tenant with the lowest counter (on a tie, the one with fewer sequences in the engine).
+A request whose tenant has nothing waiting lifts the tenant's counter to the lowest counter of the
+other tenants waiting or running, so that idle time, or time spent asking for less, banks no
+credit. A tenant that asks for less than its share is never above the others, and is served as
+soon as a slot frees.
 
 Counters advance as tokens come out of the engine (`Turn.served`), as the paper's do: a request's
 cost is not known until it ends. docs/fairness.md explains the choice over vLLM's priority policy.
