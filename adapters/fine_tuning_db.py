@@ -307,11 +307,20 @@ class FineTuningRecords:
             return conn.execute(statement).rowcount > 0
 
     def claim_next(self, runner: str) -> JobRow | None:
-        """The oldest queued job of this base, now running here; None when none is queued."""
+        """The next queued job of this base, now running here; None when none is queued.
+
+        Tenants take turns (round robin): the next job is the oldest of the tenant whose last job
+        started longest ago, or that never had one started. One tenant's long queue then waits
+        behind one job of each other tenant, not behind all of theirs.
+        """
+        earlier = jobs_table.alias("earlier")
+        last_started = (
+            sa.select(sa.func.max(earlier.c.started_at)).where(earlier.c.owner == jobs_table.c.owner).scalar_subquery()
+        )
         candidates = self._read(
             sa.select(jobs_table.c.id)
             .where(jobs_table.c.status == QUEUED, jobs_table.c.base_fingerprint == self.base_fingerprint)
-            .order_by(jobs_table.c.created_at)
+            .order_by(sa.func.coalesce(last_started, 0.0), jobs_table.c.created_at)
             .limit(4)
         )
         now = time.time()

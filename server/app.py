@@ -14,12 +14,12 @@ from adapters.registry import Registry
 from adapters.retention import StoreSweep
 from adapters.spec import SHARED
 from adapters.store import copy_folder
-from server.admin import adapters, cluster, tenant_deletion, tenants, usage
+from server.admin import adapters, cluster, scheduling, tenant_deletion, tenants, usage
 from server.admin import export as export_route
 from server.batches import router as batches_route
 from server.config import Settings
 from server.console import router as ui
-from server.engine.protocol import Engine
+from server.engine.protocol import Engine, EngineDead
 from server.finetune import files_router as files
 from server.finetune import jobs_router as fine_tuning
 from server.finetune import models_router as fine_tuned_models
@@ -32,6 +32,7 @@ from server.http.open_mode import OpenModeGuard
 from server.http.responses import JSONResponse
 from server.http.tenancy import TenantLimits, Tenants
 from server.openai import chat, completions, models, tokenize
+from server.openai.fairness import FairQueue
 from server.openai.generation import Generator
 from server.ops import health
 from server.ops import metrics_router as metrics_route
@@ -70,6 +71,7 @@ def build_app(
         max_merges=settings.tenant_max_merges,
         max_queued_batches=settings.tenant_max_queued_batches,
         max_batch_lines=settings.tenant_max_batch_lines,
+        max_training_seconds=settings.max_training_seconds,
     )
     tenant_book = Tenants(registry.catalog, tenant_defaults)
 
@@ -133,10 +135,13 @@ def build_app(
         settings.max_in_flight,
         max_sequences=settings.max_sequences_per_request,
         max_prompt_chars=settings.max_prompt_chars,
+        fair_queue=FairQueue(settings.fair_queue_depth or settings.engine_sequences, policy=settings.scheduling),
+        admin_weight=settings.admin_weight,
     )
     app.state.ready = False
     app.state.metrics = metrics or GatewayMetrics(registry.base_name, settings.metrics_adapter_labels)
     app.state.metrics.watch(registry)
+    app.state.metrics.watch_fair_queue(app.state.generator.fair_queue)
     registry.catalog.on_error = app.state.metrics.catalog_error
     if registry.store is not None:
         registry.store.on_error = app.state.metrics.store_error
@@ -160,7 +165,7 @@ def build_app(
         app.add_middleware(OpenModeGuard, listen_host=settings.host)
     app.add_middleware(TelemetryMiddleware)
     app.include_router(metrics_route.router)
-    for module in (health, models, completions, chat, tokenize, adapters, tenants, cluster, usage, ui):
+    for module in (health, models, completions, chat, tokenize, adapters, tenants, cluster, scheduling, usage, ui):
         app.include_router(module.router)
     app.mount(ui.UI_PATH, ui.console_app(), name="console")
     app.include_router(export_route.router)
@@ -184,6 +189,7 @@ async def _watch_engine(app: FastAPI, engine: Engine) -> None:
     while engine.is_healthy:
         await asyncio.sleep(ENGINE_CHECK_SECONDS)
     app.state.ready = False
+    app.state.generator.fair_queue.fail_waiting(EngineDead())  # requests waiting for a turn get 503
     logger.error("the inference engine has died; the gateway stops so that it can be restarted")
     on_death: Callable[[], None] | None = getattr(app.state, "on_engine_death", None)
     if on_death is not None:

@@ -13,7 +13,12 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 ENV_PREFIX = "LORA_GATEWAY_"
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 # Settings that take one of a few words, and those words.
-CHOICES = {"log_format": ("json", "text"), "lora_ops": ("grouped", "vllm"), "json_whitespace": ("compact", "any")}
+CHOICES = {
+    "log_format": ("json", "text"),
+    "lora_ops": ("grouped", "vllm"),
+    "json_whitespace": ("compact", "any"),
+    "scheduling": ("fair", "fcfs"),
+}
 # The shortest admin or metrics key accepted: `lora-gateway new-key` prints 43 characters.
 MIN_KEY_CHARS = 32
 
@@ -266,6 +271,30 @@ class Settings(BaseSettings):
         description="sequences one generation request may ask for (prompts × n); more is a 400 before any work. "
         "Each sequence also counts as one request against its tenant's concurrency and --max-in-flight",
     )
+    scheduling: str = Field(
+        "fair",
+        description="how generation requests share the engine: fair (each tenant by the tokens it has been served, "
+        "weighted; docs/fairness.md) or fcfs (in order of arrival, as vLLM alone does)",
+    )
+    fair_queue_depth: int | None = Field(
+        None,
+        ge=1,
+        description="with --scheduling fair: sequences let into the engine at once, the rest wait at the gateway "
+        "in fair order (default: --max-num-seqs, times --replicas or --max-replicas with --ray)",
+    )
+    admin_weight: float = Field(
+        1.0,
+        gt=0,
+        le=1000,
+        description="with --scheduling fair: the share of the admin's and shared (keyless) traffic, as a "
+        "tenant's weight (each tenant's is 1 unless the tenants API sets its 'weight' limit)",
+    )
+    max_training_seconds: float = Field(
+        24 * 3600.0,
+        gt=0,
+        description="default: wall-clock seconds one fine-tuning job may train; past it the job fails and keeps "
+        "its checkpoints (a tenant's 'max_training_seconds' limit overrides it)",
+    )
     max_prompt_chars: int | None = Field(
         None,
         ge=1,
@@ -371,6 +400,13 @@ class Settings(BaseSettings):
         """vLLM's own LoRA ops read "no adapter" as the last slot's adapter (the bleed); a base
         request then runs through an all-zero adapter instead. The grouped ops give it none."""
         return self.lora_ops == "vllm"
+
+    @property
+    def engine_sequences(self) -> int:
+        """Sequences every engine replica together batches at once: the fair queue's default depth."""
+        if not self.ray:
+            return self.max_num_seqs
+        return self.max_num_seqs * (self.max_replicas or self.replicas)
 
     @property
     def catalog_location(self) -> str:

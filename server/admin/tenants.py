@@ -56,6 +56,8 @@ def _tenant_card(tenants: Tenants, name: str, keys: list[Any], adapters: int) ->
             "max_queued_jobs": limits.max_queued_jobs,
             "max_pinned": limits.max_pinned,
             "max_merges": limits.max_merges,
+            "weight": limits.weight,
+            "max_training_seconds": limits.max_training_seconds,
         },
         "adapters": adapters,
         "in_flight": tenants.in_flight(name),

@@ -10,7 +10,11 @@ A job is never left running forever:
 - a job whose heartbeat stops (its gateway died and did not come back) is marked failed by any
   gateway after STALE_SECONDS;
 - a job whose row is gone (its tenant was deleted, through any gateway) stops within a second, and
-  whatever it was writing (events, a checkpoint, its adapter, its results file) is refused.
+  whatever it was writing (events, a checkpoint, its adapter, its results file) is refused;
+- a job that runs past its wall-clock limit (--max-training-seconds, or its tenant's
+  `max_training_seconds`) is stopped and fails with `time_limit_exceeded`; its checkpoints stay.
+
+Queued jobs are claimed round robin across tenants (`FineTuningRecords.claim_next`).
 
 The result goes through the same staging, validation and store as an upload, and is registered as
 the tenant's adapter under the job's `fine_tuned_model` name.
@@ -27,6 +31,8 @@ import shutil
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -86,6 +92,7 @@ class TrainingScheduler:
         max_adapter_bytes: int,
         max_length: int = 1024,
         metrics: SchedulerMetrics | None = None,
+        time_limit: Callable[[str], float] | None = None,
     ):
         self.records = records
         self.files = files
@@ -100,6 +107,7 @@ class TrainingScheduler:
         self.max_adapter_bytes = max_adapter_bytes
         self.max_length = max_length
         self.metrics = metrics
+        self.time_limit = time_limit  # owner -> wall-clock seconds a job may run; None: no limit
         self._running: dict[str, tuple[asyncio.Task, asyncio.Event]] = {}
         if metrics is not None:
             metrics.fine_tuning_running.set_function(lambda: len(self._running))
@@ -185,12 +193,15 @@ class TrainingScheduler:
     async def _run(self, job: JobRow, stop: asyncio.Event) -> None:
         job_dir = self.work_dir / job.id
         heartbeat = asyncio.create_task(self._heartbeat(job.id, stop))
+        clock = _Clock(time.monotonic())
         try:
             shutil.rmtree(job_dir, ignore_errors=True)
             job_dir.mkdir(parents=True)
             await self._event(job.id, "Fine-tuning job started")
             spec = await self._spec(job, job_dir)
-            result = await self._train(job, spec, job_dir, stop)
+            result = await self._train(job, spec, job_dir, stop, clock)
+            if result is None and clock.expired is not None:
+                raise JobFailed("time_limit_exceeded", _time_limit_message(job.id, clock.expired))
             if result is None:
                 await self._finish_cancelled(job.id)
                 return
@@ -236,9 +247,11 @@ class TrainingScheduler:
             raise JobFailed("invalid_training_file", exc.message) from None
         return spec
 
-    async def _train(self, job: JobRow, spec: dict[str, Any], job_dir: Path, stop: asyncio.Event) -> dict | None:
-        """Run the worker to its end: its last event, or None when it was cancelled."""
-        watcher = asyncio.create_task(self._watch_cancel(job.id, stop))
+    async def _train(
+        self, job: JobRow, spec: dict[str, Any], job_dir: Path, stop: asyncio.Event, clock: _Clock | None = None
+    ) -> dict | None:
+        """Run the worker to its end: its last event, or None when it was cancelled or ran out of time."""
+        watcher = asyncio.create_task(self._watch_cancel(job, stop, clock or _Clock(time.monotonic())))
         metrics: list[dict[str, Any]] = []
         previous_step = 0  # metrics events may skip steps on long jobs
         try:
@@ -267,9 +280,17 @@ class TrainingScheduler:
             return None
         raise JobFailed("training_failed", "the training process ended without a result")
 
-    async def _watch_cancel(self, job_id: str, stop: asyncio.Event) -> None:
+    async def _watch_cancel(self, job: JobRow, stop: asyncio.Event, clock: _Clock) -> None:
+        """Stop the job when it is cancelled, deleted, or past its time limit (read each second, so a
+        limit lowered by the admin applies to the jobs running)."""
+        job_id = job.id
         while not stop.is_set():
             await asyncio.sleep(POLL_SECONDS)
+            limit = self.time_limit(job.owner) if self.time_limit is not None else None
+            if limit is not None and time.monotonic() - clock.started > limit:
+                clock.expired = limit
+                stop.set()
+                return
             try:
                 row = await asyncio.to_thread(self.records.job, job_id)
             except Unavailable:
@@ -378,3 +399,19 @@ class TrainingScheduler:
 
     async def _event(self, job_id: str, message: str, *, level: str = "info", kind: str = "message", data=None):
         await asyncio.to_thread(self.records.add_event, new_event(job_id, message, level=level, kind=kind, data=data))
+
+
+@dataclass
+class _Clock:
+    """When a job started, and the limit it ran past (None while within it)."""
+
+    started: float
+    expired: float | None = None
+
+
+def _time_limit_message(job_id: str, limit: float) -> str:
+    return (
+        f"the job ran past its time limit of {limit:g} seconds and was stopped; the checkpoints it saved are kept "
+        f"(GET /v1/fine_tuning/jobs/{job_id}/checkpoints). Train on less data or for fewer epochs, or ask the "
+        "admin to raise the tenant's max_training_seconds limit (default --max-training-seconds)"
+    )

@@ -92,5 +92,11 @@ def open_fine_tuning(
         max_adapter_bytes=settings.max_adapter_bytes,
         max_length=settings.max_model_len or 1024,
         metrics=metrics,
+        time_limit=lambda owner: _training_seconds(tenants, owner, settings.max_training_seconds),
     )
     return FineTuning(files, jobs, scheduler)
+
+
+def _training_seconds(tenants: Tenants, owner: str, default: float) -> float:
+    """The wall-clock limit of a job of `owner`: its tenant's limit, else --max-training-seconds."""
+    return tenants.limits(owner).max_training_seconds if tenants.exists(owner) else default

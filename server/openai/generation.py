@@ -37,7 +37,8 @@ from server.http.errors import (
     TooManySequences,
 )
 from server.http.observe import RequestRecord
-from server.http.tenancy import Tenants
+from server.http.tenancy import TenantNotFound, Tenants
+from server.openai.fairness import ADMIN_KEY, FairQueue, Turn
 
 ENGINE_DEAD_MESSAGE = "the inference engine has stopped; retry against another replica"
 # --max-prompt-chars by default: a prompt that fills the context at this many characters a token
@@ -76,6 +77,7 @@ class Admission:
     sequences: int
     release: Callable[[], None]
     entry: AdapterEntry | None = None
+    tenant: str | None = None  # None: the admin's or shared traffic
 
     @contextmanager
     def released_on_error(self) -> Iterator[None]:
@@ -145,6 +147,8 @@ class Generator:
         *,
         max_sequences: int = 64,
         max_prompt_chars: int | None = None,
+        fair_queue: FairQueue | None = None,
+        admin_weight: float = 1.0,
     ):
         self.engine = engine
         self.registry = registry
@@ -154,6 +158,9 @@ class Generator:
         self.max_sequences = max_sequences
         self.max_prompt_chars = max_prompt_chars or engine.max_model_len * PROMPT_CHARS_PER_TOKEN
         self.in_flight = 0  # sequences, not requests
+        # Who goes into the engine next (server/openai/fairness.py); by default nobody waits here.
+        self.fair_queue = fair_queue or FairQueue(max_in_flight)
+        self.admin_weight = admin_weight
         self._first_use: dict[str, asyncio.Lock] = {}
         self._tokenizer_slots = asyncio.Semaphore(TOKENIZER_THREADS)
 
@@ -225,7 +232,7 @@ class Generator:
                 self.in_flight -= sequences
                 tenant_release()
 
-        return Admission(sequences, release)
+        return Admission(sequences, release, tenant=principal.tenant)
 
     async def encode(self, texts: Sequence[str]) -> list[list[int]]:
         """Each text's token ids, tokenized off the event loop."""
@@ -348,8 +355,29 @@ class Generator:
             unfinished -= step.finished
             yield prompt_index, step, unfinished == 0
 
-    async def _steps(self, job: Job) -> AsyncIterator[tuple[int, GenerationStep]]:
+    def _share(self, tenant: str | None) -> tuple[str, float]:
+        """The fair queue's key and weight for a request of `tenant`."""
+        if tenant is None or self.tenants is None:
+            return ADMIN_KEY, self.admin_weight
         try:
+            return tenant, self.tenants.limits(tenant).weight
+        except TenantNotFound:  # deleted while its request was being prepared
+            return tenant, 1.0
+
+    async def _turn(self, job: Job) -> Turn:
+        """Wait for this job's turn in the engine; 503 if the engine died meanwhile."""
+        key, weight = self._share(job.admission.tenant)
+        prompt_tokens = sum(len(prompt) for prompt in job.prompts)
+        turn = await self.fair_queue.turn(key, weight, job.admission.sequences, prompt_tokens)
+        if not self.engine.is_healthy:
+            turn.release()
+            raise EngineDead
+        return turn
+
+    async def _steps(self, job: Job) -> AsyncIterator[tuple[int, GenerationStep]]:
+        turn: Turn | None = None
+        try:
+            turn = await self._turn(job)
             async with self.registry.lease(job.admission.entry) as adapter:  # type: ignore[arg-type]
                 if len(job.prompts) == 1:
                     steps = _single(self.engine.generate(job.request_id, job.prompts[0], job.options, adapter))
@@ -363,15 +391,20 @@ class Generator:
                 async for prompt_index, step in steps:
                     if step.replica is not None:
                         job.record.replica = step.replica
-                    job.record.tokens_arrived(sum(choice.token_count for choice in step.choices))
+                    produced = sum(choice.token_count for choice in step.choices)
+                    job.record.tokens_arrived(produced)
+                    turn.served(produced)
                     if step.finished:
                         job.record.prompt_tokens += step.prompt_tokens
+                        turn.finished(job.options.n)
                     yield prompt_index, step
         except EngineDead:
             raise EngineUnavailable(ENGINE_DEAD_MESSAGE) from None
         except EngineRejected as exc:
             raise InvalidRequest(str(exc)) from None
         finally:
+            if turn is not None:
+                turn.release()
             job.admission.release()
 
 

@@ -6,7 +6,7 @@ Each app gets its own CollectorRegistry, so tests can build many apps in one pro
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -170,6 +170,21 @@ class GatewayMetrics:
         self.fine_tuning_steps = Counter(
             PREFIX + "fine_tuning_steps", "Training steps of the fine-tuning jobs run here", registry=registry
         )
+        # Labelled by tenant: tenants are bounded by the catalog; '(admin)' is the admin's and shared traffic.
+        self.tenant_service_tokens = Counter(
+            PREFIX + "tenant_service_tokens",
+            "Service the engine gave each tenant, in the fair scheduler's weighted tokens (an input token "
+            "counts 1, an output token 2), before the tenant's weight",
+            ["tenant"],
+            registry=registry,
+        )
+        self.tenant_queue_wait_seconds = Histogram(
+            PREFIX + "tenant_queue_wait_seconds",
+            "Time generation requests waited at the gateway for their turn in the engine, by tenant",
+            ["tenant"],
+            buckets=TTFT_BUCKETS,
+            registry=registry,
+        )
 
     def catalog_error(self) -> None:
         self.backend_errors.labels("catalog").inc()
@@ -181,6 +196,11 @@ class GatewayMetrics:
         """Read the registry's counts at scrape time."""
         self.adapters_resident.set_function(lambda: registry.resident_count)
         self.adapters_registered.set_function(lambda: len(registry.entries()))
+
+    def watch_fair_queue(self, queue: Any) -> None:
+        """Count each tenant's service and waits as the fair queue (server/openai/fairness.py) hands out turns."""
+        queue.on_served = lambda tenant, tokens: self.tenant_service_tokens.labels(tenant).inc(tokens)
+        queue.on_waited = lambda tenant, seconds: self.tenant_queue_wait_seconds.labels(tenant).observe(seconds)
 
     def observe(
         self, record: RequestRecord, endpoint: str, status: int, seconds: float, *, generation: bool, streamed: bool

@@ -1,0 +1,220 @@
+"""Fair sharing of the engine between tenants: the virtual token counter (VTC).
+
+Sheng et al., "Fairness in Serving Large Language Models" (OSDI 2024). Each tenant has a counter
+of the service it has received: input tokens × `input_weight` plus output tokens ×
+`output_weight`, divided by the tenant's weight. The gateway lets at most `depth` sequences into
+the engine at once (about the engine's --max-num-seqs, so that vLLM's own first-come queue stays
+short); past that, requests wait here, one queue per tenant, and each free slot goes to the
+waiting tenant with the lowest counter (on a tie, the one with fewer sequences in the engine).
+A request whose tenant has nothing waiting lifts the tenant's counter to the lowest counter of the
+other tenants waiting or running, so that idle time, or time spent asking for less, banks no
+credit. A tenant that asks for less than its share is never above the others, and is served as
+soon as a slot frees.
+
+Counters advance as tokens come out of the engine (`Turn.served`), as the paper's do: a request's
+cost is not known until it ends. docs/fairness.md explains the choice over vLLM's priority policy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+ADMIN_KEY = "(admin)"  # the admin's and shared traffic; no tenant name can have parentheses
+INPUT_WEIGHT = 1.0  # the paper's w_p and w_q: an output token costs the engine about twice an input token
+OUTPUT_WEIGHT = 2.0
+FAIR = "fair"
+FIRST_COME = "fcfs"
+POLICIES = (FAIR, FIRST_COME)
+
+
+@dataclass(eq=False)
+class _Waiter:
+    key: str
+    weight: float
+    sequences: int
+    prompt_tokens: int
+    order: int
+    enqueued_at: float
+    ready: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+
+class Turn:
+    """A request let into the engine: its slots, and the service it is charged for."""
+
+    def __init__(self, queue: FairQueue, key: str, weight: float, sequences: int):
+        self._queue = queue
+        self.key = key
+        self.weight = weight
+        self.sequences = sequences  # slots still held
+
+    def served(self, output_tokens: int) -> None:
+        """Charge the tenant for tokens the engine produced for this request."""
+        if output_tokens > 0:
+            self._queue._charge(self.key, self.weight, output_tokens * self._queue.output_weight)
+
+    def finished(self, sequences: int) -> None:
+        """Give back the slots of sequences that ended (one prompt of several, say)."""
+        sequences = min(sequences, self.sequences)
+        if sequences > 0:
+            self.sequences -= sequences
+            self._queue._give_back(self.key, sequences)
+
+    def release(self) -> None:
+        """Give back every slot still held; safe to call more than once."""
+        self.finished(self.sequences)
+
+
+class FairQueue:
+    """One per engine (per ingress with --ray): who goes into the engine next."""
+
+    def __init__(
+        self,
+        depth: int,
+        *,
+        policy: str = FAIR,
+        input_weight: float = INPUT_WEIGHT,
+        output_weight: float = OUTPUT_WEIGHT,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        if depth < 1:
+            raise ValueError("the fair queue needs a depth of at least one sequence")
+        self.depth = depth
+        self.policy = policy
+        self.input_weight = input_weight
+        self.output_weight = output_weight
+        self.clock = clock
+        self.in_flight = 0  # sequences in the engine
+        self.counters: dict[str, float] = {}
+        self.running: dict[str, int] = {}  # sequences in the engine, by tenant
+        self._waiting: dict[str, deque[_Waiter]] = {}
+        self._last_left = 0.0  # the counter of the last tenant with nothing left waiting or running
+        self._order = itertools.count()
+        self._failure: BaseException | None = None
+        # Hooks for metrics: (key, weighted tokens) and (key, seconds waited).
+        self.on_served: Callable[[str, float], None] | None = None
+        self.on_waited: Callable[[str, float], None] | None = None
+
+    @property
+    def waiting(self) -> int:
+        """Requests waiting for a slot."""
+        return sum(len(queue) for queue in self._waiting.values())
+
+    def waiting_for(self, key: str) -> int:
+        return len(self._waiting.get(key, ()))
+
+    def set_policy(self, policy: str) -> None:
+        """`fair`, or `fcfs`: straight into the engine in arrival order, as vLLM alone does."""
+        if policy not in POLICIES:
+            raise ValueError(f"the scheduling policy must be {' or '.join(POLICIES)}, not {policy!r}")
+        self.policy = policy
+        if policy == FIRST_COME:  # those waiting go in now, in their order
+            waiters = sorted((w for queue in self._waiting.values() for w in queue), key=lambda w: w.order)
+            self._waiting.clear()
+            for waiter in waiters:
+                if not waiter.ready.done():
+                    self._start(waiter, None)
+        else:
+            self._dispatch()
+
+    async def turn(self, key: str, weight: float, sequences: int, prompt_tokens: int) -> Turn:
+        """Wait until this request may go into the engine; cancelling the wait gives its place up."""
+        if self._failure is not None:
+            raise self._failure
+        waiter = _Waiter(key, weight, sequences, prompt_tokens, next(self._order), self.clock())
+        if self.policy == FIRST_COME or (not self._waiting and self.in_flight < self.depth):
+            self._lift(key)
+            return self._start(waiter, None)
+        queue = self._waiting.get(key)
+        if queue is None:
+            self._lift(key)
+            queue = self._waiting[key] = deque()
+        queue.append(waiter)
+        self._dispatch()
+        try:
+            return await waiter.ready
+        except asyncio.CancelledError:
+            if waiter.ready.done() and not waiter.ready.cancelled() and waiter.ready.exception() is None:
+                waiter.ready.result().release()  # let in just as its client left
+            else:
+                self._drop(waiter)
+            raise
+
+    def fail_waiting(self, error: BaseException) -> None:
+        """The engine is gone: every waiting request, and every later one, fails with `error`."""
+        self._failure = error
+        for queue in self._waiting.values():
+            for waiter in queue:
+                if not waiter.ready.done():
+                    waiter.ready.set_exception(error)
+        self._waiting.clear()
+
+    # -- inside ----------------------------------------------------------------------------------
+
+    def _lift(self, key: str) -> None:
+        """A tenant with nothing waiting starts at the lowest counter of the other tenants waiting or
+        running (with none, that of the last to leave), never below its own: time spent asking for
+        less than its share, or nothing, earns no credit to spend later."""
+        active = (self.counters[k] for k in {*self._waiting, *self.running} if k != key)
+        floor = min(active, default=self._last_left)
+        self.counters[key] = max(self.counters.get(key, 0.0), floor)
+
+    def _dispatch(self) -> None:
+        while self._waiting and self.in_flight < self.depth:
+            # Equal counters (a tenant just lifted to another's): the one with less in the engine first.
+            key = min(
+                self._waiting, key=lambda k: (self.counters[k], self.running.get(k, 0), self._waiting[k][0].order)
+            )
+            queue = self._waiting[key]
+            waiter = queue.popleft()
+            if waiter.ready.done():  # its client left; its task has not run to drop it yet
+                if not queue:
+                    del self._waiting[key]
+                    self._left(key)
+                continue
+            self._start(waiter, queue)
+
+    def _start(self, waiter: _Waiter, queue: deque[_Waiter] | None) -> Turn:
+        if queue is not None and not queue:
+            self._waiting.pop(waiter.key, None)
+        self.in_flight += waiter.sequences
+        self.running[waiter.key] = self.running.get(waiter.key, 0) + waiter.sequences
+        turn = Turn(self, waiter.key, waiter.weight, waiter.sequences)
+        self._charge(waiter.key, waiter.weight, waiter.prompt_tokens * self.input_weight)
+        if self.on_waited is not None:
+            self.on_waited(waiter.key, self.clock() - waiter.enqueued_at)
+        if not waiter.ready.done():
+            waiter.ready.set_result(turn)
+        return turn
+
+    def _drop(self, waiter: _Waiter) -> None:
+        queue = self._waiting.get(waiter.key)
+        if queue is None or waiter not in queue:
+            return
+        queue.remove(waiter)
+        if not queue:
+            del self._waiting[waiter.key]
+            self._left(waiter.key)
+
+    def _charge(self, key: str, weight: float, service: float) -> None:
+        self.counters[key] = self.counters.get(key, 0.0) + service / weight
+        if self.on_served is not None and service:
+            self.on_served(key, service)
+
+    def _give_back(self, key: str, sequences: int) -> None:
+        self.in_flight -= sequences
+        left = self.running.get(key, 0) - sequences
+        if left > 0:
+            self.running[key] = left
+        else:
+            self.running.pop(key, None)
+            self._left(key)
+        self._dispatch()
+
+    def _left(self, key: str) -> None:
+        if key not in self._waiting and key not in self.running:
+            self._last_left = self.counters[key]

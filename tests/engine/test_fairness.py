@@ -1,0 +1,134 @@
+"""Fair sharing on the real engine (the demo model): a flood from one tenant, and training time limits.
+
+Bounds are loose: the machine is shared and ratios are noisy. bench/fairness.py measures the
+tight targets (docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+
+import httpx
+import pytest
+
+from tests.engine.conftest import ADMIN_KEY
+from tests.training_data import TRAINING_ROWS, jsonl
+
+pytestmark = pytest.mark.engine
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+# Nearly four engine batches (the session gateway's --max-num-seqs is 64), within its --max-in-flight (256).
+FLOOD = 240
+
+
+async def new_tenant(client: httpx.AsyncClient, name: str, **limits) -> dict[str, str]:
+    response = await client.post("/v1/tenants", json={"name": name, "limits": limits}, headers=ADMIN)
+    assert response.status_code == 201, response.text
+    return {"Authorization": f"Bearer {response.json()['api_key']}"}
+
+
+async def flood_then_light(client: httpx.AsyncClient, flooder: dict, light: dict) -> tuple[list[float], list[float]]:
+    """FLOOD requests of one tenant at once, then 4 of another: each one's latencies."""
+    body = {"model": "demo", "prompt": "Once upon a time", "max_tokens": 32, "ignore_eos": True}
+
+    async def one(headers: dict) -> float:
+        sent = time.monotonic()
+        response = await client.post("/v1/completions", json=body, headers=headers)
+        assert response.status_code == 200, response.text
+        assert response.json()["usage"]["completion_tokens"] == 32
+        return time.monotonic() - sent
+
+    flood = [asyncio.create_task(one(flooder)) for _ in range(FLOOD)]
+    for _ in range(200):  # until the flood has reached the gateway (fair: most of it waits there; fcfs: in vLLM)
+        state = (await client.get("/v1/scheduling", headers=ADMIN)).json()
+        if state["in_flight"] + state["waiting"] >= FLOOD * 3 // 4:
+            break
+        await asyncio.sleep(0.02)
+    light_latencies = await asyncio.gather(*(one(light) for _ in range(4)))
+    return list(await asyncio.gather(*flood)), list(light_latencies)
+
+
+async def test_a_light_tenant_is_served_ahead_of_another_tenants_flood(gateway):
+    limits = httpx.Limits(max_connections=FLOOD + 16)
+    async with httpx.AsyncClient(base_url=gateway.url, timeout=300, limits=limits) as client:
+        flooder = await new_tenant(client, "flooder", max_concurrent=FLOOD, requests_per_second=1000)
+        light = await new_tenant(client, "light", max_concurrent=8, requests_per_second=1000)
+        state = (await client.get("/v1/scheduling", headers=ADMIN)).json()
+        assert state["policy"] == "fair" and state["depth"] == 64
+        fair_flood, fair_light = await flood_then_light(client, flooder, light)
+        # The light tenant's requests take the first slots that free, not the flood's last.
+        assert statistics.median(fair_light) < 0.6 * max(fair_flood), (fair_light, sorted(fair_flood))
+
+        scrape = (await client.get("/metrics", headers=ADMIN)).text
+        service = {
+            line.split('"')[1]: float(line.split()[-1])
+            for line in scrape.splitlines()
+            if line.startswith("lora_gateway_tenant_service_tokens_total{")
+        }
+        # Each request: its prompt's tokens once, and 32 output tokens at weight 2.
+        assert service["light"] >= 4 * 32 * 2 and service["flooder"] >= FLOOD * 32 * 2
+        assert 'lora_gateway_tenant_queue_wait_seconds_count{tenant="flooder"}' in scrape
+
+        # What the fair queue itself decides: the light tenant's requests waited far less in it.
+        # (First come, the light requests would wait behind the whole backlog: longer than its mean.)
+        assert mean_wait(scrape, "light") < 0.5 * mean_wait(scrape, "flooder"), scrape
+
+
+def mean_wait(scrape: str, tenant: str) -> float:
+    values = {}
+    for line in scrape.splitlines():
+        for part in ("sum", "count"):
+            if line.startswith(f'lora_gateway_tenant_queue_wait_seconds_{part}{{tenant="{tenant}"}}'):
+                values[part] = float(line.split()[-1])
+    return values["sum"] / values["count"]
+
+
+async def test_the_scheduling_policy_is_the_admins_to_change(gateway):
+    async with httpx.AsyncClient(base_url=gateway.url, timeout=30) as client:
+        tenant = await new_tenant(client, "not-admin")
+        assert (await client.get("/v1/scheduling", headers=tenant)).status_code in (401, 403)
+        assert (await client.patch("/v1/scheduling", json={"policy": "fcfs"}, headers=tenant)).status_code in (401, 403)
+        switched = await client.patch("/v1/scheduling", json={"policy": "fcfs"}, headers=ADMIN)
+        assert switched.status_code == 200 and switched.json()["policy"] == "fcfs"
+        back = await client.patch("/v1/scheduling", json={"policy": "fair"}, headers=ADMIN)
+        assert back.json()["policy"] == "fair"
+        bad = await client.patch("/v1/scheduling", json={"policy": "priority"}, headers=ADMIN)
+        assert bad.status_code == 400 and bad.json()["error"]["param"]
+        weight = await client.patch("/v1/tenants/not-admin", json={"limits": {"weight": 0}}, headers=ADMIN)
+        assert weight.status_code == 400 and "positive" in weight.json()["error"]["message"]
+        card = await client.patch("/v1/tenants/not-admin", json={"limits": {"weight": 3}}, headers=ADMIN)
+        assert card.json()["limits"]["weight"] == 3
+
+
+async def test_a_job_past_its_time_limit_fails_and_keeps_its_checkpoints(gateway):
+    async with httpx.AsyncClient(base_url=gateway.url, timeout=60) as client:
+        tenant = await new_tenant(client, "slow-trainer")
+        files = {"file": ("long.jsonl", jsonl(TRAINING_ROWS * 20))}
+        upload = await client.post("/v1/files", files=files, data={"purpose": "fine-tune"}, headers=tenant)
+        assert upload.status_code == 200, upload.text
+        hyper = {"n_epochs": 50}
+        body = {"model": "demo", "training_file": upload.json()["id"], "method": {"type": "supervised", "supervised": {"hyperparameters": hyper}}}  # fmt: skip
+        job = (await client.post("/v1/fine_tuning/jobs", json=body, headers=tenant)).json()
+        checkpoints: list = []
+        deadline = time.monotonic() + 240
+        while not checkpoints and time.monotonic() < deadline:
+            await asyncio.sleep(0.5)
+            listed = await client.get(f"/v1/fine_tuning/jobs/{job['id']}/checkpoints", headers=tenant)
+            checkpoints = listed.json()["data"]
+        assert checkpoints, "the job saved no checkpoint in time"
+        # The admin lowers the tenant's limit below what the job has run: it stops within seconds.
+        lowered = await client.patch("/v1/tenants/slow-trainer", json={"limits": {"max_training_seconds": 1}}, headers=ADMIN)  # fmt: skip
+        assert lowered.json()["limits"]["max_training_seconds"] == 1
+        stopped_at = time.monotonic()
+        while time.monotonic() - stopped_at < 30:
+            current = (await client.get(f"/v1/fine_tuning/jobs/{job['id']}", headers=tenant)).json()
+            if current["status"] != "running":
+                break
+            await asyncio.sleep(0.5)
+        assert current["status"] == "failed", current
+        assert current["error"]["code"] == "time_limit_exceeded"
+        assert "time limit of 1 seconds" in current["error"]["message"] and "checkpoints" in current["error"]["message"]
+        assert current["fine_tuned_model"] is None
+        kept = (await client.get(f"/v1/fine_tuning/jobs/{job['id']}/checkpoints", headers=tenant)).json()["data"]
+        assert len(kept) >= len(checkpoints)
