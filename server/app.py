@@ -126,6 +126,7 @@ def build_app(
         settings.max_in_flight,
         max_sequences=settings.max_sequences_per_request,
         max_prompt_chars=settings.max_prompt_chars,
+        tool_call_parser=settings.tool_call_parser if settings.enable_auto_tool_choice else None,
     )
     app.state.ready = False
     app.state.metrics = metrics or GatewayMetrics(registry.base_name, settings.metrics_adapter_labels)

@@ -107,6 +107,13 @@ def prepare(settings: Settings) -> Prepared:
         raise StartupError(
             f"--model: the model's config.json lacks {exc}; Llama- and Qwen2-family models are supported"
         ) from None
+    if settings.tool_call_parser is not None:
+        from server.engine.tool_parsers import check_parser_name
+
+        try:
+            check_parser_name(settings.tool_call_parser)
+        except ValueError as exc:
+            raise StartupError(str(exc)) from None
     rules = AdapterRules(base, settings.max_lora_rank, settings.max_adapter_bytes)
     preload = {}
     for name, path in settings.lora_modules.items():

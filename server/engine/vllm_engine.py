@@ -114,6 +114,7 @@ class VllmEngine(Tokenizing):
                 repetition_penalty=options.repetition_penalty,
                 prompt_logprobs=0 if options.prompt_logprobs else None,
                 include_stop_str_in_output=options.include_stop_str,
+                skip_special_tokens=options.skip_special_tokens,
                 output_kind=RequestOutputKind.DELTA if options.stream else RequestOutputKind.FINAL_ONLY,
             )
             async for output in self._llm.generate(
