@@ -15,6 +15,7 @@ from server.engine.protocol import (
     ChoiceDelta,
     EngineDead,
     GenerationStep,
+    OutputConstraint,
     PromptToken,
     SamplingOptions,
     TokenLogprob,
@@ -52,6 +53,7 @@ class FakeEngine:
         self.reloaded: list[int] = []
         self.healthy = True
         self.generated: list[tuple[str, list[int], SamplingOptions, AdapterHandle | None]] = []
+        self.constraints: list[OutputConstraint | None] = []  # each generation's structured-output constraint
         self.added: list[int] = []
         self.tokenized: list[tuple[str, bool]] = []  # (text, whether on the event loop) of each encode
         self.removed: list[int] = []
@@ -96,6 +98,7 @@ class FakeEngine:
         if not self.healthy:
             raise EngineDead("dead")
         self.generated.append((request_id, prompt_token_ids, options, adapter))
+        self.constraints.append(options.constraint)
         if adapter is not None:
             if adapter.adapter_id not in self.cache:
                 self.reloaded.append(adapter.adapter_id)

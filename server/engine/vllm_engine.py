@@ -15,7 +15,7 @@ from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.exceptions import VLLMClientError
 from vllm.inputs.engine import tokens_input
 from vllm.lora.request import LoRARequest
-from vllm.sampling_params import RequestOutputKind, SamplingParams
+from vllm.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
 from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.exceptions import EngineDeadError
 
@@ -29,6 +29,7 @@ from server.engine.protocol import (
     EngineDead,
     EngineRejected,
     GenerationStep,
+    OutputConstraint,
     PromptToken,
     SamplingOptions,
     TokenLogprob,
@@ -116,10 +117,14 @@ class VllmEngine(Tokenizing):
                 include_stop_str_in_output=options.include_stop_str,
                 skip_special_tokens=options.skip_special_tokens,
                 output_kind=RequestOutputKind.DELTA if options.stream else RequestOutputKind.FINAL_ONLY,
+                structured_outputs=structured_outputs(options.constraint),
             )
             async for output in self._llm.generate(
                 tokens_input(prompt_token_ids), params, request_id, lora_request=lora
             ):
+                if options.constraint is not None and any(c.finish_reason == "error" for c in output.outputs):
+                    # The engine core fails a request whose grammar it could not compile this way.
+                    raise EngineRejected("the engine could not compile this request's output constraint")
                 yield GenerationStep(
                     prompt_tokens=len(output.prompt_token_ids or prompt_token_ids),
                     choices=[
@@ -170,6 +175,20 @@ class VllmEngine(Tokenizing):
 
     async def shutdown(self) -> None:
         self._llm.shutdown()
+
+
+def structured_outputs(constraint: OutputConstraint | None) -> StructuredOutputsParams | None:
+    """vLLM's structured-output parameters for a constraint; its backend compiles and caches the grammar."""
+    if constraint is None:
+        return None
+    if constraint.json_object:
+        return StructuredOutputsParams(json_object=True)
+    return StructuredOutputsParams(
+        json=constraint.json_schema,
+        regex=constraint.regex,
+        choice=list(constraint.choice) if constraint.choice is not None else None,
+        grammar=constraint.grammar,
+    )
 
 
 def _prompt_logprobs(positions: Any, prompt_token_ids: list[int]) -> list[PromptToken] | None:
