@@ -13,7 +13,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 ENV_PREFIX = "LORA_GATEWAY_"
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 # Settings that take one of a few words, and those words.
-CHOICES = {"log_format": ("json", "text"), "lora_ops": ("grouped", "vllm")}
+CHOICES = {"log_format": ("json", "text"), "lora_ops": ("grouped", "vllm"), "json_whitespace": ("compact", "any")}
 # The shortest admin or metrics key accepted: `lora-gateway new-key` prints 43 characters.
 MIN_KEY_CHARS = 32
 
@@ -59,6 +59,12 @@ class Settings(BaseSettings):
         "on CPU a share of one NUMA node)",
     )
     max_num_seqs: int = Field(64, ge=1, description="sequences the engine batches at once")
+    json_whitespace: str = Field(
+        "compact",
+        description="JSON that structured outputs constrain (response_format, TGI's grammar): compact, with no "
+        "whitespace between tokens, or any, as vLLM allows by default (a small model may then emit spaces until "
+        "max_tokens)",
+    )
     engine_spin_us: int = Field(
         200,
         ge=0,

@@ -11,17 +11,19 @@ from pathlib import Path
 from typing import Any
 
 from transformers import AutoTokenizer
+from vllm.config import StructuredOutputsConfig
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.exceptions import VLLMClientError
 from vllm.inputs.engine import tokens_input
 from vllm.lora.request import LoRARequest
-from vllm.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
+from vllm.sampling_params import RequestOutputKind, SamplingParams
 from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.exceptions import EngineDeadError
 
 from adapters.engine import AdapterLoadFailed
 from server.config import Settings
 from server.engine import lifeline, sampler_ops
+from server.engine.grammar import structured_outputs
 from server.engine.plugins import plugin_env
 from server.engine.protocol import (
     AdapterHandle,
@@ -29,7 +31,6 @@ from server.engine.protocol import (
     EngineDead,
     EngineRejected,
     GenerationStep,
-    OutputConstraint,
     PromptToken,
     SamplingOptions,
     TokenLogprob,
@@ -75,6 +76,10 @@ class VllmEngine(Tokenizing):
             gpu_memory_utilization=settings.kv_cache_fraction,
             # Sampling defaults come from the request, never from the model's files.
             generation_config="vllm",
+            # xgrammar, as the gateway checks grammars with it (server/engine/grammar.py); it caches compiled ones.
+            structured_outputs_config=StructuredOutputsConfig(
+                backend="xgrammar", disable_any_whitespace=settings.json_whitespace == "compact"
+            ),
         )
         logger.info("starting engine for %s (max_model_len %d)", settings.base_name, max_model_len)
         os.environ.update(plugin_env(settings))
@@ -175,20 +180,6 @@ class VllmEngine(Tokenizing):
 
     async def shutdown(self) -> None:
         self._llm.shutdown()
-
-
-def structured_outputs(constraint: OutputConstraint | None) -> StructuredOutputsParams | None:
-    """vLLM's structured-output parameters for a constraint; its backend compiles and caches the grammar."""
-    if constraint is None:
-        return None
-    if constraint.json_object:
-        return StructuredOutputsParams(json_object=True)
-    return StructuredOutputsParams(
-        json=constraint.json_schema,
-        regex=constraint.regex,
-        choice=list(constraint.choice) if constraint.choice is not None else None,
-        grammar=constraint.grammar,
-    )
 
 
 def _prompt_logprobs(positions: Any, prompt_token_ids: list[int]) -> list[PromptToken] | None:

@@ -14,6 +14,7 @@ from server.http.errors import InvalidRequest
 from server.http.responses import DONE, JSONResponse, sse_response, unless_disconnected
 from server.openai.generation import Generator, GeneratorDep, Job, Usage, new_request_id
 from server.openai.protocol import ChatCompletionRequest
+from server.openai.structured import grammar_checker, request_constraint
 from server.openai.tools import ToolUse
 
 router = APIRouter()
@@ -30,6 +31,16 @@ async def create_chat_completion(
     tool_use = ToolUse.of(body, generator.tool_parsers())
     admission = generator.admit(principal, sequences)
     with admission.released_on_error():
+        constraint = await request_constraint(request, body.response_format, body.structured_outputs)
+        if tool_use is not None and (forced := tool_use.constraint()) is not None:
+            if constraint is not None:
+                raise InvalidRequest(
+                    "a forced tool call already fixes the output's shape: send response_format or structured_outputs, "
+                    'or tool_choice "required" / a named function, not both',
+                    param="tool_choice",
+                )
+            await grammar_checker(request).check(forced, "tools")
+            constraint = forced
         admission.entry = await generator.resolve(body.model, principal)
         try:
             prompt = await generator.render_chat(messages, tool_use.tools if tool_use else None)
@@ -49,7 +60,7 @@ async def create_chat_completion(
             stream=body.stream,
             min_tokens=body.min_tokens,
             ignore_eos=body.ignore_eos,
-            constraint=tool_use.constraint() if tool_use else None,
+            constraint=constraint,
             skip_special_tokens=tool_use.skip_special_tokens if tool_use else True,
         )
         job = Job(new_request_id("chatcmpl"), body.model, [prompt], options, record, admission, body.return_token_ids)

@@ -13,6 +13,7 @@ from server.http.deps import PrincipalDep, RecordDep
 from server.http.responses import DONE, JSONResponse, sse_response, unless_disconnected
 from server.openai.generation import Generator, GeneratorDep, Job, Usage, new_request_id
 from server.openai.protocol import CompletionRequest
+from server.openai.structured import request_constraint
 
 router = APIRouter()
 
@@ -28,6 +29,7 @@ async def create_completion(
     generator.check_prompt_chars(max(map(len, texts), default=0), "prompt")
     admission = generator.admit(principal, sequences)
     with admission.released_on_error():
+        constraint = await request_constraint(request, body.response_format, body.structured_outputs)
         admission.entry = await generator.resolve(body.model, principal)
         prompt_ids = await generator.prompt_ids(prompts, body.max_tokens)
         options = SamplingOptions(
@@ -43,6 +45,7 @@ async def create_completion(
             stream=body.stream,
             min_tokens=body.min_tokens,
             ignore_eos=body.ignore_eos,
+            constraint=constraint,
         )
         job = Job(new_request_id("cmpl"), body.model, prompt_ids, options, record, admission, body.return_token_ids)
     if body.stream:

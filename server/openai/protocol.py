@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from server.http.errors import InvalidRequest
+from server.openai.structured import ResponseFormat, StructuredOutputs
 
 MAX_N = 16
 MAX_STOP = 4
@@ -63,6 +64,8 @@ class _Sampling(_Request):
     min_tokens: int = Field(0, ge=0)
     ignore_eos: bool = False
     return_token_ids: bool = False
+    response_format: ResponseFormat | None = None  # server/openai/structured.py
+    structured_outputs: StructuredOutputs | None = None  # vLLM's name
 
     @field_validator("stop")
     @classmethod

@@ -10,14 +10,16 @@ dropped; a parameter outside both lists is refused too.
 from __future__ import annotations
 
 import random
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from adapters.compose import MAX_INPUTS, SIGN_METHODS, Recipe
 from adapters.errors import InvalidComposition
+from server.engine.protocol import OutputConstraint
 from server.http.errors import InvalidRequest
 from server.openai.protocol import MAX_NAME_CHARS, MAX_STOP, ModelName
+from server.openai.structured import schema_text
 
 MERGE_STRATEGIES = ("linear", "ties", "dare_linear", "dare_ties")  # LoRAX's
 FOREIGN_SOURCES = ("hub", "local", "s3", "pbase")  # LoRAX's, besides this gateway's registry
@@ -118,6 +120,20 @@ class MergedAdapters(_Model):
             raise
 
 
+class Grammar(_Model):
+    """TGI's `grammar`: output that fits a JSON schema, or a regex."""
+
+    type: Literal["json", "regex"]
+    value: dict[str, Any] | str
+
+    def constraint(self) -> OutputConstraint:
+        if self.type == "json":
+            return OutputConstraint(json_schema=schema_text(self.value, "parameters.grammar.value"))
+        if not isinstance(self.value, str):
+            _refuse("grammar", "a regex grammar's value must be a string")
+        return OutputConstraint(regex=self.value)
+
+
 class GenerateParameters(_Model):
     """TGI's parameters with LoRAX's additions."""
 
@@ -144,7 +160,7 @@ class GenerateParameters(_Model):
     decoder_input_details: bool = False
     seed: int | None = None
     top_n_tokens: int | None = None
-    grammar: Any = None
+    grammar: Grammar | None = None
     return_k_alternatives: int | None = None
     response_format: Any = None
     apply_chat_template: bool = False
@@ -173,7 +189,6 @@ class GenerateParameters(_Model):
         unsupported = {
             "typical_p": self.typical_p is not None,
             "watermark": self.watermark,
-            "grammar": self.grammar is not None,
             "top_n_tokens": bool(self.top_n_tokens),
             "return_k_alternatives": self.return_k_alternatives is not None,
             "response_format": self.response_format is not None,

@@ -20,10 +20,18 @@ from starlette.background import BackgroundTask
 from adapters.errors import AdapterError
 from server.engine.protocol import GenerationStep, PromptToken, SamplingOptions, TokenLogprob
 from server.http.deps import PrincipalDep, RecordDep
-from server.http.errors import EngineUnavailable, GatewayError, PromptTooLong, UnsupportedMediaType, tgi_error_payload
+from server.http.errors import (
+    EngineUnavailable,
+    GatewayError,
+    InvalidRequest,
+    PromptTooLong,
+    UnsupportedMediaType,
+    tgi_error_payload,
+)
 from server.http.responses import JSONResponse, SSEResponse, unless_disconnected
 from server.openai.generation import ENGINE_DEAD_MESSAGE, Generator, GeneratorDep, Job, new_request_id
 from server.openai.protocol import MAX_STOP
+from server.openai.structured import GrammarChecker, GrammarCheckerDep
 from server.tgi.merge import DEFAULT_MAX_ENTRIES, MergedAdapterCache
 from server.tgi.protocol import GenerateRequest, TgiInvalid, parse_request
 
@@ -81,30 +89,45 @@ class Generated:
 
 @router.post("/generate", response_model=None)
 async def generate(
-    request: Request, generator: GeneratorDep, principal: PrincipalDep, record: RecordDep, merged: MergedDep
+    request: Request,
+    generator: GeneratorDep,
+    principal: PrincipalDep,
+    record: RecordDep,
+    merged: MergedDep,
+    grammars: GrammarCheckerDep,
 ) -> Response:
     body = _body(await request.body(), stream=False)
-    tgi = await _prepare(body, generator, principal, record, merged, stream=False)
+    tgi = await _prepare(body, generator, principal, record, merged, grammars, stream=False)
     return JSONResponse(await _complete(request, generator, tgi))
 
 
 @router.post("/generate_stream", response_model=None)
 async def generate_stream(
-    request: Request, generator: GeneratorDep, principal: PrincipalDep, record: RecordDep, merged: MergedDep
+    request: Request,
+    generator: GeneratorDep,
+    principal: PrincipalDep,
+    record: RecordDep,
+    merged: MergedDep,
+    grammars: GrammarCheckerDep,
 ) -> Response:
     body = _body(await request.body(), stream=True)
-    tgi = await _prepare(body, generator, principal, record, merged, stream=True)
+    tgi = await _prepare(body, generator, principal, record, merged, grammars, stream=True)
     return _stream_response(generator, tgi)
 
 
 @router.post("/", response_model=None)
 async def compat_generate(
-    request: Request, generator: GeneratorDep, principal: PrincipalDep, record: RecordDep, merged: MergedDep
+    request: Request,
+    generator: GeneratorDep,
+    principal: PrincipalDep,
+    record: RecordDep,
+    merged: MergedDep,
+    grammars: GrammarCheckerDep,
 ) -> Response:
     """TGI's compatibility route: a stream when `stream` is true, else a list of one generation."""
     body = parse_request(await request.body())
     stream = bool(body.stream)
-    tgi = await _prepare(body, generator, principal, record, merged, stream=stream)
+    tgi = await _prepare(body, generator, principal, record, merged, grammars, stream=stream)
     if stream:
         return _stream_response(generator, tgi)
     return JSONResponse([await _complete(request, generator, tgi)])
@@ -161,6 +184,7 @@ async def _prepare(
     principal: Any,
     record: Any,
     merged: MergedAdapterCache,
+    grammars: GrammarChecker,
     *,
     stream: bool,
 ) -> TgiJob:
@@ -182,8 +206,16 @@ async def _prepare(
         generator.check_prompt_chars(len(body.inputs), "inputs")
     except PromptTooLong as exc:
         raise TgiInvalid(exc.message, param="inputs") from None
+    try:
+        constraint = params.grammar.constraint() if params.grammar is not None else None
+    except InvalidRequest as exc:
+        raise TgiInvalid(exc.message, param=exc.param) from None
     admission = generator.admit(principal)
     with admission.released_on_error():
+        try:
+            await grammars.check(constraint, "parameters.grammar")
+        except InvalidRequest as exc:
+            raise TgiInvalid(exc.message, param=exc.param) from None
         if merge is not None and recipe is not None:
             if not engine.is_healthy:
                 raise EngineUnavailable(ENGINE_DEAD_MESSAGE)
@@ -214,6 +246,7 @@ async def _prepare(
             ignore_eos=params.ignore_eos_token,
             prompt_logprobs=params.decoder_input_details,
             include_stop_str=True,
+            constraint=constraint,
         )
         job = Job(new_request_id("generate"), record.model, [prompt_ids], options, record, admission)
     return TgiJob(job, body, seed, engine.special_token_ids)
