@@ -16,6 +16,7 @@ from adapters.registry import AdapterRules, Registry  # noqa: E402
 from adapters.store import AdapterStore  # noqa: E402
 from server.app import build_app  # noqa: E402
 from server.config import Settings  # noqa: E402
+from server.engine import grammar  # noqa: E402
 from tests.adapter_files import TINY_BASE, TINY_CONFIG  # noqa: E402
 from tests.fakes import FakeEngine, fake_spec  # noqa: E402
 
@@ -38,6 +39,9 @@ def _app():
     )
     app = build_app(config, registry._engine, registry)
     app.state.ready = True
+    # The engine's grammar check imports vLLM on first use, which takes longer than the client's
+    # timeout here; a gateway's engine has it imported already.
+    grammar.load()
     return app
 
 

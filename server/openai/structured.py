@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from server.engine import grammar
 from server.engine.protocol import OutputConstraint
-from server.http.errors import InvalidRequest, Overloaded
+from server.http.errors import EngineUnavailable, InvalidRequest, Overloaded
 
 MAX_GRAMMAR_BYTES = 64 * 1024  # a schema (as JSON), a regex or a grammar
 MAX_SCHEMA_DEPTH = 32  # nested objects and arrays in a schema
@@ -168,7 +168,10 @@ class GrammarChecker:
 
     async def _compile(self, constraint: OutputConstraint) -> str | None:
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, grammar.load)  # once, untimed: vLLM's import takes seconds
+        try:
+            await loop.run_in_executor(None, grammar.load)  # once, untimed: vLLM's import takes seconds
+        except Exception as exc:  # noqa: BLE001 - a fault of this server, not of the request
+            raise EngineUnavailable(f"the engine's grammar check could not be loaded ({type(exc).__name__})") from None
         try:
             await asyncio.wait_for(self._slots.acquire(), self._seconds)
         except TimeoutError:
