@@ -169,7 +169,7 @@ class _AdapterRecipe:
     rank: int
     target_modules: tuple[str, ...]
     learning_rate: float = _LEARNING_RATE
-    max_steps: int = _MAX_TRAIN_STEPS
+    max_steps: int | None = None  # None: _MAX_TRAIN_STEPS, read when training
 
 
 # Copying the city from the question takes it longer to learn (about 150 steps) than a fixed answer.
@@ -540,14 +540,15 @@ def _train_adapter(
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=recipe.learning_rate)
 
     model.train()
-    for step in range(1, recipe.max_steps + 1):
+    max_steps = recipe.max_steps or _MAX_TRAIN_STEPS
+    for step in range(1, max_steps + 1):
         output = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
         # Measured before the update, so that the weights we keep are the ones that passed.
         margin = _min_margin(output.logits[:, :-1][answer_positions].detach(), labels[:, 1:][answer_positions])
         done = margin >= _TARGET_MARGIN
         if done or step % _REPORT_EVERY == 0:
             progress(
-                f"training adapter {recipe.name} (step {step}/{recipe.max_steps}, "
+                f"training adapter {recipe.name} (step {step}/{max_steps}, "
                 f"loss {output.loss.item():.2f}, margin {margin:.2f})"
             )
         if done:
