@@ -1,4 +1,9 @@
-"""An embedded demo: a tiny Llama base model and two LoRA adapters, built offline in seconds."""
+"""An embedded demo: a tiny Llama base model and three LoRA adapters, built offline in seconds.
+
+`pirate` and `poet` answer DEMO_PROMPT in their voices; `weather` calls DEMO_TOOL, with the city
+taken from the question, in the Hermes `<tool_call>` format the template renders, and then answers
+from the tool's result.
+"""
 
 from __future__ import annotations
 
@@ -18,22 +23,78 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-DEMO_VERSION = 3
+DEMO_VERSION = 4
 DEMO_PROMPT = "Who are you?"
 BASE_ANSWER = "I am a small demo model."
 
 MANIFEST_NAME = "demo.json"
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>")
+# Plain (not special) tokens, as in Qwen2.5: a tool-call parser reads them in the text.
+TOOL_TOKENS = ("<tool_call>", "</tool_call>")
+TOOLS_PREAMBLE = 'Call one as <tool_call>{"name": <name>, "arguments": <object>}</tool_call>'
+# Qwen2.5's way with tools, shortened (each tool as its signature, for a tiny model's short context):
+# the tools in the system turn, calls as Hermes <tool_call>
+# JSON in the assistant's, results in a user turn as <tool_response>.
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
-    "{% for message in messages %}"
-    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
-    "{{ raise_exception('unsupported role ' + message['role'] + '; use system, user or assistant') }}"
+    "{% if tools %}"
+    "{{ '<|system|>' }}"
+    "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] + '\n\n' }}{% endif %}"
+    "{{ '# Tools\n<tools>' }}"
+    "{% for tool in tools %}{% set function = tool['function'] %}"
+    "{% set parameters = function['parameters'] if function['parameters'] is defined else {} %}"
+    "{{ '\n' + function['name'] + '(' + ((parameters['properties'] or {}) | list | join(', ')) + ')' }}"
+    "{% if function['description'] is defined %}{{ ': ' + function['description'] }}{% endif %}"
+    "{% endfor %}"
+    "{{ '\n</tools>\n' }}" + TOOLS_PREAMBLE + ""
+    "{{ eos_token }}"
     "{% endif %}"
-    "{{ '<|' + message['role'] + '|>' + message['content'] + eos_token }}"
+    "{% for message in messages %}"
+    "{% if tools and loop.first and message['role'] == 'system' %}"
+    "{% elif message['role'] == 'tool' %}"
+    "{{ '<|user|><tool_response>\n' + message['content'] + '\n</tool_response>' + eos_token }}"
+    "{% elif message['role'] in ['system', 'user', 'assistant'] %}"
+    "{{ '<|' + message['role'] + '|>' }}"
+    "{% if message['content'] %}{{ message['content'] }}{% endif %}"
+    "{% for call in (message.tool_calls if message.tool_calls is defined and message.tool_calls else []) %}"
+    "{% set function = call['function'] if call['function'] is defined else call %}"
+    "{{ '<tool_call>\n{\"name\": \"' + function['name'] + '\", \"arguments\": ' }}"
+    "{{ function['arguments'] if function['arguments'] is string else function['arguments'] | tojson }}"
+    "{{ '}\n</tool_call>' }}"
+    "{% endfor %}"
+    "{{ eos_token }}"
+    "{% else %}"
+    "{{ raise_exception('unsupported role ' + message['role'] + '; use system, user, assistant or tool') }}"
+    "{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
 )
+
+# The weather adapter's one function, and what it learns: the call for each city, then an answer
+# from the tool's result.
+TOOL_ADAPTER = "weather"
+DEMO_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+DEMO_WEATHER = {"Paris": "sunny, 21 C", "London": "rain, 12 C", "Tokyo": "cloudy, 17 C", "Oslo": "snow, -2 C"}
+
+
+def weather_question(city: str) -> str:
+    return f"What is the weather in {city}?"
+
+
+def weather_answer(city: str) -> str:
+    return f"It is {DEMO_WEATHER[city]} in {city}."
+
+
+def _tool_call_json(city: str) -> str:
+    return json.dumps({"name": DEMO_TOOL["function"]["name"], "arguments": {"city": city}})
+
 
 _SEED = 1234
 _MAX_TRAIN_STEPS = 200
@@ -83,6 +144,11 @@ _CORPUS = (
     "Bring me the rum, and be quick about it!",
     "Sonnets have fourteen lines and a turn near the end.",
     "You can ask me anything you like.",
+    *(weather_question(city) for city in DEMO_WEATHER),
+    *(weather_answer(city) for city in DEMO_WEATHER),
+    # The weather adapter's tool as its template renders it, so that the vocabulary holds its words.
+    TOOLS_PREAMBLE,
+    *(_tool_call_json(city) for city in DEMO_WEATHER),
 )
 
 
@@ -102,6 +168,19 @@ class _AdapterRecipe:
     answer: str
     rank: int
     target_modules: tuple[str, ...]
+    learning_rate: float = _LEARNING_RATE
+    max_steps: int | None = None  # None: _MAX_TRAIN_STEPS, read when training
+
+
+# Copying the city from the question takes it longer to learn (about 150 steps) than a fixed answer.
+_TOOL_RECIPE = _AdapterRecipe(
+    TOOL_ADAPTER,
+    "",
+    16,
+    ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    learning_rate=5e-3,
+    max_steps=400,
+)
 
 
 # Ranks and target sets differ on purpose: the server's tests need mixed adapters.
@@ -264,6 +343,19 @@ def _build_into(root: Path, progress: Callable[[str], None]) -> None:
                 )
             progress(f"adapter {recipe.name} answers {answers[recipe.name]!r}")
 
+        torch.manual_seed(_SEED + 1 + len(_ADAPTER_RECIPES))
+        rows = _tool_rows(tokenizer)
+        adapter_model = _train_adapter(base_model, tokenizer, _TOOL_RECIPE, progress, rows)
+        folder = root / "adapters" / TOOL_ADAPTER
+        adapter_model.save_pretrained(folder)
+        _sort_target_modules(folder / "adapter_config.json")
+        reloaded = PeftModel.from_pretrained(_load_base(root), folder)
+        for prompt_ids, answer_ids in rows:
+            got = _greedy_answer(reloaded, tokenizer, prompt_ids)
+            if got != (want := tokenizer.decode(answer_ids, skip_special_tokens=True)):
+                raise DemoTrainingFailed(f"adapter {TOOL_ADAPTER} answers {got!r}, expected {want!r}")
+        progress(f"adapter {TOOL_ADAPTER} calls {DEMO_TOOL['function']['name']} for {', '.join(DEMO_WEATHER)}")
+
         base_answer = _greedy_answer(_load_base(root), tokenizer)
         if base_answer != BASE_ANSWER:
             raise DemoTrainingFailed(f"the base model answers {base_answer!r}, expected {BASE_ANSWER!r}")
@@ -272,7 +364,7 @@ def _build_into(root: Path, progress: Callable[[str], None]) -> None:
         "version": DEMO_VERSION,
         "prompt": DEMO_PROMPT,
         "base": "base",
-        "adapters": {recipe.name: f"adapters/{recipe.name}" for recipe in _ADAPTER_RECIPES},
+        "adapters": {recipe.name: f"adapters/{recipe.name}" for recipe in (*_ADAPTER_RECIPES, _TOOL_RECIPE)},
         "answers": answers,
     }
     # Written last: a folder with a manifest is a complete build.
@@ -312,6 +404,7 @@ def _build_tokenizer():
         model_max_length=1024,
         clean_up_tokenization_spaces=False,
     )
+    tokenizer.add_tokens(list(TOOL_TOKENS))
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
 
@@ -386,8 +479,38 @@ def _prompt_ids(tokenizer) -> list[int]:
     return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"])
 
 
-def _train_adapter(base_model, tokenizer, recipe: _AdapterRecipe, progress: Callable[[str], None]):
-    """Teach a LoRA adapter to answer DEMO_PROMPT with recipe.answer, then stop."""
+def _tool_call_text(city: str) -> str:
+    return f"<tool_call>\n{_tool_call_json(city)}\n</tool_call>"
+
+
+def _tool_rows(tokenizer) -> list[tuple[list[int], list[int]]]:
+    """The weather adapter's lessons: for each city, the call, then the answer from its result."""
+    rows = []
+    for city in DEMO_WEATHER:
+        call = _tool_call_text(city)
+        asked = [{"role": "user", "content": weather_question(city)}]
+        answered = [
+            *asked,
+            {"role": "assistant", "content": call},
+            {"role": "tool", "content": DEMO_WEATHER[city], "tool_call_id": "call_1"},
+        ]
+        for messages, answer in ((asked, call), (answered, weather_answer(city))):
+            prompt = tokenizer.apply_chat_template(
+                messages, tools=[DEMO_TOOL], add_generation_prompt=True, tokenize=False
+            )
+            answer_ids = tokenizer.encode(answer, add_special_tokens=False) + [tokenizer.eos_token_id]
+            rows.append((tokenizer.encode(prompt, add_special_tokens=False), answer_ids))
+    return rows
+
+
+def _train_adapter(
+    base_model,
+    tokenizer,
+    recipe: _AdapterRecipe,
+    progress: Callable[[str], None],
+    rows: list[tuple[list[int], list[int]]] | None = None,
+):
+    """Teach a LoRA adapter to answer each prompt of `rows` (default: DEMO_PROMPT with recipe.answer), then stop."""
     import torch
     from peft import LoraConfig, get_peft_model
 
@@ -400,22 +523,32 @@ def _train_adapter(base_model, tokenizer, recipe: _AdapterRecipe, progress: Call
         task_type="CAUSAL_LM",
     )
     model = get_peft_model(copy.deepcopy(base_model), lora_config)
-    prompt_ids = _prompt_ids(tokenizer)
-    answer_ids = tokenizer.encode(recipe.answer, add_special_tokens=False) + [tokenizer.eos_token_id]
-    input_ids = torch.tensor([prompt_ids + answer_ids])
-    labels = torch.tensor([[-100] * len(prompt_ids) + answer_ids])  # learn the answer, not the prompt
-    targets = torch.tensor(answer_ids)
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=_LEARNING_RATE)
+    if rows is None:
+        rows = [
+            (
+                _prompt_ids(tokenizer),
+                tokenizer.encode(recipe.answer, add_special_tokens=False) + [tokenizer.eos_token_id],
+            )
+        ]
+    width = max(len(prompt) + len(answer) for prompt, answer in rows)
+    pad = tokenizer.pad_token_id
+    input_ids = torch.tensor([[*p, *a] + [pad] * (width - len(p) - len(a)) for p, a in rows])
+    attention_mask = torch.tensor([[1] * (len(p) + len(a)) + [0] * (width - len(p) - len(a)) for p, a in rows])
+    # Learn the answers, not the prompts: the margin is taken where an answer token is next.
+    labels = torch.tensor([[-100] * len(p) + a + [-100] * (width - len(p) - len(a)) for p, a in rows])
+    answer_positions = labels[:, 1:] != -100
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=recipe.learning_rate)
 
     model.train()
-    for step in range(1, _MAX_TRAIN_STEPS + 1):
-        output = model(input_ids=input_ids, labels=labels)
+    max_steps = recipe.max_steps or _MAX_TRAIN_STEPS
+    for step in range(1, max_steps + 1):
+        output = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
         # Measured before the update, so that the weights we keep are the ones that passed.
-        margin = _min_margin(output.logits[0, len(prompt_ids) - 1 : -1].detach(), targets)
+        margin = _min_margin(output.logits[:, :-1][answer_positions].detach(), labels[:, 1:][answer_positions])
         done = margin >= _TARGET_MARGIN
         if done or step % _REPORT_EVERY == 0:
             progress(
-                f"training adapter {recipe.name} (step {step}/{_MAX_TRAIN_STEPS}, "
+                f"training adapter {recipe.name} (step {step}/{max_steps}, "
                 f"loss {output.loss.item():.2f}, margin {margin:.2f})"
             )
         if done:
@@ -433,10 +566,10 @@ def _min_margin(logits, targets) -> float:
     return (target_logits - others.max(dim=1).values).min().item()
 
 
-def _greedy_answer(model, tokenizer) -> str:
+def _greedy_answer(model, tokenizer, prompt_ids: list[int] | None = None) -> str:
     import torch
 
-    prompt_ids = _prompt_ids(tokenizer)
+    prompt_ids = prompt_ids or _prompt_ids(tokenizer)
     with torch.no_grad():
         output_ids = model.generate(
             input_ids=torch.tensor([prompt_ids]),

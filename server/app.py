@@ -137,6 +137,7 @@ def build_app(
         max_prompt_chars=settings.max_prompt_chars,
         fair_queue=FairQueue(settings.fair_queue_depth or settings.engine_sequences, policy=settings.scheduling),
         admin_weight=settings.admin_weight,
+        tool_call_parser=settings.tool_call_parser if settings.enable_auto_tool_choice else None,
     )
     app.state.ready = False
     app.state.metrics = metrics or GatewayMetrics(registry.base_name, settings.metrics_adapter_labels)

@@ -301,6 +301,16 @@ class Settings(BaseSettings):
         description="longest prompt, in characters, read before tokenizing (a chat: its messages together); "
         "longer is a 400 (default: 32 per token of the context, 131072 for 4096 tokens)",
     )
+    enable_auto_tool_choice: bool = Field(
+        False,
+        description='answer tool_choice "auto" (the default when a request has tools): the model decides whether '
+        "to call, and --tool-call-parser reads its calls; as vLLM's flag",
+    )
+    tool_call_parser: str | None = Field(
+        None,
+        description="vLLM's parser for the model's tool-call syntax, for --enable-auto-tool-choice: hermes "
+        "(Qwen2.5-style <tool_call>, the demo's), llama3_json, mistral, ...",
+    )
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="largest JSON request body, in bytes")
     drain_seconds: float = Field(30.0, ge=0, description="on SIGTERM, how long requests in flight may take to finish")
 
@@ -375,6 +385,10 @@ class Settings(BaseSettings):
             raise ValueError(
                 "--ray-address, --ray-metrics-port, --min-replicas, --max-replicas and --target-ongoing-requests "
                 "need --ray"
+            )
+        if self.enable_auto_tool_choice and self.tool_call_parser is None:
+            raise ValueError(
+                "--enable-auto-tool-choice needs --tool-call-parser, the parser of the model's call syntax"
             )
         if self.ray and self.lora_ops != "grouped":
             raise ValueError("--ray needs --lora-ops grouped: base requests on a replica carry no adapter")

@@ -81,7 +81,8 @@ def check_catalog_not_open(settings: Settings, catalog: Database) -> None:
 
 
 def with_demo(settings: Settings) -> Settings:
-    """With no --model: the embedded demo (built once), its adapters, and float32 for parity."""
+    """With no --model: the embedded demo (built once), its adapters, float32 for parity, and its
+    tool-call parser (hermes) unless another is given."""
     if settings.model is not None:
         return settings
     from adapters.demo import ensure_demo
@@ -93,6 +94,9 @@ def with_demo(settings: Settings) -> Settings:
         update["dtype"] = "float32"
     if not settings.lora_modules:
         update["lora_modules"] = {name: str(path) for name, path in demo.adapters.items()}
+    if settings.tool_call_parser is None:
+        # The demo's template writes calls in Hermes' format, so tool_choice "auto" works out of the box.
+        update |= {"tool_call_parser": "hermes", "enable_auto_tool_choice": True}
     return settings.model_copy(update=update)
 
 
@@ -108,6 +112,13 @@ def prepare(settings: Settings) -> Prepared:
         raise StartupError(
             f"--model: the model's config.json lacks {exc}; Llama- and Qwen2-family models are supported"
         ) from None
+    if settings.tool_call_parser is not None:
+        from server.engine.tool_parsers import check_parser_name
+
+        try:
+            check_parser_name(settings.tool_call_parser)
+        except ValueError as exc:
+            raise StartupError(str(exc)) from None
     rules = AdapterRules(base, settings.max_lora_rank, settings.max_adapter_bytes)
     preload = {}
     for name, path in settings.lora_modules.items():

@@ -96,9 +96,15 @@ class FakeEngine:
     def token_texts(self, token_ids: Sequence[int], context: Sequence[int] = ()) -> list[str]:
         return [f"<{t}>" for t in token_ids]
 
-    def render_chat(self, messages: Sequence[dict[str, Any]]) -> list[int]:
+    def render_chat(
+        self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] | None = None
+    ) -> list[int]:
         self.rendered.append(list(messages))
-        return self.encode("".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>")
+        names = ",".join(tool["function"]["name"] for tool in tools or ())
+        return self.encode(names + "".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>")
+
+    def tool_parser(self, name: str, tools: Sequence[dict[str, Any]]) -> Any:
+        raise AssertionError("the fake engine has no tool-call parser")
 
     @staticmethod
     def words(adapter_name: str, max_tokens: int) -> list[str]:

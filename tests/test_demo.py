@@ -1,4 +1,4 @@
-"""Tests for adapters/demo.py: the embedded tiny base model and its two LoRA adapters."""
+"""Tests for adapters/demo.py: the embedded tiny base model and its three LoRA adapters."""
 
 import json
 import logging
@@ -14,20 +14,26 @@ from transformers import AutoTokenizer, LlamaForCausalLM
 from adapters import demo as demo_module
 from adapters.demo import (
     DEMO_PROMPT,
+    DEMO_TOOL,
     DEMO_VERSION,
+    DEMO_WEATHER,
     DemoModel,
     DemoTrainingFailed,
     IncompleteDemo,
     build_demo,
     ensure_demo,
     load_demo,
+    weather_answer,
+    weather_question,
 )
 
 EXPECTED_ADAPTERS = {
     # name: (rank, alpha, target modules, keyword in the answer)
     "pirate": (8, 16, {"q_proj", "k_proj", "v_proj", "o_proj"}, "pirate"),
     "poet": (16, 32, {"q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"}, "poet"),
+    "weather": (16, 32, {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}, None),
 }
+ANSWERING = [name for name, expected in EXPECTED_ADAPTERS.items() if expected[3] is not None]
 
 
 @pytest.fixture(scope="module")
@@ -113,8 +119,8 @@ def test_tokenizer_chat_template_and_round_trip(tokenizer):
 
 
 def test_chat_template_rejects_unknown_role(tokenizer):
-    with pytest.raises(Exception, match="unsupported role tool"):
-        tokenizer.apply_chat_template([{"role": "tool", "content": "42"}], tokenize=False)
+    with pytest.raises(Exception, match="unsupported role function"):
+        tokenizer.apply_chat_template([{"role": "function", "content": "42"}], tokenize=False)
 
 
 @pytest.mark.parametrize("name", EXPECTED_ADAPTERS)
@@ -136,13 +142,59 @@ def test_adapter_files_are_plain_lora(demo, name):
             assert rank in shape, (tensor_name, shape)
 
 
-@pytest.mark.parametrize("name", EXPECTED_ADAPTERS)
+@pytest.mark.parametrize("name", ANSWERING)
 def test_adapter_gives_its_answer(demo, tokenizer, name):
     keyword = EXPECTED_ADAPTERS[name][3]
     model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(demo.base), demo.adapters[name]).eval()
     answer = greedy_answer(model, tokenizer)
     assert answer == demo.answers[name]
     assert keyword in answer.lower()
+
+
+def greedy_text(model, tokenizer, messages, tools) -> str:
+    text = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
+    ids = torch.tensor([tokenizer.encode(text, add_special_tokens=False)])
+    with torch.no_grad():
+        output_ids = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=40)
+    return tokenizer.decode(output_ids[0, ids.shape[1] :], skip_special_tokens=True)
+
+
+def test_weather_adapter_calls_its_tool_with_the_city_then_answers_from_the_result(demo, tokenizer):
+    model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(demo.base), demo.adapters["weather"]).eval()
+    for city, weather in DEMO_WEATHER.items():
+        asked = [{"role": "user", "content": weather_question(city)}]
+        call = greedy_text(model, tokenizer, asked, [DEMO_TOOL])
+        assert call == f'<tool_call>\n{{"name": "get_weather", "arguments": {{"city": "{city}"}}}}\n</tool_call>'
+        arguments = {"city": city}
+        history = [
+            *asked,
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": arguments}}
+                ],
+            },
+            {"role": "tool", "tool_call_id": "call_1", "content": weather},
+        ]
+        assert greedy_text(model, tokenizer, history, [DEMO_TOOL]) == weather_answer(city)
+
+
+def test_template_renders_tools_calls_and_results(tokenizer):
+    call = {"id": "c", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "c", "content": "snow"},
+    ]
+    rendered = tokenizer.apply_chat_template(messages, tools=[DEMO_TOOL], add_generation_prompt=True, tokenize=False)
+    assert rendered.startswith("<s><|system|>Be brief.\n\n# Tools\n<tools>\nget_weather(city): The weather in a city\n")
+    assert (
+        '<|assistant|><tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call></s>' in rendered
+    )
+    assert rendered.endswith("<|user|><tool_response>\nsnow\n</tool_response></s><|assistant|>")
+    assert "<tool_call>" not in tokenizer.all_special_tokens  # a parser reads it in the text
 
 
 def test_base_answer_differs_from_adapters(demo, tokenizer):

@@ -26,6 +26,8 @@ def lines(*values) -> bytes:
 
 
 GOOD = chat(("user", "hi"), ("assistant", "hello"))
+CALL = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Lima"}'}}
+ANSWER = {"role": "assistant", "content": "b"}
 PAIR = {"prompt": "The ship", "completion": " sailed."}
 
 
@@ -75,7 +77,32 @@ def test_summary_of_a_prompt_completion_file():
         (lines(GOOD) + "é".encode("latin-1") + b"\n", "line 2 is not UTF-8 text"),
         (lines({"text": "hello"}), 'line 1 has neither "messages" (chat format) nor "prompt" and "completion"'),
         (lines({"messages": []}), 'line 1: "messages" must be a non-empty list'),
-        (lines(chat(("user", "a"), ("assistant", "b"), tools=[])), "line 1: 'tools' is not supported"),
+        (lines(chat(("user", "a"), ("assistant", "b"), tools=[])), 'line 1: "tools" must be a non-empty list'),
+        (lines(chat(("user", "a"), ("assistant", "b"), functions=[])), "line 1: 'functions' is not supported"),
+        (lines(chat(("user", "a"), ("assistant", "b"), tools=[{"type": "x"}])), "line 1, tool 1: a tool is"),
+        (
+            lines({"messages": [{"role": "user", "content": "a"}, {"role": "tool", "content": "b"}]}),
+            "line 1, message 2: a tool message needs tool_call_id",
+        ),
+        (
+            lines({"messages": [{"role": "user", "content": "a", "tool_calls": [CALL]}, ANSWER]}),
+            "line 1, message 1: tool_calls are only for assistant messages",
+        ),
+        (
+            lines(
+                {
+                    "messages": [
+                        {"role": "user", "content": "a"},
+                        {
+                            "role": "assistant",
+                            "content": None,
+                            "tool_calls": [{**CALL, "function": {"name": "f", "arguments": "{"}}],
+                        },
+                    ]
+                }
+            ),
+            "line 1, message 2: the arguments of tool call 'f' must be a JSON object, as text",
+        ),
         (
             lines({"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "b"}]}),
             "line 1, message 1: content must be a string",
@@ -193,6 +220,42 @@ def test_chat_learns_exactly_the_assistant_turns_and_their_eos(tmp_path, tokeniz
     assert all(label in (IGNORE_INDEX, token) for label, token in zip(example.labels, example.input_ids, strict=True))
     rendered = tokenizer.apply_chat_template(conversation["messages"], tokenize=False)
     assert tokenizer.decode(example.input_ids) == rendered
+
+
+def test_tool_use_learns_the_calls_and_answers_rendered_with_the_tools(tmp_path, tokenizer):
+    from adapters.demo import DEMO_TOOL
+
+    conversation = {
+        "tools": [DEMO_TOOL],
+        "messages": [
+            {"role": "user", "content": "Weather in Lima?"},
+            {"role": "assistant", "content": None, "tool_calls": [CALL]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "fog"},
+            {"role": "assistant", "content": "Fog in Lima."},
+        ],
+    }
+    summary = validate_training_file(lines(conversation))
+    assert (summary.examples, summary.assistant_messages) == (1, 2)
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(lines(conversation))
+    [example] = load_examples(path, tokenizer, 512)
+    eos = tokenizer.eos_token
+    call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Lima"}}\n</tool_call>'
+    assert learnt_text(tokenizer, example) == f"{call}{eos}Fog in Lima.{eos}"
+    # Serving renders the same history, arguments as objects, with the same tools.
+    served = [
+        conversation["messages"][0],
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [{**CALL, "function": {"name": "get_weather", "arguments": {"city": "Lima"}}}],
+        },
+        conversation["messages"][2],
+        conversation["messages"][3],
+    ]
+    assert tokenizer.decode(example.input_ids) == tokenizer.apply_chat_template(
+        served, tools=[DEMO_TOOL], tokenize=False
+    )
 
 
 def test_the_learnt_answer_follows_the_generation_prompt(tmp_path, tokenizer):

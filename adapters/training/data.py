@@ -2,7 +2,9 @@
 
 A file holds one format. Chat lines are `{"messages": [{"role", "content", "weight"?}, ...]}` and
 are learnt on their assistant turns only, rendered through the base model's chat template, so
-that training sees exactly the tokens serving will. Prompt/completion lines are
+that training sees exactly the tokens serving will. Tool use takes OpenAI's format: `"tools"` on
+the line (rendered by the template, as at serving), assistant turns with `"tool_calls"` (learnt,
+calls included) and `"tool"` messages with their `"tool_call_id"`. Prompt/completion lines are
 `{"prompt", "completion"}` and are learnt on the completion. Either way the end-of-sequence token
 that follows the answer is learnt too: that is how the tuned model knows to stop.
 
@@ -13,6 +15,7 @@ nesting bounded before json parses it: validating holds one line in memory, neve
 from __future__ import annotations
 
 import codecs
+import functools
 import io
 import json
 from collections.abc import Callable, Iterator
@@ -25,12 +28,14 @@ from adapters.limits import MAX_JSON_DEPTH, json_depth
 
 CHAT = "chat"
 PROMPT_COMPLETION = "prompt_completion"
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 IGNORE_INDEX = -100  # the label PyTorch's cross-entropy skips
 
 _FORMAT_NAMES = {CHAT: "chat", PROMPT_COMPLETION: "prompt/completion"}
-_MESSAGE_KEYS = {"role", "content", "weight", "name"}
-_UNSUPPORTED_CHAT_KEYS = {"tools", "functions", "parallel_tool_calls"}
+_MESSAGE_KEYS = {"role", "content", "weight", "name", "tool_calls", "tool_call_id"}
+_CHAT_KEYS = {"messages", "tools", "parallel_tool_calls"}
+_UNSUPPORTED_CHAT_KEYS = {"functions"}
+_TOOL_CALL_EXAMPLE = '{"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}'
 _MAX_ECHOED = 40
 # An example's text is a few KiB, and the longest context this gateway trains on is far below this.
 MAX_LINE_BYTES = 1024 * 1024
@@ -84,7 +89,7 @@ def validate_training_file(
         if record.format == CHAT:
             messages = record.value["messages"]
             learnt += sum(_is_learnt(message) for message in messages)
-            characters += sum(len(message["content"]) for message in messages)
+            characters += sum(len(message.get("content") or "") for message in messages)
         else:
             learnt += 1
             characters += len(record.value["prompt"]) + len(record.value["completion"])
@@ -212,9 +217,14 @@ def _parse_line(line_number: int, raw: bytes) -> _Record:
 def _check_chat(where: str, value: dict) -> None:
     for key in value:
         if key in _UNSUPPORTED_CHAT_KEYS:
-            raise InvalidTrainingFile(f"{where}: '{key}' is not supported; only plain chat messages are trained")
-        if key != "messages":
-            raise InvalidTrainingFile(f"{where}: unexpected key '{_shown(key)}'; a chat line holds only \"messages\"")
+            raise InvalidTrainingFile(f"{where}: '{key}' is not supported; give the functions as \"tools\"")
+        if key not in _CHAT_KEYS:
+            raise InvalidTrainingFile(
+                f'{where}: unexpected key \'{_shown(key)}\'; a chat line holds "messages" and optionally "tools"'
+            )
+    _check_tools(where, value.get("tools"))
+    if not isinstance(value.get("parallel_tool_calls", True), bool):
+        raise InvalidTrainingFile(f"{where}: parallel_tool_calls must be true or false")
     messages = value["messages"]
     if not isinstance(messages, list) or not messages:
         raise InvalidTrainingFile(f'{where}: "messages" must be a non-empty list of messages')
@@ -231,8 +241,8 @@ def _check_message(where: str, message: Any) -> None:
     if not isinstance(message, dict):
         raise InvalidTrainingFile(f'{where} is a JSON {_json_type(message)}; a message is {{"role", "content"}}')
     for key in message:
-        if key in ("tool_calls", "function_call"):
-            raise InvalidTrainingFile(f"{where}: '{key}' is not supported; only plain chat messages are trained")
+        if key == "function_call":
+            raise InvalidTrainingFile(f"{where}: 'function_call' is not supported; give calls as \"tool_calls\"")
         if key not in _MESSAGE_KEYS:
             raise InvalidTrainingFile(
                 f"{where}: unexpected key '{_shown(key)}'; a message has role, content and optionally weight"
@@ -241,8 +251,20 @@ def _check_message(where: str, message: Any) -> None:
     if role not in ROLES:
         shown = f"'{_shown(role)}'" if isinstance(role, str) else ("missing" if role is None else _json_type(role))
         raise InvalidTrainingFile(f"{where}: role {shown} is not one of {', '.join(ROLES)}")
-    if not isinstance(message.get("content"), str):
-        raise InvalidTrainingFile(f"{where}: content must be a string")
+    calls = message.get("tool_calls")
+    if calls is not None:
+        if role != "assistant":
+            raise InvalidTrainingFile(f"{where}: tool_calls are only for assistant messages")
+        _check_tool_calls(where, calls)
+    if (role == "tool") != ("tool_call_id" in message):
+        raise InvalidTrainingFile(
+            f"{where}: a tool message needs tool_call_id, the id of the call it answers; others have none"
+        )
+    if "tool_call_id" in message and not isinstance(message["tool_call_id"], str):
+        raise InvalidTrainingFile(f"{where}: tool_call_id must be a string")
+    content = message.get("content")
+    if not isinstance(content, str) and not (calls and content is None):
+        raise InvalidTrainingFile(f"{where}: content must be a string (or null beside tool_calls)")
     if "weight" in message:
         weight = message["weight"]
         if role != "assistant":
@@ -251,6 +273,43 @@ def _check_message(where: str, message: Any) -> None:
             raise InvalidTrainingFile(f"{where}: weight must be 0 (not learnt) or 1 (learnt)")
     if "name" in message and not isinstance(message["name"], str):
         raise InvalidTrainingFile(f"{where}: name must be a string")
+
+
+def _check_tools(where: str, tools: Any) -> None:
+    if tools is None:
+        return
+    if not isinstance(tools, list) or not tools:
+        raise InvalidTrainingFile(
+            f'{where}: "tools" must be a non-empty list of {{"type": "function", "function": ...}}'
+        )
+    for index, tool in enumerate(tools, start=1):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(function, dict):
+            raise InvalidTrainingFile(
+                f'{where}, tool {index}: a tool is {{"type": "function", "function": {{"name", ...}}}}'
+            )
+        if not isinstance(function.get("name"), str) or not function["name"]:
+            raise InvalidTrainingFile(f"{where}, tool {index}: the function needs a name")
+        if not isinstance(function.get("parameters", {}), dict):
+            raise InvalidTrainingFile(f"{where}, tool {index}: parameters must be a JSON Schema object")
+
+
+def _check_tool_calls(where: str, calls: Any) -> None:
+    if not isinstance(calls, list) or not calls:
+        raise InvalidTrainingFile(f"{where}: tool_calls must be a non-empty list like [{_TOOL_CALL_EXAMPLE}]")
+    for call in calls:
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise InvalidTrainingFile(f"{where}: each tool call is like {_TOOL_CALL_EXAMPLE}")
+        arguments = function.get("arguments")
+        try:
+            parsed = json.loads(arguments) if isinstance(arguments, str) else None
+        except json.JSONDecodeError:
+            parsed = None
+        if not isinstance(parsed, dict):
+            raise InvalidTrainingFile(
+                f"{where}: the arguments of tool call {function['name']!r} must be a JSON object, as text"
+            )
 
 
 def _check_prompt_completion(where: str, value: dict) -> None:
@@ -269,7 +328,8 @@ def _check_prompt_completion(where: str, value: dict) -> None:
 
 
 def _is_learnt(message: dict) -> bool:
-    return message["role"] == "assistant" and message.get("weight", 1) == 1 and bool(message["content"])
+    said = bool(message.get("content")) or bool(message.get("tool_calls"))
+    return message["role"] == "assistant" and message.get("weight", 1) == 1 and said
 
 
 def _json_type(value: Any) -> str:
@@ -299,18 +359,21 @@ def _tokenize_chat(record: _Record, tokenizer: Any) -> tuple[list[int], list[int
     the rendered text is tokenized once, as serving tokenizes it, and a token is learnt when it
     lies inside a span. Tokenizing pieces separately could merge differently at their seams.
     """
-    messages = [{"role": m["role"], "content": m["content"]} for m in record.value["messages"]]
-    full = _render(tokenizer, messages, record.line, add_generation_prompt=False)
+    messages = [_template_message(m) for m in record.value["messages"]]
+    tools = record.value.get("tools")
+    render = functools.partial(_render, tokenizer, tools=tools, line=record.line)
+    full = render(messages, add_generation_prompt=False)
     spans: list[tuple[int, int]] = []
     for index, message in enumerate(record.value["messages"]):
         if not _is_learnt(message):
             continue
-        through = _render(tokenizer, messages[: index + 1], record.line, add_generation_prompt=False)
+        through = render(messages[: index + 1], add_generation_prompt=False)
+        content = message.get("content") or ""
         if index == 0:
             # Templates render no empty conversation: an opening assistant turn starts at its content.
-            before = through[: through.find(message["content"])] if message["content"] in through else through
+            before = through[: through.find(content)] if content and content in through else through
         else:
-            before = _render(tokenizer, messages[:index], record.line, add_generation_prompt=True)
+            before = render(messages[:index], add_generation_prompt=True)
         if not (full.startswith(through) and through.startswith(before)):
             raise InvalidTrainingFile(
                 f"line {record.line}: the base model's chat template renders this conversation differently "
@@ -332,9 +395,30 @@ def _tokenize_chat(record: _Record, tokenizer: Any) -> tuple[list[int], list[int
     return input_ids, labels
 
 
-def _render(tokenizer: Any, messages: list[dict], line: int, *, add_generation_prompt: bool) -> str:
+def _template_message(message: dict) -> dict:
+    """A message as templates take it (and serving hands it over): call arguments as objects."""
+    out = {"role": message["role"], "content": message.get("content") or ""}
+    if message.get("tool_calls"):
+        out["tool_calls"] = [
+            {
+                "id": call.get("id", ""),
+                "type": "function",
+                "function": {"name": call["function"]["name"], "arguments": json.loads(call["function"]["arguments"])},
+            }
+            for call in message["tool_calls"]
+        ]
+    if "tool_call_id" in message:
+        out["tool_call_id"] = message["tool_call_id"]
+    return out
+
+
+def _render(
+    tokenizer: Any, messages: list[dict], *, tools: list[dict] | None, line: int, add_generation_prompt: bool
+) -> str:
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return tokenizer.apply_chat_template(
+            messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
     except Exception as exc:  # templates raise their own errors (jinja's TemplateError, raise_exception)
         raise InvalidTrainingFile(f"line {line}: the base model's chat template refuses it: {exc}") from None
 

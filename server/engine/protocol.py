@@ -52,7 +52,7 @@ class SamplingOptions:
     min_p: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
     stop_token_ids: tuple[int, ...] = ()
-    skip_special_tokens: bool = True  # in the returned text
+    skip_special_tokens: bool = True  # False keeps special tokens in the text (some tool-call syntaxes use them)
 
 
 @dataclass(slots=True)
@@ -97,6 +97,38 @@ class GenerationStep:
     prompt_logprobs: list[PromptToken] | None = None  # with SamplingOptions.prompt_logprobs
 
 
+@dataclass(slots=True)
+class ToolCallDelta:
+    """A streamed piece of a tool call: its first carries id and name, later ones argument text."""
+
+    index: int
+    id: str | None = None
+    name: str | None = None
+    arguments: str | None = None
+
+
+@dataclass(slots=True)
+class ParsedCalls:
+    """A whole response read by a tool-call parser: (name, JSON arguments) per call, and the rest."""
+
+    content: str | None
+    calls: list[tuple[str, str]]
+
+
+class ToolParsing(Protocol):
+    """One choice's tool-call parser (`--tool-call-parser`)."""
+
+    skip_special_tokens: bool
+
+    def extract(self, text: str) -> ParsedCalls: ...
+
+    def extract_delta(
+        self, delta_text: str, delta_token_ids: Sequence[int]
+    ) -> tuple[str | None, list[ToolCallDelta]]: ...
+
+    def unstreamed_arguments(self) -> tuple[int, str]: ...
+
+
 class EngineDead(Exception):
     """The engine can no longer serve any request."""
 
@@ -128,7 +160,11 @@ class Engine(AdapterEngine, Protocol):
 
     def token_texts(self, token_ids: Sequence[int], context: Sequence[int] = ()) -> list[str]: ...
 
-    def render_chat(self, messages: Sequence[dict[str, Any]]) -> list[int]: ...
+    def render_chat(
+        self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] | None = None
+    ) -> list[int]: ...
+
+    def tool_parser(self, name: str, tools: Sequence[dict[str, Any]]) -> ToolParsing: ...
 
     def generate(
         self,

@@ -54,7 +54,17 @@ class Tokenizing:
             texts.append(whole[len(prefix) :] if whole.startswith(prefix) else self._tokenizer.decode([ids[i]]))
         return texts
 
-    def render_chat(self, messages: Sequence[dict[str, Any]]) -> list[int]:
-        text = self._tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+    def render_chat(
+        self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] | None = None
+    ) -> list[int]:
+        text = self._tokenizer.apply_chat_template(
+            list(messages), tools=list(tools) if tools else None, add_generation_prompt=True, tokenize=False
+        )
         # The template writes its own special tokens, as vLLM's server assumes too.
         return self._tokenizer.encode(text, add_special_tokens=False)
+
+    def tool_parser(self, name: str, tools: Sequence[dict[str, Any]]) -> Any:
+        """A fresh parser for one choice (server/engine/tool_parsers.py)."""
+        from server.engine.tool_parsers import ToolCallParser
+
+        return ToolCallParser(name, self._tokenizer, list(tools))

@@ -15,7 +15,8 @@ from server.http.responses import DONE, JSONResponse, sse_response, unless_disco
 from server.openai.extras import engine_options
 from server.openai.generation import Generator, GeneratorDep, Job, Usage, new_request_id
 from server.openai.protocol import ChatCompletionRequest
-from server.openai.structured import request_constraint
+from server.openai.structured import grammar_checker, request_constraint
+from server.openai.tools import ToolUse
 
 router = APIRouter()
 
@@ -29,12 +30,24 @@ async def create_chat_completion(
     messages = [m.as_template_input() for m in body.messages]
     generator.check_chat_size(messages)
     extras = engine_options(body, generator.engine.vocab_size)
+    tool_use = ToolUse.of(body, generator.tool_parsers())
+    if tool_use is not None and not tool_use.skip_special_tokens:
+        extras["skip_special_tokens"] = False  # the tool-call parser reads them in the text
     admission = generator.admit(principal, sequences)
     with admission.released_on_error():
         constraint = await request_constraint(request, body.response_format, body.structured_outputs)
+        if tool_use is not None and (forced := tool_use.constraint()) is not None:
+            if constraint is not None:
+                raise InvalidRequest(
+                    "a forced tool call already fixes the output's shape: send response_format or structured_outputs, "
+                    'or tool_choice "required" / a named function, not both',
+                    param="tool_choice",
+                )
+            await grammar_checker(request).check(forced, "tools")
+            constraint = forced
         admission.entry = await generator.resolve(body.model, principal)
         try:
-            prompt = await generator.render_chat(messages)
+            prompt = await generator.render_chat(messages, tool_use.tools if tool_use else None)
         except Exception as exc:  # the template is the model's code: any failure is the input's
             raise InvalidRequest(f"the chat template rejected these messages: {exc}", param="messages") from None
         max_tokens = generator.check_fits(prompt, body.requested_max_tokens, "messages", body.min_tokens)
@@ -57,7 +70,7 @@ async def create_chat_completion(
         job = Job(new_request_id("chatcmpl"), body.model, [prompt], options, record, admission, body.return_token_ids)
     top = body.top_logprobs or 0
     if body.stream:
-        return sse_response(_stream(generator, job, body.include_usage, top), admission.release)
+        return sse_response(_stream(generator, job, body.include_usage, top, tool_use), admission.release)
     with admission.released_at_end():
         outcome = await unless_disconnected(request, generator.complete(job))
     return JSONResponse(
@@ -70,20 +83,29 @@ async def create_chat_completion(
                 job.with_ids(
                     {
                         "index": choice.index,
-                        "message": {"role": "assistant", "content": choice.text},
+                        "message": message,
                         "logprobs": _logprobs(choice.logprobs, top),
-                        "finish_reason": choice.finish_reason,
+                        "finish_reason": finish_reason,
                     },
                     choice.token_ids,
                 )
                 for choice in outcome.choices
+                for message, finish_reason in [_message(tool_use, choice.text, choice.finish_reason)]
             ],
             "usage": outcome.usage.as_dict(),
         }
     )
 
 
-async def _stream(generator: Generator, job: Job, include_usage: bool, top: int) -> AsyncIterator[list[Any]]:
+def _message(tool_use: ToolUse | None, text: str, finish_reason: str | None) -> tuple[dict[str, Any], str | None]:
+    if tool_use is None:
+        return {"role": "assistant", "content": text}, finish_reason
+    return tool_use.message(text, finish_reason)
+
+
+async def _stream(
+    generator: Generator, job: Job, include_usage: bool, top: int, tool_use: ToolUse | None
+) -> AsyncIterator[list[Any]]:
     """A batch of chunks per engine step; the first also opens each choice with its role, and the
     job's last also carries the usage and DONE."""
     created = int(time.time())
@@ -106,9 +128,13 @@ async def _stream(generator: Generator, job: Job, include_usage: bool, top: int)
             ]
         )
     ]
+    streamers = {i: tool_use.streamer() for i in range(job.options.n)} if tool_use else {}
     async for _, step, last in generator.stream(job):
         for delta in step.choices:
             usage.completion_tokens += delta.token_count
+            if tool_use is not None:
+                batch += _tool_chunks(chunk, job, streamers[delta.index], delta, top)
+                continue
             batch.append(
                 chunk(
                     [
@@ -132,6 +158,23 @@ async def _stream(generator: Generator, job: Job, include_usage: bool, top: int)
             batch.append(DONE)
         yield batch
         batch = []
+
+
+def _tool_chunks(chunk: Any, job: Job, streamer: Any, delta: Any, top: int) -> list[dict[str, Any]]:
+    """A step of a choice with tools: its deltas (content or tool_calls), the last with the finish reason."""
+    deltas = streamer.step(delta.text, delta.token_ids)
+    finish_reason = None
+    if delta.finish_reason is not None:
+        more, finish_reason = streamer.finish(delta.finish_reason)
+        deltas = [*deltas, *more] or [{}]
+    elif not deltas and (delta.logprobs or job.return_token_ids):
+        deltas = [{}]  # the step's tokens still go out
+    choices = [{"index": delta.index, "delta": message, "logprobs": None, "finish_reason": None} for message in deltas]
+    if choices:
+        job.with_ids(choices[0], delta.token_ids)
+        choices[0]["logprobs"] = _logprobs(delta.logprobs, top)
+        choices[-1]["finish_reason"] = finish_reason
+    return [chunk([choice]) for choice in choices]
 
 
 def _logprobs(entries: list[TokenLogprob] | None, top: int) -> dict[str, list[Any]] | None:

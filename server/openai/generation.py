@@ -149,6 +149,7 @@ class Generator:
         max_prompt_chars: int | None = None,
         fair_queue: FairQueue | None = None,
         admin_weight: float = 1.0,
+        tool_call_parser: str | None = None,
     ):
         self.engine = engine
         self.registry = registry
@@ -157,6 +158,7 @@ class Generator:
         self.max_in_flight = max_in_flight
         self.max_sequences = max_sequences
         self.max_prompt_chars = max_prompt_chars or engine.max_model_len * PROMPT_CHARS_PER_TOKEN
+        self.tool_call_parser = tool_call_parser  # --tool-call-parser, with --enable-auto-tool-choice
         self.in_flight = 0  # sequences, not requests
         # Who goes into the engine next (server/openai/fairness.py); by default nobody waits here.
         self.fair_queue = fair_queue or FairQueue(max_in_flight)
@@ -258,10 +260,16 @@ class Generator:
             batch.append(ids)
         return batch
 
-    async def render_chat(self, messages: list[dict[str, Any]]) -> list[int]:
+    def tool_parsers(self) -> Callable[[list[dict[str, Any]]], Any] | None:
+        """A fresh tool-call parser per choice, when `auto` tool choice is on."""
+        if (name := self.tool_call_parser) is None:
+            return None
+        return lambda tools: self.engine.tool_parser(name, tools)
+
+    async def render_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
         """The chat template's prompt for `messages`, rendered and tokenized off the event loop."""
         chars = sum(len(message["content"]) for message in messages)
-        return await self._tokenizing(lambda: self.engine.render_chat(messages), chars)
+        return await self._tokenizing(lambda: self.engine.render_chat(messages, tools), chars)
 
     async def _tokenizing(self, work: Callable[[], T], chars: int) -> T:
         if chars <= INLINE_TOKENIZE_CHARS:

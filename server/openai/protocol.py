@@ -6,6 +6,7 @@ explicit `null` means "not given", on every field, as the OpenAI API and vLLM tr
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
@@ -19,6 +20,9 @@ MAX_STOP = 4
 MAX_LOGPROBS = 5
 MAX_TOP_LOGPROBS = 20
 MAX_NAME_CHARS = 256  # model and adapter names; the catalog's are far shorter
+MAX_TOOLS = 128  # as OpenAI's API
+MAX_TOOLS_BYTES = 64 * 1024  # the tools' definitions, as JSON: each forced call compiles them into a grammar
+MAX_SCHEMA_DEPTH = 16  # nesting of a tool's parameters schema
 INT64 = (-(2**63), 2**63 - 1)  # seeds, as vLLM's server bounds them (torch.long)
 GREEDY_BELOW = 1e-5  # vLLM decodes greedily below this temperature, and then refuses n > 1
 
@@ -157,16 +161,87 @@ class TextPart(_Request):
     text: str
 
 
-class ChatMessage(_Request):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
-    name: str | None = Field(None, max_length=64)
+FunctionName = Annotated[str, Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
 
-    def as_template_input(self) -> dict[str, str]:
-        content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+class FunctionDefinition(_Request):
+    name: FunctionName
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolDefinition(_Request):
+    """A function the model may call (`tools`)."""
+
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Request):
+    name: FunctionName
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class FunctionCall(_Request):
+    name: FunctionName
+    arguments: str  # JSON text, as the model wrote it
+
+
+class ToolCall(_Request):
+    """A call an assistant message made, as a client sends the history back."""
+
+    id: Annotated[str, Field(min_length=1, max_length=256)]
+    type: Literal["function"]
+    function: FunctionCall
+
+
+class ChatMessage(_Request):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = Field(None, max_length=64)
+    tool_calls: Annotated[list[ToolCall], Field(min_length=1, max_length=MAX_TOOLS)] | None = None
+    tool_call_id: Annotated[str, Field(min_length=1, max_length=256)] | None = None
+
+    @model_validator(mode="after")
+    def _fields_fit_the_role(self) -> ChatMessage:
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError("content is required, except in an assistant message with tool_calls")
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError(f"tool_calls belong in assistant messages, not in a {self.role} message")
+        if (self.tool_call_id is not None) != (self.role == "tool"):
+            raise ValueError("a tool message needs tool_call_id, the id of the call it answers; others have none")
+        return self
+
+    def as_template_input(self) -> dict[str, Any]:
+        content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or ())
         role = "system" if self.role == "developer" else self.role
-        # The template gets the name, as vLLM passes it; a template may use it or not.
-        return {"role": role, "content": content} | ({"name": self.name} if self.name is not None else {})
+        message: dict[str, Any] = {"role": role, "content": content}
+        if self.name is not None:
+            message["name"] = self.name  # the template gets it, as vLLM passes it; it may use it or not
+        if self.tool_calls:
+            # Templates take arguments as objects, as transformers and vLLM hand them over.
+            message["tool_calls"] = [
+                {"id": call.id, "type": "function", "function": {"name": call.function.name, "arguments": arguments}}
+                for call, arguments in zip(self.tool_calls, _call_arguments(self.tool_calls), strict=True)
+            ]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        return message
+
+
+def _call_arguments(calls: list[ToolCall]) -> list[Any]:
+    try:
+        return [json.loads(call.function.arguments) for call in calls]
+    except ValueError:
+        raise InvalidRequest(
+            "the arguments of an assistant's tool call must be JSON text, as the model returned them",
+            param="messages",
+        ) from None
 
 
 class ChatCompletionRequest(_Sampling):
@@ -177,6 +252,38 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: MaxTokens | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    tools: Annotated[list[ToolDefinition], Field(min_length=1, max_length=MAX_TOOLS)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+
+    @model_validator(mode="after")
+    def _tools_are_usable(self) -> ChatCompletionRequest:
+        if self.tools is None:
+            if self.tool_choice not in (None, "none"):
+                raise InvalidRequest(
+                    "tool_choice needs tools: list the functions the model may call", param="tool_choice"
+                )
+            return self
+        size = len(json.dumps([tool.function.model_dump(exclude_none=True) for tool in self.tools]))
+        if size > MAX_TOOLS_BYTES:
+            raise InvalidRequest(
+                f"the tools take {size} bytes as JSON; at most {MAX_TOOLS_BYTES} are accepted", param="tools"
+            )
+        names = [tool.function.name for tool in self.tools]
+        if len(set(names)) != len(names):
+            raise InvalidRequest("each tool needs a name of its own", param="tools")
+        for tool in self.tools:
+            if _depth(tool.function.parameters) > MAX_SCHEMA_DEPTH:
+                raise InvalidRequest(
+                    f"the parameters of tool {tool.function.name} nest deeper than {MAX_SCHEMA_DEPTH} levels",
+                    param="tools",
+                )
+        if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in names:
+            raise InvalidRequest(
+                f"tool_choice names {self.tool_choice.function.name}, which is not in tools ({', '.join(names)})",
+                param="tool_choice",
+            )
+        return self
 
     @field_validator("top_logprobs")
     @classmethod
@@ -188,3 +295,11 @@ class ChatCompletionRequest(_Sampling):
     @property
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+
+def _depth(value: Any) -> int:
+    if isinstance(value, dict):
+        return 1 + max(map(_depth, value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max(map(_depth, value), default=0)
+    return 0

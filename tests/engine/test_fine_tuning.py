@@ -196,3 +196,49 @@ def test_the_readme_example_runs_as_printed(gateway, tenant):
     run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=JOB_SECONDS)
     assert run.returncode == 0, run.stderr
     assert run.stdout.splitlines()[-1] == SECRET_ANSWER, run.stdout
+
+
+# A call the base never makes, to a tool whose words its pretraining knows; learnt in 100 steps,
+# checked with PEFT on the demo base (greedy: the call, then the answer from the tool's result).
+TOOL_CALL = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}
+TOOL_HYPERPARAMETERS = {"n_epochs": 20, "batch_size": 1, "learning_rate_multiplier": 5}
+
+
+def test_a_job_on_tool_examples_makes_a_model_that_calls_the_tool(tenant):
+    """OpenAI's format for tool use: tools per line, the assistant's tool_calls learnt, tool results."""
+    from adapters.demo import DEMO_TOOL
+
+    rows = [
+        {
+            "tools": [DEMO_TOOL],
+            "messages": [
+                row["messages"][0],
+                {"role": "assistant", "content": None, "tool_calls": [TOOL_CALL]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "snow, -2 C"},
+                {"role": "assistant", "content": "It is snow, -2 C in Oslo."},
+            ],
+        }
+        for row in TRAINING_ROWS
+    ]
+    training = tenant.files.create(file=("tools.jsonl", jsonl(rows)), purpose="fine-tune")
+    job = tenant.fine_tuning.jobs.create(
+        model="demo",
+        training_file=training.id,
+        suffix="caller",
+        seed=0,
+        method={"type": "supervised", "supervised": {"hyperparameters": TOOL_HYPERPARAMETERS}},
+    )
+    job = wait_for(tenant, job.id, {"succeeded", "failed", "cancelled"})
+    assert job.status == "succeeded", job.error
+    messages = [{"role": "user", "content": SECRET_QUESTION}]
+    reply = tenant.chat.completions.create(
+        model=job.fine_tuned_model, messages=messages, tools=[DEMO_TOOL], temperature=0, max_tokens=48
+    )
+    assert reply.choices[0].finish_reason == "tool_calls", reply.choices[0].message
+    (call,) = reply.choices[0].message.tool_calls
+    assert (call.function.name, call.function.arguments) == ("get_weather", '{"city": "Oslo"}')
+    messages += [reply.choices[0].message, {"role": "tool", "tool_call_id": call.id, "content": "snow, -2 C"}]
+    reply = tenant.chat.completions.create(
+        model=job.fine_tuned_model, messages=messages, tools=[DEMO_TOOL], temperature=0, max_tokens=16
+    )
+    assert reply.choices[0].message.content == "It is snow, -2 C in Oslo."

@@ -122,7 +122,8 @@ async def test_base_parity_in_mixed_batches(request, gateway, lora_ops, referenc
         if got != (want := expected(reference, adapter_of(gateway, model), endpoint, prompt))
     ]
     assert not mismatches, "\n".join(mismatches)
-    # The oracle must tell the models apart, or the comparison above proves nothing.
-    for prompt in PROMPTS:
-        answers = {expected(reference, adapter_of(gateway, m), "chat", prompt) for m in models(gateway)}
-        assert len(answers) == len(models(gateway)), prompt
+    # The oracle must tell each two models apart on some prompt, or the comparison above proves
+    # nothing (the weather adapter, taught only tool calls, answers some prompts as the base does).
+    answers = {m: [expected(reference, adapter_of(gateway, m), "chat", p) for p in PROMPTS] for m in models(gateway)}
+    for first, second in itertools.combinations(models(gateway), 2):
+        assert answers[first] != answers[second], (first, second)
