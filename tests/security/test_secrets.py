@@ -42,7 +42,7 @@ class ChildWatcher(threading.Thread):
     def __init__(self, root_pid: int):
         super().__init__(daemon=True)
         self.root = psutil.Process(root_pid)
-        self.seen: dict[int, tuple[str, str]] = {}
+        self.seen: dict[str, tuple[str, str]] = {}  # "pid@start time" -> (cmdline, environ)
         self.stopped = threading.Event()
 
     def run(self) -> None:
@@ -53,13 +53,20 @@ class ChildWatcher(threading.Thread):
     def look(self) -> None:
         try:
             children = self.root.children(recursive=True)
-        except psutil.NoSuchProcess:
+        except psutil.Error:
             return
         for child in children:
-            if child.pid not in self.seen:
-                cmdline, environ = proc_text(child.pid, "cmdline"), proc_text(child.pid, "environ")
+            try:  # a pid may be reused within a run: a process is its pid and its start time
+                key = f"{child.pid}@{child.create_time():.2f}"
+            except psutil.Error:
+                continue
+            if key not in self.seen:
+                try:
+                    cmdline, environ = proc_text(child.pid, "cmdline"), proc_text(child.pid, "environ")
+                except OSError:  # gone meanwhile, or not readable yet: look again next time
+                    continue
                 if cmdline:  # gone already (or a zombie): nothing to judge
-                    self.seen[child.pid] = (cmdline, environ)
+                    self.seen[key] = (cmdline, environ)
 
     def stop(self) -> None:
         self.stopped.set()
@@ -76,7 +83,7 @@ def wait_until(predicate, timeout: float, what: str, log=lambda: ""):
     raise AssertionError(f"{what} within {timeout:g} s\n{log()}")
 
 
-def leaks(seen: dict[int, tuple[str, str]], canaries: list[str]) -> dict[str, list[str]]:
+def leaks(seen: dict[str, tuple[str, str]], canaries: list[str]) -> dict[str, list[str]]:
     """Per process that shows any, the secrets in its command line or environment."""
     found = {}
     for pid, (cmdline, environ) in seen.items():
