@@ -17,14 +17,12 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import sqlalchemy as sa
 
-from adapters.database import Database, metadata
+from adapters.database import CatalogTables, metadata
 from adapters.errors import AdapterError
 from adapters.fine_tuning_db import Page
 
@@ -122,20 +120,8 @@ class LineResult:
     result: dict[str, Any]  # the output (or error) file's line
 
 
-class BatchRecords:
+class BatchRecords(CatalogTables):
     """Batches and their lines' results in the catalog database."""
-
-    def __init__(self, catalog: Database):
-        self.catalog = catalog
-        self.base_fingerprint = catalog.base.fingerprint
-
-    @contextmanager
-    def _write(self) -> Iterator[sa.Connection]:
-        with self.catalog._guard(), self.catalog.raw_engine.begin() as conn:
-            yield conn
-
-    def _read(self, statement) -> list[sa.Row]:
-        return self.catalog._read(statement)
 
     def add(self, row: BatchRow, max_batches: int, max_lines: int) -> None:
         """Insert a batch while its owner exists and stays within its limits, all in one transaction.

@@ -468,6 +468,25 @@ def _dialect_insert(dialect: str):
     return insert
 
 
+class CatalogTables:
+    """Records kept in the catalog's database beside its adapters (files, jobs, batches).
+
+    Their writes skip the catalog's change counter: no other gateway reloads its adapters for them.
+    """
+
+    def __init__(self, catalog: Database):
+        self.catalog = catalog
+        self.base_fingerprint = catalog.base.fingerprint
+
+    @contextmanager
+    def _write(self) -> Iterator[sa.Connection]:
+        with self.catalog._guard(), self.catalog.raw_engine.begin() as conn:
+            yield conn
+
+    def _read(self, statement) -> list[sa.Row]:
+        return self.catalog._read(statement)
+
+
 def _adapter_row(r: sa.Row) -> AdapterRow:
     return AdapterRow(
         r.owner,

@@ -24,7 +24,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from adapters.database import Database, WriteGuard, metadata
+from adapters.database import CatalogTables, WriteGuard, metadata
 from adapters.errors import JobGone, QuotaExceeded, StorageQuotaExceeded
 
 files_table = sa.Table(
@@ -162,20 +162,8 @@ class Page:
     has_more: bool
 
 
-class FineTuningRecords:
+class FineTuningRecords(CatalogTables):
     """Files and fine-tuning jobs in the catalog database."""
-
-    def __init__(self, catalog: Database):
-        self.catalog = catalog
-        self.base_fingerprint = catalog.base.fingerprint
-
-    @contextmanager
-    def _write(self) -> Iterator[sa.Connection]:
-        with self.catalog._guard(), self.catalog.raw_engine.begin() as conn:
-            yield conn
-
-    def _read(self, statement) -> list[sa.Row]:
-        return self.catalog._read(statement)
 
     @contextmanager
     def _job_exists(self, job_id: str) -> Iterator[None]:
