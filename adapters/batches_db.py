@@ -126,11 +126,13 @@ class BatchRecords(CatalogTables):
     def add(self, row: BatchRow, max_batches: int, max_lines: int) -> None:
         """Insert a batch while its owner exists and stays within its limits, all in one transaction.
 
-        The owner's row is held first (PostgreSQL: FOR KEY SHARE) and the counts read after the
-        insert, so two batches made at once by one tenant cannot both slip under a limit on SQLite,
-        whose write lock orders them, nor on PostgreSQL, where an advisory lock on the owner does.
+        The counts are read after the insert, so two batches made at once by one tenant cannot
+        both slip under a limit: on SQLite the insert's write lock orders them, on PostgreSQL the
+        owner's row lock (`lock_owner`), as for files and jobs.
         """
         with self._write() as conn:
+            self.catalog.lock_owner(conn, row.owner)
+            # The insert first: on SQLite it takes the write lock before the owner is read.
             conn.execute(
                 batches_table.insert().values(
                     id=row.id,
@@ -147,10 +149,6 @@ class BatchRecords(CatalogTables):
                 )
             )
             self.catalog.hold_owner(conn, row.owner)
-            if self.catalog.dialect == "postgresql":
-                conn.execute(
-                    sa.text("SELECT pg_advisory_xact_lock(hashtext(:owner))"), {"owner": f"batches:{row.owner}"}
-                )
             batches, lines = conn.execute(
                 sa.select(sa.func.count(), sa.func.coalesce(sa.func.sum(batches_table.c.total), 0)).where(
                     batches_table.c.owner == row.owner, batches_table.c.status.in_(UNFINISHED)

@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from adapters.batches_db import VALIDATING, BatchQuotaExceeded, BatchRecords, BatchRow
 from adapters.database import AdapterRow, BaseIdentity, Database
 from adapters.errors import QuotaExceeded, StorageQuotaExceeded
 from adapters.fine_tuning_db import FileRow, FineTuningRecords, JobRow
@@ -130,3 +131,17 @@ async def test_reservations_count_work_under_way_and_give_it_back():
     assert reservations.held("acme") == 0
     async with reservations.hold("acme", 1, None, lambda: 10**9, refuse):  # no limit: nothing counted
         assert reservations.held("acme") == 0
+
+
+def test_batches_written_at_once_through_two_catalogs_stop_at_their_limits(catalogs):
+    records = [BatchRecords(catalog) for catalog in catalogs]
+
+    def batch(i: int, lines: int) -> BatchRow:
+        now = time.time()
+        return BatchRow(f"batch_{i}", "acme", "/v1/completions", "file-x", "24h", VALIDATING, lines, now, now + 86400)
+
+    outcomes = at_once([lambda i=i: records[i % 2].add(batch(i, 10), 3, 10_000) for i in range(WRITERS)])
+    assert sum(outcome is None for outcome in outcomes) == 3, outcomes
+    assert all(isinstance(o, BatchQuotaExceeded) for o in outcomes if o is not None)
+    outcomes = at_once([lambda i=i: records[i % 2].add(batch(100 + i, 10), 100, 50) for i in range(WRITERS)])
+    assert sum(outcome is None for outcome in outcomes) == 2, outcomes  # 30 lines kept + 2 × 10 = 50
