@@ -266,7 +266,8 @@ async def test_an_adapter_registered_through_the_ingress_serves_after_its_replic
     victim = next(r for r in await cluster(client) if r["id"] == holder)
 
     # A request in flight on the replica when it dies ends cleanly.
-    body = {"model": "corsair", "prompt": "The sea", "max_tokens": 900, "ignore_eos": True, "stream": True}
+    # Four sequences of 900 tokens: long enough that the kill lands before they end, on a quiet machine too.
+    body = {"model": "corsair", "prompt": "The sea", "max_tokens": 900, "ignore_eos": True, "stream": True, "n": 4}
     async with client.stream("POST", "/v1/completions", json=body) as response:
         assert response.status_code == 200
         lines = response.aiter_lines()
