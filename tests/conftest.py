@@ -26,7 +26,7 @@ pytest_plugins = ["tests.services.postgres", "tests.services.s3", "tests.service
 
 TESTS = Path(__file__).parent
 ENGINE_FOLDERS = ("engine", "ray")  # every test in these is marked so
-ENGINE_GROUP = "engine"  # the xdist group of every test that starts a real engine
+ENGINE_GROUP = "engine"  # the prefix of the xdist groups of the tests that start a real engine
 
 
 def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
@@ -50,12 +50,12 @@ def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Mark by folder, before `-m` selects: tests/engine/ starts real engines, tests/ray/ Ray as well.
 
-    Under pytest-xdist with `--dist loadgroup` (make test), every test marked `engine` (those
-    folders, and the tests elsewhere that start a real gateway) goes to one worker as one group,
-    in file order, as in one process: the session gateway, Ray's gateway and the gateways tests
-    start of their own then never run at once, and each starts once. The other worker takes the
-    engine-free tests one by one, except that the tests of a file that share a module-scoped
-    fixture go together, so that it is built once.
+    Under pytest-xdist with `--dist loadgroup` (make test), the tests marked `engine` (those
+    folders, and the tests elsewhere that start a real gateway) go to the workers in groups
+    (engine_group): a group runs on one worker, in file order, as in one process. The engine-free
+    tests go one by one, except that the tests of a file that share a module-scoped fixture go
+    together, so that it is built once. The engine's groups come first in the collection, so the
+    long ones start first.
     """
     grouping = config.getoption("loadgroup", default=False)  # set in xdist's workers
     counts = Counter(item.nodeid for item in items)
@@ -72,13 +72,29 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 item.add_marker(pytest.mark.ray)
         if grouping:
             if item.get_closest_marker("engine"):
-                node_id = f"{node_id}@{ENGINE_GROUP}"  # the suffix xdist's loadgroup groups by
+                node_id = f"{node_id}@{engine_group(item, folder)}"  # the suffix xdist's loadgroup groups by
             elif shares_a_module_fixture(item):
                 node_id = f"{node_id}@{item.nodeid.partition('::')[0]}"
         if node_id != item.nodeid:
             set_node_id(item, node_id)
     # A test marked `last` ends a session fixture that others use first (a gateway it kills, say).
     items.sort(key=lambda item: item.get_closest_marker("last") is not None)
+
+
+def engine_group(item: pytest.Item, folder: str) -> str:
+    """The xdist group of a test that starts a real engine: each file of tests/engine/, tests/ray/
+    as a whole (its tests share Ray's gateway, which stops once they are done), and each other
+    folder's engine tests as a whole (tests/security/'s share the gateway run as `nobody`, which
+    the last of them kills).
+
+    The two workers take these groups as they free up, beside the engine-free tests: each runs
+    one real engine at a time (two with Ray's replicas, three while a test starts a second
+    gateway), and each starts tests/engine/'s shared gateway once, on its first test that asks.
+    """
+    if folder == "ray":
+        return "ray"
+    path = item.path.relative_to(TESTS) if item.path.is_relative_to(TESTS) else item.path
+    return f"{ENGINE_GROUP}:{path if folder == 'engine' else path.parent}"
 
 
 def shares_a_module_fixture(item: pytest.Item) -> bool:

@@ -132,16 +132,16 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         _wait_for_exit(_stopping.pop())
 
 
-@pytest.fixture(scope="package")
+@pytest.fixture(scope="session")
 def gateway(demo, tmp_path_factory) -> Iterator[RunningGateway]:
-    """The session's one real gateway, with an admin key; every engine test that can share one does.
+    """The session's real gateway, with an admin key; every engine test that can share one does.
 
-    Each start costs half a minute or more of the machine's two cores, and an idle engine holds
-    memory, so there is one: tests that need no tenant send the admin key. --max-loras 1: the
-    mixed-batch and metrics tests rely on one adapter slot. Its KV cache is small (the demo's
-    prompts are short), so that the gateways some tests start of their own fit beside it. It
-    lives while tests/engine/ runs (they run in a row, in one process or on one xdist worker), and
-    stops while the tests after them run.
+    Each start costs half a minute or more of the machine's two cores, so there is one per process
+    (under `make test`, one per xdist worker that runs a file of tests/engine/ asking for it):
+    tests that need no tenant send the admin key. --max-loras 1: the mixed-batch and metrics tests
+    rely on one adapter slot. Its KV cache is small (the demo's prompts are short), so that the
+    gateways some tests start of their own fit beside it. No test may rely on what another file's
+    tests left in it: the files of tests/engine/ run on either worker.
     """
     state = tmp_path_factory.mktemp("state")
     args = [
