@@ -267,3 +267,22 @@ async def test_a_tenant_stores_at_most_its_limit_and_expired_ones_go(tmp_path):
         assert records.get(ids[1], later) is None  # expired: no longer served
         assert records.prune(later) == 2
         assert records.count("acme", time.time()) == 0
+
+
+async def test_another_gateway_on_the_catalog_continues_a_stored_conversation(tmp_path):
+    catalog = f"sqlite:///{tmp_path / 'shared.sqlite3'}"
+    async with (
+        full_gateway(tmp_path / "one", FakeEngine(max_model_len=4096, cache_size=3), catalog_url=catalog) as one,
+        full_gateway(tmp_path / "two", FakeEngine(max_model_len=4096, cache_size=3), catalog_url=catalog) as two,
+    ):
+        acme = await tenant_key(one, "acme")
+        first = (await create(one, acme, model="base", input="one")).json()
+        await two.app.state.catalog_sync.check()  # the tenant and its key, as the sync loop would find them
+        second = await create(two, acme, model="base", input="two", previous_response_id=first["id"])
+        assert second.status_code == 200, second.text
+        assert [m["content"] for m in two.engine.rendered[-1]] == [
+            "one",
+            first["output"][0]["content"][0]["text"],
+            "two",
+        ]
+        assert (await two.client.get(f"/v1/responses/{second.json()['id']}", headers=acme)).status_code == 200
