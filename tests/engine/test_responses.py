@@ -193,7 +193,8 @@ def get_weather(city: str) -> str:
 
 agent = Agent(name="weather", tools=[get_weather], model="weather", model_settings=ModelSettings(temperature=0))
 result = asyncio.run(Runner.run(agent, sys.argv[1]))
-print(json.dumps({"calls": calls, "output": result.final_output, "model": type(agent.model).__name__}))
+ids = [response.response_id for response in result.raw_responses]
+print(json.dumps({"calls": calls, "output": result.final_output, "response_ids": ids}))
 """
 
 
@@ -206,6 +207,8 @@ def test_openai_agents_sdk_default_responses_model_calls_the_function_tool(gatew
     result = json.loads(run.stdout.splitlines()[-1])
     assert result["calls"] == ["London"]
     assert result["output"] == weather_answer("London")
+    # the Responses model (the chat completions model reports no response ids): one turn calls, one answers
+    assert len(result["response_ids"]) == 2 and all(rid.startswith("resp_") for rid in result["response_ids"])
 
 
 def test_a_batch_of_responses_lines_answers_as_direct_requests(client):

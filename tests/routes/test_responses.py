@@ -9,7 +9,7 @@ import time
 import pytest
 
 from adapters.responses_db import ResponseRecords
-from server.engine.protocol import EngineDead
+from server.engine.protocol import EngineDead, OutputConstraint
 from tests.conftest import full_gateway
 from tests.fakes import FakeEngine
 from tests.routes.test_batches import tenant_key
@@ -92,6 +92,24 @@ async def test_a_named_function_gives_a_function_call_item(gateway):
     assert call["arguments"] == "alpha-0 alpha-1 alpha-2 "
     _, _, options, _ = gateway.engine.generated[-1]
     assert json.loads(options.constraint.json_schema) == WEATHER["parameters"]
+
+
+@pytest.mark.parametrize(
+    ("text_format", "constraint"),
+    [
+        ({"type": "json_object"}, OutputConstraint(json_object=True)),
+        (
+            {"type": "json_schema", "name": "answer", "schema": {"type": "object"}},
+            OutputConstraint('{"type":"object"}'),
+        ),
+        ({"type": "text"}, None),
+    ],
+)
+async def test_text_format_is_the_chat_routes_response_format(gateway, text_format, constraint):
+    response = await create(gateway, text={"format": text_format}, store=False)
+    assert response.status_code == 200, response.text
+    assert response.json()["text"] == {"format": text_format}
+    assert gateway.engine.constraints[-1] == constraint
 
 
 @pytest.mark.parametrize(
@@ -286,3 +304,12 @@ async def test_another_gateway_on_the_catalog_continues_a_stored_conversation(tm
             "two",
         ]
         assert (await two.client.get(f"/v1/responses/{second.json()['id']}", headers=acme)).status_code == 200
+
+
+async def test_a_deleted_tenant_leaves_no_stored_response(full):
+    acme = await tenant_key(full, "acme")
+    stored = (await create(full, acme, model="base", input="a")).json()
+    records = ResponseRecords(full.registry.catalog)
+    assert records.get(stored["id"], time.time()) is not None
+    assert (await full.client.delete("/v1/tenants/acme", headers=full.admin)).status_code in (200, 204)
+    assert records.get(stored["id"], time.time()) is None
