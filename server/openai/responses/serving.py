@@ -21,9 +21,10 @@ from server.http.responses import JSONResponse, sse_response, unless_disconnecte
 from server.openai.chat import prepare_chat
 from server.openai.generation import Generator
 from server.openai.responses.output import ResponseRun, ending, new_id, output_items, with_ids
-from server.openai.responses.protocol import ResponsesRequest, as_responses_error, chat_request
+from server.openai.responses.protocol import ResponsesRequest
 from server.openai.responses.store import Reservation, ResponseStore
 from server.openai.responses.streaming import events
+from server.openai.responses.translate import as_responses_error, chat_request
 
 
 async def respond(
@@ -42,7 +43,6 @@ async def respond(
         previous = await store.get(body.previous_response_id, principal, param="previous_response_id")
         context = previous.conversation
     chat = chat_request(body, [*context, *items])
-    body.function_tools()  # a bad tool is the request's error before any work
     reservation = await store.reserve(principal) if body.store else None
     try:
         job, tool_use = await prepare_chat(request, chat, generator, principal, record, "resp")
