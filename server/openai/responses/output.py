@@ -33,6 +33,9 @@ class ResponseRun:
     store: ResponseStore
     reservation: Reservation | None  # None: not stored
 
+    def __post_init__(self) -> None:
+        self._echo = self.body.echo()  # the request's settings, repeated in every Response object
+
     def response(
         self,
         status: str,
@@ -54,7 +57,7 @@ class ResponseRun:
             "output": output,
             "reasoning": None,
             "usage": usage_object(usage) if usage is not None else None,
-            **self.body.echo(),
+            **self._echo,
         }
 
     async def keep(self, response: dict[str, Any]) -> None:
