@@ -2,8 +2,8 @@
 
 `purge_tenant` deletes a tenant and every row it owns, in every table (adapters on every base,
 keys, files, fine-tuning jobs with their events and checkpoints, batches with their lines'
-results), in one transaction: on a failure nothing is deleted. Its SQL spans the tables of
-adapters/database.py, adapters/fine_tuning_db.py and adapters/batches_db.py, so it lives beside
+results, stored responses), in one transaction: on a failure nothing is deleted. Its SQL spans the tables of
+adapters/database.py, adapters/fine_tuning_db.py, adapters/batches_db.py and adapters/responses_db.py, so it lives beside
 them rather than in any one.
 
 `StoreSweep` removes stored objects that nothing references: adapter folders in this process's
@@ -41,6 +41,7 @@ from adapters.fine_tuning_db import (
     files_table,
     jobs_table,
 )
+from adapters.responses_db import responses_table
 from adapters.store import ADAPTER_PREFIX, AdapterStore, adapter_blob_key, content_hash_of
 
 logger = logging.getLogger(__name__)
@@ -88,6 +89,7 @@ def purge_tenant(catalog: Database, name: str) -> PurgedTenant:
         owned_batches = sa.select(batches_table.c.id).where(batches_table.c.owner == name)
         conn.execute(batch_lines_table.delete().where(batch_lines_table.c.batch_id.in_(owned_batches)))
         batches = conn.execute(batches_table.delete().where(batches_table.c.owner == name)).rowcount
+        conn.execute(responses_table.delete().where(responses_table.c.owner == name))
         adapters = conn.execute(adapters_table.delete().where(adapters_table.c.owner == name)).rowcount
         conn.execute(keys_table.delete().where(keys_table.c.tenant == name))
     return PurgedTenant(

@@ -34,6 +34,7 @@ from server.http.tenancy import TenantLimits, Tenants
 from server.openai import chat, completions, models, tokenize
 from server.openai.fairness import FairQueue
 from server.openai.generation import Generator
+from server.openai.responses import router as responses_route
 from server.ops import health
 from server.ops import metrics_router as metrics_route
 from server.ops.catalog_sync import CatalogSync
@@ -71,6 +72,7 @@ def build_app(
         max_merges=settings.tenant_max_merges,
         max_queued_batches=settings.tenant_max_queued_batches,
         max_batch_lines=settings.tenant_max_batch_lines,
+        max_stored_responses=settings.tenant_max_stored_responses,
         max_training_seconds=settings.max_training_seconds,
     )
     tenant_book = Tenants(registry.catalog, tenant_defaults)
@@ -166,6 +168,7 @@ def build_app(
         app.add_middleware(OpenModeGuard, listen_host=settings.host)
     app.add_middleware(TelemetryMiddleware)
     app.include_router(metrics_route.router)
+    app.include_router(responses_route.router)
     for module in (health, models, completions, chat, tokenize, adapters, tenants, cluster, scheduling, usage, ui):
         app.include_router(module.router)
     app.mount(ui.UI_PATH, ui.console_app(), name="console")

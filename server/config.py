@@ -206,6 +206,18 @@ class Settings(BaseSettings):
     tenant_max_batch_lines: int = Field(
         100_000, ge=1, description="default: lines one tenant's unfinished batches may hold together"
     )
+    tenant_max_stored_responses: int = Field(
+        10_000,
+        ge=1,
+        description="default: responses one tenant may keep stored (POST /v1/responses with store true, "
+        "OpenAI's default); past it, storing another is refused (429) until some are deleted or expire",
+    )
+    response_retention_days: float = Field(
+        30.0,
+        gt=0,
+        description="days a stored response (and its input items) is kept for GET /v1/responses/{id} and "
+        "previous_response_id; then it is deleted",
+    )
     batch_max_lines: int = Field(
         50_000,
         ge=1,

@@ -19,14 +19,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from server.http.errors import GatewayError, InvalidRequest, _validation_error, as_gateway_error
 from server.openai import chat, completions
 from server.openai.protocol import ChatCompletionRequest, CompletionRequest
+from server.openai.responses import router as responses
+from server.openai.responses.protocol import ResponsesRequest
 
 BATCH, BATCH_OUTPUT = "batch", "batch_output"
 COMPLETION_WINDOW = "24h"
 WINDOW_SECONDS = 24 * 3600
 MAX_CUSTOM_ID = 512
 MAX_METADATA_PAIRS, MAX_METADATA_KEY, MAX_METADATA_VALUE = 16, 64, 512
-# OpenAI's Batch API also takes /v1/responses, which this gateway does not serve yet.
-NOT_SERVED = ("/v1/responses", "/v1/embeddings", "/v1/moderations")
+NOT_SERVED = ("/v1/embeddings", "/v1/moderations")
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,8 @@ class BatchEndpoint:
 ENDPOINTS = {
     "/v1/chat/completions": BatchEndpoint("/v1/chat/completions", ChatCompletionRequest, chat.create_chat_completion),
     "/v1/completions": BatchEndpoint("/v1/completions", CompletionRequest, completions.create_completion),
+    # Lines are not stored (store false), as OpenAI's batches do not store their responses.
+    "/v1/responses": BatchEndpoint("/v1/responses", ResponsesRequest, responses.create_response_in_batch),
 }
 
 

@@ -25,6 +25,7 @@ QUIET_PATHS = frozenset({"/health", "/ready", "/metrics", "/ping"})
 GENERATION_ENDPOINTS = {
     "/v1/completions": "completions",
     "/v1/chat/completions": "chat",
+    "/v1/responses": "responses",
     "/generate": "generate",
     "/generate_stream": "generate_stream",
 }

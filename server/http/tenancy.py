@@ -51,6 +51,7 @@ class TenantLimits:
     max_merges: int = 4  # merged_adapters compositions kept; past it, the tenant's least recently used goes
     max_queued_batches: int = 8  # batches not finished
     max_batch_lines: int = 100_000  # lines of those batches, together
+    max_stored_responses: int = 10_000  # Responses API responses kept (store: true) until they expire
     # Fair sharing (docs/fairness.md): the tenant's share of the engine, and of a training run's time.
     weight: float = 1.0  # a tenant of weight 2 gets twice the tokens of one of weight 1 when both wait
     max_training_seconds: float = 24 * 3600.0  # wall-clock limit of one fine-tuning job

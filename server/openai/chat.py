@@ -9,8 +9,10 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 
 from server.engine.protocol import SamplingOptions, TokenLogprob
+from server.http.auth import Principal
 from server.http.deps import PrincipalDep, RecordDep
 from server.http.errors import InvalidRequest
+from server.http.observe import RequestRecord
 from server.http.responses import DONE, JSONResponse, sse_response, unless_disconnected
 from server.openai.extras import engine_options
 from server.openai.generation import Generator, GeneratorDep, Job, Usage, new_request_id
@@ -26,6 +28,50 @@ async def create_chat_completion(
     request: Request, body: ChatCompletionRequest, generator: GeneratorDep, principal: PrincipalDep, record: RecordDep
 ) -> Response:
     record.endpoint, record.model = "chat", body.model
+    job, tool_use = await prepare_chat(request, body, generator, principal, record, "chatcmpl")
+    admission = job.admission
+    top = body.top_logprobs or 0
+    if body.stream:
+        return sse_response(_stream(generator, job, body.include_usage, top, tool_use), admission.release)
+    with admission.released_at_end():
+        outcome = await unless_disconnected(request, generator.complete(job))
+    return JSONResponse(
+        {
+            "id": job.request_id,
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": job.model,
+            "choices": [
+                job.with_ids(
+                    {
+                        "index": choice.index,
+                        "message": message,
+                        "logprobs": _logprobs(choice.logprobs, top),
+                        "finish_reason": finish_reason,
+                    },
+                    choice.token_ids,
+                )
+                for choice in outcome.choices
+                for message, finish_reason in [_message(tool_use, choice.text, choice.finish_reason)]
+            ],
+            "usage": outcome.usage.as_dict(),
+        }
+    )
+
+
+async def prepare_chat(
+    request: Request,
+    body: ChatCompletionRequest,
+    generator: Generator,
+    principal: Principal,
+    record: RequestRecord,
+    id_prefix: str,
+) -> tuple[Job, ToolUse | None]:
+    """A chat request checked, admitted, resolved and rendered: the job to run and how it uses tools.
+
+    Also the Responses API's path (server/openai/responses/), so that both generate alike. The
+    job's admission is released by running the job, or here if preparing it fails.
+    """
     sequences = generator.check_sequences(1, body.n)
     messages = [m.as_template_input() for m in body.messages]
     generator.check_chat_size(messages)
@@ -67,34 +113,8 @@ async def create_chat_completion(
             constraint=constraint,
             **extras,
         )
-        job = Job(new_request_id("chatcmpl"), body.model, [prompt], options, record, admission, body.return_token_ids)
-    top = body.top_logprobs or 0
-    if body.stream:
-        return sse_response(_stream(generator, job, body.include_usage, top, tool_use), admission.release)
-    with admission.released_at_end():
-        outcome = await unless_disconnected(request, generator.complete(job))
-    return JSONResponse(
-        {
-            "id": job.request_id,
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": job.model,
-            "choices": [
-                job.with_ids(
-                    {
-                        "index": choice.index,
-                        "message": message,
-                        "logprobs": _logprobs(choice.logprobs, top),
-                        "finish_reason": finish_reason,
-                    },
-                    choice.token_ids,
-                )
-                for choice in outcome.choices
-                for message, finish_reason in [_message(tool_use, choice.text, choice.finish_reason)]
-            ],
-            "usage": outcome.usage.as_dict(),
-        }
-    )
+        job = Job(new_request_id(id_prefix), body.model, [prompt], options, record, admission, body.return_token_ids)
+    return job, tool_use
 
 
 def _message(tool_use: ToolUse | None, text: str, finish_reason: str | None) -> tuple[dict[str, Any], str | None]:

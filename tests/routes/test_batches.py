@@ -144,8 +144,8 @@ async def test_completions_batches_and_their_endpoint(gw):
     wrong = await gw.client.post("/v1/batches", json=body, headers=gw.admin)
     assert wrong.status_code == 400 and "/v1/completions" in wrong.json()["error"]["message"]
     for field, value, phrase in (
-        ("endpoint", "/v1/responses", "not served by this gateway"),
-        ("endpoint", "/v1/embeddings", "/v1/chat/completions or /v1/completions"),
+        ("endpoint", "/v1/embeddings", "not served by this gateway"),
+        ("endpoint", "/v1/nowhere", "/v1/chat/completions or /v1/completions or /v1/responses"),
         ("completion_window", "1h", "'24h'"),
     ):
         refused = await gw.client.post("/v1/batches", json=body | {field: value}, headers=gw.admin)
@@ -162,7 +162,8 @@ async def test_completions_batches_and_their_endpoint(gw):
 BAD_FILES = [
     ([chat_line("a", "x"), chat_line("a", "y")], "line 2: custom_id 'a' is used by an earlier line"),
     ([chat_line("a", "x"), chat_line("b", "y") | {"method": "GET"}], "line 2: method must be POST"),
-    ([chat_line("a", "x") | {"url": "/v1/responses"}], "line 1: url /v1/responses is not served"),
+    ([chat_line("a", "x") | {"url": "/v1/embeddings"}], "line 1: url /v1/embeddings is not served"),
+    ([chat_line("a", "x") | {"url": "/v1/responses"}], "line 1: body: 'input' is required"),
     (
         [chat_line("a", "x"), {**chat_line("b", "y"), "url": "/v1/completions"}],
         "line 2: url is /v1/completions, but earlier lines use /v1/chat/completions",
