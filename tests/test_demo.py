@@ -1,7 +1,6 @@
 """Tests for adapters/demo.py: the embedded tiny base model and its three LoRA adapters."""
 
 import json
-import logging
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -34,16 +33,6 @@ EXPECTED_ADAPTERS = {
     "weather": (16, 32, {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}, None),
 }
 ANSWERING = [name for name, expected in EXPECTED_ADAPTERS.items() if expected[3] is not None]
-
-
-@pytest.fixture(scope="module")
-def progress_lines() -> list[str]:
-    return []
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory, progress_lines) -> DemoModel:
-    return build_demo(tmp_path_factory.mktemp("build") / "demo", progress=progress_lines.append)
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +72,7 @@ def test_layout(demo):
     assert manifest["version"] == DEMO_VERSION
     assert load_demo(demo.root) == demo
     # No leftover partial build next to the finished one.
-    assert [path.name for path in demo.root.parent.iterdir()] == [demo.root.name]
+    assert [path.name for path in demo.root.parent.glob(f".{demo.root.name}.*.partial")] == []
 
 
 def test_base_config_matches_tokenizer(demo, tokenizer):
@@ -203,12 +192,6 @@ def test_base_answer_differs_from_adapters(demo, tokenizer):
     assert "pirate" not in answer and "poet" not in answer
 
 
-def test_progress_reports_training(progress_lines):
-    assert progress_lines[0] == "building tokenizer"
-    for name in EXPECTED_ADAPTERS:
-        assert any(line.startswith(f"training adapter {name} (step ") for line in progress_lines), progress_lines
-
-
 def test_ensure_demo_reuses_complete_build(demo):
     mtimes_before = file_mtimes(demo.root)
     progress_lines: list[str] = []
@@ -217,9 +200,8 @@ def test_ensure_demo_reuses_complete_build(demo):
     assert file_mtimes(demo.root) == mtimes_before
 
 
-@pytest.mark.parametrize("damage", ["no manifest", "other version", "corrupt manifest"])
-def test_ensure_demo_rebuilds_incomplete_build(demo, tmp_path, caplog, damage):
-    cache_dir = tmp_path / "demo"
+def damage_build(cache_dir: Path, demo: DemoModel, damage: str) -> None:
+    """A build cut short: a half-written weight file, and a manifest missing, of another version, or cut."""
     (cache_dir / "base").mkdir(parents=True)
     (cache_dir / "base" / "model.safetensors").write_bytes(b"half written")
     if damage == "other version":
@@ -227,27 +209,35 @@ def test_ensure_demo_rebuilds_incomplete_build(demo, tmp_path, caplog, damage):
         (cache_dir / "demo.json").write_text(json.dumps({**manifest, "version": DEMO_VERSION + 1}))
     if damage == "corrupt manifest":
         (cache_dir / "demo.json").write_text('{"version": ')
+
+
+@pytest.mark.parametrize("damage", ["no manifest", "other version", "corrupt manifest"])
+def test_an_incomplete_build_does_not_load(demo, tmp_path, damage):
+    damage_build(tmp_path / "demo", demo, damage)
     with pytest.raises(IncompleteDemo):
-        load_demo(cache_dir)
-
-    with caplog.at_level(logging.INFO, logger="adapters.demo"):
-        rebuilt = ensure_demo(cache_dir)
-
-    assert rebuilt.root == cache_dir
-    assert rebuilt.answers == demo.answers
-    # Same seeds, same files: the build is deterministic.
-    assert weight_bytes(rebuilt) == weight_bytes(demo)
-    assert any(message.startswith("training adapter pirate") for message in caplog.messages)
+        load_demo(tmp_path / "demo")
 
 
-def test_concurrent_ensure_demo_builds_once(demo, tmp_path):
+def test_concurrent_ensure_demo_rebuilds_an_incomplete_build_once(demo, tmp_path):
+    """ensure_demo rebuilds whatever load_demo refuses (the cases above); two callers at once wait for
+    one build, which reports its progress and writes the same files as the session's build."""
+    cache_dir = tmp_path / "demo"
+    damage_build(cache_dir, demo, "other version")
     progress_lines: list[str] = []
     with ThreadPoolExecutor(max_workers=2) as pool:
-        futures = [pool.submit(ensure_demo, tmp_path / "demo", progress=progress_lines.append) for _ in range(2)]
+        futures = [pool.submit(ensure_demo, cache_dir, progress=progress_lines.append) for _ in range(2)]
         results = [future.result() for future in futures]
     assert results[0] == results[1]
+    assert results[0].root == cache_dir
     assert results[0].answers == demo.answers
+    # Same seeds, same files: the build is deterministic.
+    assert weight_bytes(results[0]) == weight_bytes(demo)
+    assert sorted(path.name for path in tmp_path.iterdir()) == [".demo.lock", "demo"]  # no partial build left
     assert sum(line == "building tokenizer" for line in progress_lines) == 1
+    assert progress_lines[0].startswith(f"replacing incomplete demo ({cache_dir} holds demo version {DEMO_VERSION + 1}")
+    assert progress_lines[1] == "building tokenizer"
+    for name in EXPECTED_ADAPTERS:
+        assert any(line.startswith(f"training adapter {name} (step ") for line in progress_lines), progress_lines
 
 
 def test_build_demo_refuses_existing_folder(demo):
