@@ -16,6 +16,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from server.http.bodies import metadata_problem
 from server.http.errors import GatewayError, InvalidRequest, _validation_error, as_gateway_error
 from server.openai import chat, completions
 from server.openai.protocol import ChatCompletionRequest, CompletionRequest
@@ -26,7 +27,6 @@ BATCH, BATCH_OUTPUT = "batch", "batch_output"
 COMPLETION_WINDOW = "24h"
 WINDOW_SECONDS = 24 * 3600
 MAX_CUSTOM_ID = 512
-MAX_METADATA_PAIRS, MAX_METADATA_KEY, MAX_METADATA_VALUE = 16, 64, 512
 NOT_SERVED = ("/v1/embeddings", "/v1/moderations")
 
 
@@ -98,13 +98,8 @@ class CreateBatch(BaseModel):
     @field_validator("metadata")
     @classmethod
     def _metadata_bounded(cls, metadata: dict[str, str] | None) -> dict[str, str] | None:
-        if metadata is None:
-            return None
-        if len(metadata) > MAX_METADATA_PAIRS:
-            raise ValueError(f"at most {MAX_METADATA_PAIRS} pairs")
-        for key, value in metadata.items():
-            if len(key) > MAX_METADATA_KEY or len(value) > MAX_METADATA_VALUE:
-                raise ValueError(f"keys are at most {MAX_METADATA_KEY} characters, values {MAX_METADATA_VALUE}")
+        if problem := metadata_problem(metadata):
+            raise ValueError(problem)
         return metadata
 
 

@@ -27,11 +27,11 @@ from adapters.training.lora_settings import resolve_lora_settings
 from adapters.validate import NAME_PATTERN
 from server.finetune.files import FINE_TUNE, TrainingFiles
 from server.http.auth import Principal
+from server.http.bodies import metadata_problem
 from server.http.errors import GatewayError, InvalidRequest, ModelNotFound, UnsupportedParameter
 from server.http.tenancy import Tenants
 
 VALIDATING = "validating_files"
-MAX_METADATA_PAIRS = 16
 SUFFIX_PATTERN = re.compile(r"[A-Za-z0-9._-]+")
 
 
@@ -228,13 +228,8 @@ class FineTuningJobs:
 
     @staticmethod
     def _check_metadata(metadata: dict[str, str] | None) -> None:
-        if metadata is None:
-            return
-        if len(metadata) > MAX_METADATA_PAIRS:
-            raise InvalidRequest(f"metadata holds at most {MAX_METADATA_PAIRS} pairs", param="metadata")
-        for key, value in metadata.items():
-            if len(key) > 64 or len(value) > 512:
-                raise InvalidRequest("metadata keys are at most 64 characters, values 512", param="metadata")
+        if problem := metadata_problem(metadata):
+            raise InvalidRequest(problem, param="metadata")
 
     async def get(self, job_id: str, principal: Principal) -> JobRow:
         row = await asyncio.to_thread(self.records.job, job_id)

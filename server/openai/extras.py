@@ -11,13 +11,11 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, field_validator
 
+from server.http.bodies import MAX_METADATA_VALUE, metadata_problem
 from server.http.errors import InvalidRequest
 
 MAX_LOGIT_BIAS = 300  # tokens one request may bias, as OpenAI bounds it
 MAX_STOP_TOKEN_IDS = 64
-MAX_METADATA_PAIRS = 16  # OpenAI's bounds on metadata
-MAX_METADATA_KEY = 64
-MAX_METADATA_VALUE = 512
 MAX_IDENTIFIER_CHARS = 256
 
 Bias = Annotated[float, Field(ge=-100.0, le=100.0)]
@@ -57,11 +55,8 @@ class ExtraFields(BaseModel):
     @field_validator("metadata")
     @classmethod
     def _metadata_bounds(cls, metadata: dict[str, str] | None) -> dict[str, str] | None:
-        if metadata is not None:
-            if len(metadata) > MAX_METADATA_PAIRS:
-                raise ValueError(f"at most {MAX_METADATA_PAIRS} key-value pairs")
-            if any(len(key) > MAX_METADATA_KEY for key in metadata):
-                raise ValueError(f"keys are at most {MAX_METADATA_KEY} characters")
+        if problem := metadata_problem(metadata):
+            raise ValueError(problem)
         return metadata
 
     @field_validator("store")

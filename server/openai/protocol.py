@@ -9,8 +9,9 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from server.http.bodies import NullMeansAbsent
 from server.http.errors import InvalidRequest
 from server.openai.extras import ExtraFields
 from server.openai.structured import ResponseFormat, StructuredOutputs
@@ -34,15 +35,8 @@ NonEmptyText = Annotated[str, Field(min_length=1)]
 ModelName = Annotated[str, Field(min_length=1, max_length=MAX_NAME_CHARS)]
 
 
-class _Request(BaseModel):
+class _Request(NullMeansAbsent):
     model_config = ConfigDict(extra="forbid")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _null_means_absent(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            return {key: value for key, value in data.items() if value is not None}
-        return data
 
 
 class StreamOptions(_Request):

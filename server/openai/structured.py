@@ -16,10 +16,11 @@ from collections import OrderedDict
 from typing import Annotated, Any, Literal
 
 from fastapi import Depends, Request
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
 from server.engine import grammar
 from server.engine.protocol import OutputConstraint
+from server.http.bodies import NullMeansAbsent
 from server.http.errors import EngineUnavailable, InvalidRequest, Overloaded
 
 MAX_GRAMMAR_BYTES = 64 * 1024  # a schema (as JSON), a regex or a grammar
@@ -32,15 +33,8 @@ CACHED_VERDICTS = 1024
 SCHEMA_NAME = r"^[A-Za-z0-9_-]{1,64}$"
 
 
-class _Strict(BaseModel):
+class _Strict(NullMeansAbsent):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _null_means_absent(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            return {key: value for key, value in data.items() if value is not None}
-        return data
 
 
 class JsonSchemaFormat(_Strict):

@@ -12,11 +12,12 @@ from __future__ import annotations
 import random
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import ConfigDict, Field, ValidationError
 
 from adapters.compose import MAX_INPUTS, SIGN_METHODS, Recipe
 from adapters.errors import InvalidComposition
 from server.engine.protocol import OutputConstraint
+from server.http.bodies import NullMeansAbsent
 from server.http.errors import InvalidRequest
 from server.openai.protocol import MAX_NAME_CHARS, MAX_STOP, ModelName
 from server.openai.structured import schema_text
@@ -52,16 +53,9 @@ class ForeignAdapterSource(InvalidRequest):
         )
 
 
-class _Model(BaseModel):
+class _Model(NullMeansAbsent):
+    # Both clients send null (lorax-client) or nothing (huggingface_hub) for a parameter not set.
     model_config = ConfigDict(extra="forbid")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _null_means_absent(cls, data: Any) -> Any:
-        # Both clients send null (lorax-client) or nothing (huggingface_hub) for a parameter not set.
-        if isinstance(data, dict):
-            return {key: value for key, value in data.items() if value is not None}
-        return data
 
 
 class MergedAdapters(_Model):

@@ -13,12 +13,12 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from server.http.bodies import NullMeansAbsent, metadata_problem
 from server.http.errors import InvalidRequest, _validation_error
 from server.openai.protocol import MAX_TOOLS, FunctionName, ModelName, Temperature, TopP
 from server.openai.structured import SCHEMA_NAME
 
 MAX_INPUT_ITEMS = 2048
-MAX_METADATA_PAIRS, MAX_METADATA_KEY, MAX_METADATA_VALUE = 16, 64, 512
 MAX_ID_CHARS = 256
 HOSTED_TOOLS = (
     "web_search",
@@ -36,31 +36,17 @@ HOSTED_TOOLS = (
 )
 
 
-class _Model(BaseModel):
+class _Model(NullMeansAbsent):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
-    @model_validator(mode="before")
-    @classmethod
-    def _null_means_absent(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            return {key: value for key, value in data.items() if value is not None}
-        return data
 
-
-class _Item(BaseModel):
+class _Item(NullMeansAbsent):
     """An input item: clients send back the items a response gave them, with their ids and status."""
 
     model_config = ConfigDict(extra="forbid")
 
     id: Annotated[str, Field(max_length=MAX_ID_CHARS)] | None = None
     status: Literal["in_progress", "completed", "incomplete"] | None = None
-
-    @model_validator(mode="before")
-    @classmethod
-    def _null_means_absent(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            return {key: value for key, value in data.items() if value is not None}
-        return data
 
 
 class TextContent(_Model):
@@ -245,13 +231,8 @@ class ResponsesRequest(_Model):
     @field_validator("metadata")
     @classmethod
     def _metadata_bounded(cls, metadata: dict[str, str] | None) -> dict[str, str] | None:
-        if metadata is None:
-            return None
-        if len(metadata) > MAX_METADATA_PAIRS:
-            raise ValueError(f"at most {MAX_METADATA_PAIRS} pairs")
-        for key, value in metadata.items():
-            if len(key) > MAX_METADATA_KEY or len(value) > MAX_METADATA_VALUE:
-                raise ValueError(f"keys are at most {MAX_METADATA_KEY} characters, values {MAX_METADATA_VALUE}")
+        if problem := metadata_problem(metadata):
+            raise ValueError(problem)
         return metadata
 
     @property
