@@ -202,13 +202,17 @@ async def test_switching_to_first_come_lets_every_waiting_request_in():
         queue.set_policy("priority")
 
 
-def test_the_default_depth_is_the_engines_batch_and_with_ray_every_replicas():
+def test_the_default_depth_is_past_the_engines_batch_and_with_ray_every_replicas():
     from server.config import Settings
 
     assert Settings(max_num_seqs=16).engine_sequences == 16
     assert Settings(ray=True, replicas=3, max_num_seqs=8).engine_sequences == 24
     # Autoscaling: room for the most replicas, so that Serve still sees the load it scales on.
     assert Settings(ray=True, min_replicas=1, max_replicas=5, max_num_seqs=8).engine_sequences == 40
+    # The queue lets half as many again into the engine, whose own queue holds them in fair order.
+    assert Settings(max_num_seqs=16).fair_depth == 24
+    assert Settings(ray=True, replicas=3, max_num_seqs=8).fair_depth == 36
+    assert Settings(max_num_seqs=16, fair_queue_depth=16).fair_depth == 16
     with pytest.raises(ValueError, match="--scheduling must be fair or fcfs"):
         Settings(scheduling="priority")
 
