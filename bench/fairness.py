@@ -171,14 +171,15 @@ async def measure(url: str, rounds: int, seconds: float) -> dict:
 
 
 def summarize(runs: dict[str, list[dict]]) -> dict:
-    def median(policy: str, *path: str) -> float:
+    def median(policy: str, *path: str) -> float | None:
         values = []
         for run in runs[policy]:
             value = run
             for step in path:
                 value = value[step]
-            values.append(value)
-        return round(statistics.median(values), 4)
+            if value is not None:  # None: no request of that tenant completed in that phase
+                values.append(value)
+        return round(statistics.median(values), 4) if values else None
 
     summary: dict = {"rounds": runs}
     for policy in runs:
@@ -283,7 +284,7 @@ def main() -> int:
             "load_average_after": [round(x, 2) for x in os.getloadavg()],
             "max_num_seqs": args.max_num_seqs,
             "phase_seconds": args.phase_seconds,
-            "fair_queue_depth": args.fair_queue_depth or args.max_num_seqs,
+            "fair_queue_depth": args.fair_queue_depth or args.max_num_seqs * 3 // 2,
         }
     finally:
         pool.stop_all()

@@ -292,7 +292,9 @@ class Settings(BaseSettings):
         None,
         ge=1,
         description="with --scheduling fair: sequences let into the engine at once, the rest wait at the gateway "
-        "in fair order (default: --max-num-seqs, times --replicas or --max-replicas with --ray)",
+        "in fair order. Above the engine's batch, the few extra wait in the engine's own queue, in the same fair "
+        "order, and fill a slot the moment it frees (default: 1.5 x --max-num-seqs, times --replicas or "
+        "--max-replicas with --ray)",
     )
     admin_weight: float = Field(
         1.0,
@@ -429,10 +431,16 @@ class Settings(BaseSettings):
 
     @property
     def engine_sequences(self) -> int:
-        """Sequences every engine replica together batches at once: the fair queue's default depth."""
+        """Sequences every engine replica together batches at once (the fair queue's default depth is half as much again)."""
         if not self.ray:
             return self.max_num_seqs
         return self.max_num_seqs * (self.max_replicas or self.replicas)
+
+    @property
+    def fair_depth(self) -> int:
+        """The fair queue's depth: --fair-queue-depth, or the engine's batch and half as many again, so that the
+        engine's queue holds the next requests (in fair order) when a sequence ends."""
+        return self.fair_queue_depth or self.engine_sequences + self.engine_sequences // 2
 
     @property
     def catalog_location(self) -> str:

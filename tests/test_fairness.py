@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from server.engine.protocol import EngineDead
-from server.openai.fairness import ADMIN_KEY, FIRST_COME, FairQueue, Turn
+from server.openai.fairness import ADMIN_KEY, BACKGROUND_PRIORITY, FIRST_COME, FairQueue, Turn
 
 
 class FakeClock:
@@ -53,7 +53,7 @@ def closed_loop(queue: FairQueue, engine: Engine, key: str, in_flight: int, weig
 
     async def client() -> None:
         while True:
-            turn = await queue.turn(key, weight, 1, 4)
+            turn = await queue.turn(key, weight, 1, 4, output_tokens=engine.tokens_per_request)
             engine.admit(turn)
             while turn.sequences:
                 await asyncio.sleep(0)
@@ -202,13 +202,17 @@ async def test_switching_to_first_come_lets_every_waiting_request_in():
         queue.set_policy("priority")
 
 
-def test_the_default_depth_is_the_engines_batch_and_with_ray_every_replicas():
+def test_the_default_depth_is_past_the_engines_batch_and_with_ray_every_replicas():
     from server.config import Settings
 
     assert Settings(max_num_seqs=16).engine_sequences == 16
     assert Settings(ray=True, replicas=3, max_num_seqs=8).engine_sequences == 24
     # Autoscaling: room for the most replicas, so that Serve still sees the load it scales on.
     assert Settings(ray=True, min_replicas=1, max_replicas=5, max_num_seqs=8).engine_sequences == 40
+    # The queue lets half as many again into the engine, whose own queue holds them in fair order.
+    assert Settings(max_num_seqs=16).fair_depth == 24
+    assert Settings(ray=True, replicas=3, max_num_seqs=8).fair_depth == 36
+    assert Settings(max_num_seqs=16, fair_queue_depth=16).fair_depth == 16
     with pytest.raises(ValueError, match="--scheduling must be fair or fcfs"):
         Settings(scheduling="priority")
 
@@ -236,3 +240,89 @@ async def test_a_slot_freed_between_a_clients_leaving_and_its_task_noticing_is_n
     assert (queue.in_flight, queue.waiting, queue.running) == (0, 0, {})
     again = await asyncio.wait_for(queue.turn("c", 1.0, 1, 1), 1)
     again.release()
+
+
+async def test_background_work_goes_in_only_while_no_interactive_request_waits():
+    queue = FairQueue(1, clock=FakeClock())
+    first = await queue.turn("a", 1.0, 1, 1)
+    line = asyncio.create_task(queue.turn("b", 1.0, 1, 1, background=True))  # b has the lower counter
+    await settle()
+    interactive = [asyncio.create_task(queue.turn("a", 1.0, 1, 1)) for _ in range(2)]
+    await settle()
+    assert queue.waiting == 3 and queue.waiting_for("b") == 1
+    first.release()
+    await settle()
+    assert interactive[0].done() and not line.done()  # arrived later, from the tenant served more
+    interactive[0].result().release()
+    await settle()
+    assert interactive[1].done() and not line.done()
+    interactive[1].result().release()
+    await settle()
+    assert line.done()  # nothing interactive waits now
+    line.result().release()
+    assert (queue.in_flight, queue.waiting, queue.running) == (0, 0, {})
+
+
+async def test_background_tokens_count_against_their_tenants_share():
+    queue = FairQueue(1, clock=FakeClock())
+    line = await queue.turn("a", 1.0, 1, 10, background=True)
+    waiting = [asyncio.create_task(queue.turn(key, 1.0, 1, 1)) for key in ("a", "b")]
+    await settle()
+    line.served(100)  # a's batch line: 10 + 2 × 100
+    assert queue.counters["a"] == pytest.approx(210)
+    line.release()
+    await settle()
+    assert waiting[1].done() and not waiting[0].done()  # b goes first: a's line was a's service
+    waiting[1].result().release()
+    await settle()
+    waiting[0].result().release()
+
+
+async def test_the_engine_priority_keeps_the_fair_order_past_the_engines_batch():
+    """Turns let in past the engine's batch wait in its queue, which serves the lowest priority first: a
+    light tenant's request passes the flood's queued ones, and background work comes after both."""
+    queue = FairQueue(7, clock=FakeClock())
+    flood = [await queue.turn("a", 1.0, 1, 4, output_tokens=32) for _ in range(5)]
+    priorities = [turn.priority for turn in flood]
+    assert priorities == sorted(priorities) and len(set(priorities)) == 5  # each after a's earlier ones
+    light = await queue.turn("b", 1.0, 1, 4, output_tokens=32)  # lifted to a's counter, with nothing reserved
+    assert light.priority < min(turn.priority for turn in flood[1:])
+    line = await asyncio.wait_for(queue.turn("b", 1.0, 1, 4, output_tokens=32, background=True), 1)
+    assert line.priority >= BACKGROUND_PRIORITY
+    for turn in [*flood, light, line]:
+        turn.release()
+    assert queue.reserved == {}  # what turns may still produce goes with them
+    queue.set_policy(FIRST_COME)
+    plain = await queue.turn("a", 1.0, 1, 4, output_tokens=32)
+    assert plain.priority == 0  # first come: the engine's arrival order
+    plain.release()
+
+
+@pytest.mark.parametrize(("weight_a", "weight_b"), [(1.0, 1.0), (2.0, 1.0)])
+async def test_a_queue_deeper_than_the_engine_shares_by_weight_in_the_engines_order(weight_a, weight_b):
+    """The engine runs 4 sequences; the queue lets 6 in, and the engine picks its next by priority."""
+    queue = FairQueue(6, clock=FakeClock())
+    engine = PriorityEngine(queue, tokens_per_request=6, batch=4)
+    tasks = closed_loop(queue, engine, "a", 64, weight_a) + closed_loop(queue, engine, "b", 64, weight_b)
+    await run_steps(engine, 400)
+    share = engine.served["a"] / (engine.served["a"] + engine.served["b"])
+    assert share == pytest.approx(weight_a / (weight_a + weight_b), abs=0.04)
+    await stop(tasks)
+
+
+class PriorityEngine(Engine):
+    """Runs at most `batch` turns; the others wait in its own queue, lowest priority first (vLLM's policy)."""
+
+    def __init__(self, queue: FairQueue, tokens_per_request: int, batch: int):
+        super().__init__(queue, tokens_per_request)
+        self.batch = batch
+        self.queued: list[Turn] = []
+
+    def admit(self, turn: Turn) -> None:
+        self.queued.append(turn)
+
+    def step(self) -> None:
+        self.queued.sort(key=lambda turn: turn.priority)
+        while self.queued and len(self.running) < self.batch:
+            super().admit(self.queued.pop(0))
+        super().step()

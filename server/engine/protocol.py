@@ -53,6 +53,8 @@ class SamplingOptions:
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
     stop_token_ids: tuple[int, ...] = ()
     skip_special_tokens: bool = True  # False keeps special tokens in the text (some tool-call syntaxes use them)
+    # Not sampling but scheduling: the engine's queue serves lower first (server/openai/fairness.py).
+    priority: int = 0
 
 
 @dataclass(slots=True)

@@ -72,6 +72,9 @@ class VllmEngine(Tokenizing):
             max_lora_rank=settings.max_lora_rank,
             max_model_len=max_model_len,
             max_num_seqs=settings.max_num_seqs,
+            # Requests queued in the engine go in the fair queue's order (each carries its priority);
+            # with equal priorities this is first come, first served.
+            scheduling_policy="priority",
             dtype=settings.dtype,
             gpu_memory_utilization=settings.kv_cache_fraction,
             # Sampling defaults come from the request, never from the model's files.
@@ -128,7 +131,7 @@ class VllmEngine(Tokenizing):
                 structured_outputs=structured_outputs(options.constraint),
             )
             async for output in self._llm.generate(
-                tokens_input(prompt_token_ids), params, request_id, lora_request=lora
+                tokens_input(prompt_token_ids), params, request_id, lora_request=lora, priority=options.priority
             ):
                 if options.constraint is not None and any(c.finish_reason == "error" for c in output.outputs):
                     # The engine core fails a request whose grammar it could not compile this way.

@@ -12,7 +12,18 @@ credit. A tenant that asks for less than its share is never above the others, an
 soon as a slot frees.
 
 Counters advance as tokens come out of the engine (`Turn.served`), as the paper's do: a request's
-cost is not known until it ends. docs/fairness.md explains the choice over vLLM's priority policy.
+cost is not known until it ends.
+
+The queue may let a few more sequences in than the engine batches (`depth` above --max-num-seqs),
+so that a slot that frees is filled at once from the engine's own queue. Each turn then carries a
+`priority` for the engine's priority policy (lower goes first): the tenant's counter plus the
+output its requests already in the engine may still produce (their max_tokens, less what they
+produced), which is the virtual time at which this request's service starts. The engine's queue
+then serves in the same fair order, and a light tenant's request passes a flood's queued ones.
+
+Background work (batch lines, server/http/priority.py) waits in a class of its own: it goes in only
+while no interactive request waits, and with the engine's lowest priorities. Its tokens count
+against its tenant's counter like any other. docs/fairness.md explains the design.
 """
 
 from __future__ import annotations
@@ -30,6 +41,8 @@ OUTPUT_WEIGHT = 2.0
 FAIR = "fair"
 FIRST_COME = "fcfs"
 POLICIES = (FAIR, FIRST_COME)
+# Added to a background turn's priority: the engine schedules it after every interactive request.
+BACKGROUND_PRIORITY = 1 << 40
 
 
 @dataclass(eq=False)
@@ -40,22 +53,33 @@ class _Waiter:
     prompt_tokens: int
     order: int
     enqueued_at: float
+    output_tokens: int  # the most it may produce (max_tokens × its sequences)
+    background: bool
     ready: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
 class Turn:
     """A request let into the engine: its slots, and the service it is charged for."""
 
-    def __init__(self, queue: FairQueue, key: str, weight: float, sequences: int):
+    def __init__(self, queue: FairQueue, key: str, weight: float, sequences: int, priority: int, reserved: float):
         self._queue = queue
         self.key = key
         self.weight = weight
         self.sequences = sequences  # slots still held
+        self.priority = priority  # for the engine's priority policy: lower goes first
+        self._reserved = reserved  # weighted output it may still produce, counted in its tenant's reservation
 
     def served(self, output_tokens: int) -> None:
         """Charge the tenant for tokens the engine produced for this request."""
         if output_tokens > 0:
-            self._queue._charge(self.key, self.weight, output_tokens * self._queue.output_weight)
+            service = output_tokens * self._queue.output_weight
+            self._queue._charge(self.key, self.weight, service)
+            self._unreserve(min(self._reserved, service / self.weight))
+
+    def _unreserve(self, amount: float) -> None:
+        if amount > 0:
+            self._reserved -= amount
+            self._queue._unreserve(self.key, amount)
 
     def finished(self, sequences: int) -> None:
         """Give back the slots of sequences that ended (one prompt of several, say)."""
@@ -66,6 +90,7 @@ class Turn:
 
     def release(self) -> None:
         """Give back every slot still held; safe to call more than once."""
+        self._unreserve(self._reserved)
         self.finished(self.sequences)
 
 
@@ -91,7 +116,10 @@ class FairQueue:
         self.in_flight = 0  # sequences in the engine
         self.counters: dict[str, float] = {}
         self.running: dict[str, int] = {}  # sequences in the engine, by tenant
-        self._waiting: dict[str, deque[_Waiter]] = {}
+        # Weighted output that each tenant's requests in the engine may still produce.
+        self.reserved: dict[str, float] = {}
+        self._waiting: dict[str, deque[_Waiter]] = {}  # interactive requests, by tenant
+        self._background: dict[str, deque[_Waiter]] = {}  # background work, by tenant
         self._last_left = 0.0  # the counter of the last tenant with nothing left waiting or running
         self._order = itertools.count()
         self._failure: BaseException | None = None
@@ -102,10 +130,16 @@ class FairQueue:
     @property
     def waiting(self) -> int:
         """Requests waiting for a slot."""
-        return sum(len(queue) for queue in self._waiting.values())
+        return sum(len(queue) for queues in (self._waiting, self._background) for queue in queues.values())
 
     def waiting_for(self, key: str) -> int:
-        return len(self._waiting.get(key, ()))
+        return len(self._waiting.get(key, ())) + len(self._background.get(key, ()))
+
+    def _queues(self, background: bool) -> dict[str, deque[_Waiter]]:
+        return self._background if background else self._waiting
+
+    def _has_waiting(self, key: str) -> bool:
+        return key in self._waiting or key in self._background
 
     def set_policy(self, policy: str) -> None:
         """`fair`, or `fcfs`: straight into the engine in arrival order, as vLLM alone does."""
@@ -113,26 +147,46 @@ class FairQueue:
             raise ValueError(f"the scheduling policy must be {' or '.join(POLICIES)}, not {policy!r}")
         self.policy = policy
         if policy == FIRST_COME:  # those waiting go in now, in their order
-            waiters = sorted((w for queue in self._waiting.values() for w in queue), key=lambda w: w.order)
+            queues = (*self._waiting.values(), *self._background.values())
+            waiters = sorted((w for queue in queues for w in queue), key=lambda w: w.order)
             self._waiting.clear()
+            self._background.clear()
             for waiter in waiters:
                 if not waiter.ready.done():
                     self._start(waiter, None)
         else:
             self._dispatch()
 
-    async def turn(self, key: str, weight: float, sequences: int, prompt_tokens: int) -> Turn:
-        """Wait until this request may go into the engine; cancelling the wait gives its place up."""
+    async def turn(
+        self,
+        key: str,
+        weight: float,
+        sequences: int,
+        prompt_tokens: int,
+        *,
+        output_tokens: int = 0,
+        background: bool = False,
+    ) -> Turn:
+        """Wait until this request may go into the engine; cancelling the wait gives its place up.
+
+        `output_tokens` is the most it may produce (for its priority in the engine); `background`
+        work waits until no interactive request does.
+        """
         if self._failure is not None:
             raise self._failure
-        waiter = _Waiter(key, weight, sequences, prompt_tokens, next(self._order), self.clock())
-        if self.policy == FIRST_COME or (not self._waiting and self.in_flight < self.depth):
-            self._lift(key)
+        waiter = _Waiter(
+            key, weight, sequences, prompt_tokens, next(self._order), self.clock(), output_tokens, background
+        )
+        if self.policy == FIRST_COME or (not self.waiting and self.in_flight < self.depth):
+            if not self._has_waiting(key):
+                self._lift(key)
             return self._start(waiter, None)
-        queue = self._waiting.get(key)
+        queues = self._queues(background)
+        queue = queues.get(key)
         if queue is None:
-            self._lift(key)
-            queue = self._waiting[key] = deque()
+            if not self._has_waiting(key):
+                self._lift(key)
+            queue = queues[key] = deque()
         queue.append(waiter)
         self._dispatch()
         try:
@@ -147,11 +201,12 @@ class FairQueue:
     def fail_waiting(self, error: BaseException) -> None:
         """The engine is gone: every waiting request, and every later one, fails with `error`."""
         self._failure = error
-        for queue in self._waiting.values():
+        for queue in (*self._waiting.values(), *self._background.values()):
             for waiter in queue:
                 if not waiter.ready.done():
                     waiter.ready.set_exception(error)
         self._waiting.clear()
+        self._background.clear()
 
     # -- inside ----------------------------------------------------------------------------------
 
@@ -159,32 +214,41 @@ class FairQueue:
         """A tenant with nothing waiting starts at the lowest counter of the other tenants waiting or
         running (with none, that of the last to leave), never below its own: time spent asking for
         less than its share, or nothing, earns no credit to spend later."""
-        active = (self.counters[k] for k in {*self._waiting, *self.running} if k != key)
+        active = (self.counters[k] for k in {*self._waiting, *self._background, *self.running} if k != key)
         floor = min(active, default=self._last_left)
         self.counters[key] = max(self.counters.get(key, 0.0), floor)
 
     def _dispatch(self) -> None:
-        while self._waiting and self.in_flight < self.depth:
+        while self.in_flight < self.depth:
+            queues = self._waiting or self._background  # background work only while nobody else waits
+            if not queues:
+                return
             # Equal counters (a tenant just lifted to another's): the one with less in the engine first.
-            key = min(
-                self._waiting, key=lambda k: (self.counters[k], self.running.get(k, 0), self._waiting[k][0].order)
-            )
-            queue = self._waiting[key]
+            key = min(queues, key=lambda k: (self.counters[k], self.running.get(k, 0), queues[k][0].order))
+            queue = queues[key]
             waiter = queue.popleft()
             if waiter.ready.done():  # its client left; its task has not run to drop it yet
                 if not queue:
-                    del self._waiting[key]
+                    del queues[key]
                     self._left(key)
                 continue
             self._start(waiter, queue)
 
     def _start(self, waiter: _Waiter, queue: deque[_Waiter] | None) -> Turn:
+        key, weight = waiter.key, waiter.weight
         if queue is not None and not queue:
-            self._waiting.pop(waiter.key, None)
+            self._queues(waiter.background).pop(key, None)
         self.in_flight += waiter.sequences
-        self.running[waiter.key] = self.running.get(waiter.key, 0) + waiter.sequences
-        turn = Turn(self, waiter.key, waiter.weight, waiter.sequences)
-        self._charge(waiter.key, waiter.weight, waiter.prompt_tokens * self.input_weight)
+        self.running[key] = self.running.get(key, 0) + waiter.sequences
+        # Its service starts after what the tenant's requests in the engine may still produce.
+        start = self.counters.get(key, 0.0) + self.reserved.get(key, 0.0)
+        priority = 0 if self.policy == FIRST_COME else round(start)
+        if waiter.background:
+            priority += BACKGROUND_PRIORITY
+        reserved = waiter.output_tokens * self.output_weight / weight
+        self.reserved[key] = self.reserved.get(key, 0.0) + reserved
+        turn = Turn(self, key, weight, waiter.sequences, priority, reserved)
+        self._charge(key, weight, waiter.prompt_tokens * self.input_weight)
         if self.on_waited is not None:
             self.on_waited(waiter.key, self.clock() - waiter.enqueued_at)
         if not waiter.ready.done():
@@ -192,18 +256,26 @@ class FairQueue:
         return turn
 
     def _drop(self, waiter: _Waiter) -> None:
-        queue = self._waiting.get(waiter.key)
+        queues = self._queues(waiter.background)
+        queue = queues.get(waiter.key)
         if queue is None or waiter not in queue:
             return
         queue.remove(waiter)
         if not queue:
-            del self._waiting[waiter.key]
+            del queues[waiter.key]
             self._left(waiter.key)
 
     def _charge(self, key: str, weight: float, service: float) -> None:
         self.counters[key] = self.counters.get(key, 0.0) + service / weight
         if self.on_served is not None and service:
             self.on_served(key, service)
+
+    def _unreserve(self, key: str, amount: float) -> None:
+        left = self.reserved.get(key, 0.0) - amount
+        if left > 1e-9:
+            self.reserved[key] = left
+        else:
+            self.reserved.pop(key, None)
 
     def _give_back(self, key: str, sequences: int) -> None:
         self.in_flight -= sequences
@@ -216,5 +288,5 @@ class FairQueue:
         self._dispatch()
 
     def _left(self, key: str) -> None:
-        if key not in self._waiting and key not in self.running:
+        if not self._has_waiting(key) and key not in self.running:
             self._last_left = self.counters[key]

@@ -6,7 +6,7 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -37,6 +37,7 @@ from server.http.errors import (
     TooManySequences,
 )
 from server.http.observe import RequestRecord
+from server.http.priority import is_background
 from server.http.tenancy import TenantNotFound, Tenants
 from server.openai.fairness import ADMIN_KEY, FairQueue, Turn
 
@@ -373,10 +374,18 @@ class Generator:
             return tenant, 1.0
 
     async def _turn(self, job: Job) -> Turn:
-        """Wait for this job's turn in the engine; 503 if the engine died meanwhile."""
+        """Wait for this job's turn in the engine (batch lines after interactive requests); 503 if the
+        engine died meanwhile."""
         key, weight = self._share(job.admission.tenant)
         prompt_tokens = sum(len(prompt) for prompt in job.prompts)
-        turn = await self.fair_queue.turn(key, weight, job.admission.sequences, prompt_tokens)
+        turn = await self.fair_queue.turn(
+            key,
+            weight,
+            job.admission.sequences,
+            prompt_tokens,
+            output_tokens=job.options.max_tokens * job.admission.sequences,
+            background=is_background(),
+        )
         if not self.engine.is_healthy:
             turn.release()
             raise EngineDead
@@ -386,13 +395,14 @@ class Generator:
         turn: Turn | None = None
         try:
             turn = await self._turn(job)
+            options = replace(job.options, priority=turn.priority)  # the engine's queue keeps the fair order
             async with self.registry.lease(job.admission.entry) as adapter:  # type: ignore[arg-type]
                 if len(job.prompts) == 1:
-                    steps = _single(self.engine.generate(job.request_id, job.prompts[0], job.options, adapter))
+                    steps = _single(self.engine.generate(job.request_id, job.prompts[0], options, adapter))
                 else:
                     steps = _merge(
                         [
-                            self.engine.generate(f"{job.request_id}-{i}", prompt, job.options, adapter)
+                            self.engine.generate(f"{job.request_id}-{i}", prompt, options, adapter)
                             for i, prompt in enumerate(job.prompts)
                         ]
                     )

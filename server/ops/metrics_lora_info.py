@@ -8,8 +8,9 @@ makes `name@id` (one per adapter version; `tenant/name@id` for a tenant's adapte
 
 - each engine name becomes the `model` a client sends: `pirate@2` -> `pirate`. A tenant calls its
   own adapter by its plain name, so `acme/support@7` -> `support`: two tenants' adapters of one name
-  then show as one, a routing hint that at worst costs a load, and tenants' names stay off
-  `/metrics`, which takes no key;
+  then show as one, a routing hint that at worst costs a load, and tenants' names stay out of
+  the series, which every holder of the admin key or --metrics-key reads (a picker holds the
+  latter);
 - the base model's zero adapter (`--lora-ops vllm`) is left out: base requests need no adapter;
 - names are deduplicated and joined with "," and no spaces (pickers split on "," without trimming);
 - the value (the time vLLM last set the series) and `max_lora` are kept;

@@ -18,7 +18,8 @@ from tests.training_data import TRAINING_ROWS, jsonl
 
 pytestmark = pytest.mark.engine
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
-# Nearly four engine batches (the session gateway's --max-num-seqs is 64), within its --max-in-flight (256).
+# Nearly four engine batches (the session gateway's --max-num-seqs is 64), past the fair queue's depth (96),
+# within its --max-in-flight (256).
 FLOOD = 240
 
 
@@ -55,7 +56,7 @@ async def test_a_light_tenant_is_served_ahead_of_another_tenants_flood(gateway):
         flooder = await new_tenant(client, "flooder", max_concurrent=FLOOD, requests_per_second=1000)
         light = await new_tenant(client, "light", max_concurrent=8, requests_per_second=1000)
         state = (await client.get("/v1/scheduling", headers=ADMIN)).json()
-        assert state["policy"] == "fair" and state["depth"] == 64
+        assert state["policy"] == "fair" and state["depth"] == 96  # --max-num-seqs 64, and half as many again
         fair_flood, fair_light = await flood_then_light(client, flooder, light)
         # The light tenant's requests take the first slots that free, not the flood's last.
         assert statistics.median(fair_light) < 0.6 * max(fair_flood), (fair_light, sorted(fair_flood))

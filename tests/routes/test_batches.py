@@ -342,3 +342,17 @@ def test_one_runner_claims_a_batch_and_another_takes_it_over_once_stale(tmp_path
     assert taken is not None and taken.runner == "gateway-b"
     assert records.heartbeat("batch_1", "gateway-a") is None  # gateway-a learns it is not its own
     catalog.close()
+
+
+async def test_batch_lines_reach_the_engine_at_its_lowest_priority(gw):
+    from server.openai.fairness import BACKGROUND_PRIORITY
+
+    acme = await tenant_key(gw, "acme")
+    batch = await start_batch(gw, acme, [chat_line("a", "later")])
+    assert (await wait_for(gw, batch["id"], acme, finished))["status"] == "completed"
+    direct = await gw.client.post("/v1/chat/completions", json=chat_line("i", "now")["body"], headers=acme)
+    assert direct.status_code == 200
+    (line, interactive) = [options.priority for _, _, options, _ in gw.engine.generated]
+    assert line >= BACKGROUND_PRIORITY > interactive >= 0
+    # The line's tokens were acme's service: its counter counts them (and its prompt).
+    assert gw.app.state.generator.fair_queue.counters["acme"] > 2 * 3 * 2

@@ -22,7 +22,7 @@ async def wait_until(check, seconds: float = 5.0) -> None:
 
 
 async def test_a_client_that_leaves_while_queued_gives_its_place_and_its_limits_back(tmp_path):
-    async with full_gateway(tmp_path / "state", max_num_seqs=2) as gw:
+    async with full_gateway(tmp_path / "state", max_num_seqs=2, fair_queue_depth=2) as gw:
         card = await gw.client.post(
             "/v1/tenants", json={"name": "acme", "limits": {"max_concurrent": 3}}, headers=gw.admin
         )
@@ -48,7 +48,7 @@ async def test_a_client_that_leaves_while_queued_gives_its_place_and_its_limits_
 
 
 async def test_requests_waiting_when_the_engine_dies_get_a_503_at_once(tmp_path):
-    async with full_gateway(tmp_path / "state", max_num_seqs=1) as gw:
+    async with full_gateway(tmp_path / "state", max_num_seqs=1, fair_queue_depth=1) as gw:
         gw.engine.release = asyncio.Event()
         running = asyncio.create_task(gw.client.post("/v1/completions", json=BODY, headers=gw.admin))
         await wait_until(lambda: _equals(gw, "in_flight", 1))
