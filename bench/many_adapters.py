@@ -177,16 +177,18 @@ class Phase:
     adapters: int
     start: float
     end: float
-    latencies: list[float] = field(default_factory=list)
+    completed: int = 0  # requests that ended inside the window, wherever they began
+    latencies: list[float] = field(default_factory=list)  # of those that also began inside it
     cold_ttft: list[float] = field(default_factory=list)
     warm_ttft: list[float] = field(default_factory=list)
     errors: int = 0
+    last_error: str = ""
 
     def summary(self) -> dict:
         seconds = self.end - self.start
         return {
             "adapters": self.adapters,
-            "requests_per_s": round(len(self.latencies) / seconds, 3),
+            "requests_per_s": round(self.completed / seconds, 3),
             "p50_s": _round(percentile(self.latencies, 50)),
             "p99_s": _round(percentile(self.latencies, 99)),
             "cold_requests": len(self.cold_ttft),
@@ -194,6 +196,7 @@ class Phase:
             "cold_ttft_p99_s": _round(percentile(self.cold_ttft, 99)),
             "warm_ttft_p50_s": _round(percentile(self.warm_ttft, 50)),
             "errors": self.errors,
+            "last_error": self.last_error,
         }
 
 
@@ -224,16 +227,21 @@ async def run_phase(
             body = {"model": model, "prompt": PROMPT, "max_tokens": tokens, "ignore_eos": True, "stream": True}
             sent = time.monotonic()
             first = None
-            async with session.post("/v1/completions", json=body) as response:
-                if response.status != 200:
-                    phase.errors += 1
-                    await response.read()
-                    await asyncio.sleep(0.1)
-                    continue
-                async for line in response.content:
-                    if first is None and line.startswith(b"data: {"):
-                        first = time.monotonic()
+            try:
+                async with session.post("/v1/completions", json=body) as response:
+                    if response.status != 200:
+                        raise RuntimeError(f"{response.status} {(await response.read())[:200]!r}")
+                    async for line in response.content:
+                        if first is None and line.startswith(b"data: {"):
+                            first = time.monotonic()
+            except (aiohttp.ClientError, RuntimeError) as exc:
+                phase.errors += 1
+                phase.last_error = str(exc)
+                await asyncio.sleep(0.1)
+                continue
             ended = time.monotonic()
+            if phase.start <= ended <= phase.end:
+                phase.completed += 1
             if sent >= phase.start and ended <= phase.end:
                 phase.latencies.append(ended - sent)
                 if first is not None:
@@ -316,15 +324,18 @@ async def measure(gateway: Launched, counts: list[int], rounds: int, args: argpa
     summary: dict = {"rounds": runs}
     small = counts[0]
     for count in counts:
-        med = {key: _median([run[key] for run in runs[count]]) for key in runs[count][0] if key != "adapters"}
-        med["p99_s_range"] = [min(r["p99_s"] or 0 for r in runs[count]), max(r["p99_s"] or 0 for r in runs[count])]
+        keys = [key for key in runs[count][0] if key not in ("adapters", "last_error")]
+        med = {key: _median([run[key] for run in runs[count]]) for key in keys}
+        p99s = [run["p99_s"] for run in runs[count] if run["p99_s"] is not None]
+        med["p99_s_range"] = [min(p99s), max(p99s)] if p99s else None
         summary[str(count)] = med
     base = summary[str(small)]
     for count in counts[1:]:
         entry = summary[str(count)]
-        entry["throughput_ratio"] = round(entry["requests_per_s"] / base["requests_per_s"], 3)
-        entry["p99_ratio"] = round(entry["p99_s"] / base["p99_s"], 3)
-        entry["p50_ratio"] = round(entry["p50_s"] / base["p50_s"], 3)
+        for key in ("requests_per_s", "p50_s", "p99_s"):
+            if entry[key] is not None and base[key]:
+                name = {"requests_per_s": "throughput", "p50_s": "p50", "p99_s": "p99"}[key]
+                entry[name + "_ratio"] = round(entry[key] / base[key], 3)
     summary["engine_cache_hit_rate"] = round(1 - reloads / requests, 4) if requests else None
     summary["tiers"] = tiers(gateway.log_path)
     summary["memory_mb"] = memory_mb(gateway.pid)
@@ -362,8 +373,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.many_adapters", description=__doc__.split("\n\n")[0])
     parser.add_argument("--adapters", type=int, default=1000, help="adapters registered and used (default 1000)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds; each has a phase per adapter count (default 3)")
-    parser.add_argument("--seconds", type=float, default=20, help="measured seconds of each phase (default 20)")
-    parser.add_argument("--warmup", type=float, default=5, help="seconds before each phase's window (default 5)")
+    parser.add_argument("--seconds", type=float, default=60, help="measured seconds of each phase (default 60)")
+    parser.add_argument("--warmup", type=float, default=10, help="seconds before each phase's window (default 10)")
     parser.add_argument("--in-flight", type=int, default=16, help="requests kept in flight (default 16)")
     parser.add_argument("--tokens", type=int, default=32, help="tokens per request, ignore_eos (default 32)")
     parser.add_argument(

@@ -66,7 +66,7 @@ async def test_outputs_equal_peft_while_adapters_move_between_tiers(churn, demo)
         for prompt in PROMPTS
     }
     # The adapters are told apart: a batch that applied one adapter's weights to another's rows fails.
-    assert len({tuple(expected[(model, PROMPTS[0])]) for model in models}) == len(models)
+    assert len({tuple(tuple(expected[(model, prompt)]) for prompt in PROMPTS) for model in models}) == len(models)
     headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
     async with httpx.AsyncClient(base_url=churn.url, headers=headers, timeout=300) as client:
         for name, folder in churn.adapters.items():
