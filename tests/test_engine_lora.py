@@ -7,6 +7,8 @@ from importlib.metadata import entry_points
 
 import pytest
 import torch
+from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
+from vllm.lora.layers.logits_processor import LogitsProcessorWithLoRA
 from vllm.lora.layers.utils import LoRAMapping
 from vllm.lora.model_manager import LoRAModelManager
 from vllm.lora.ops.torch_ops import bgmv_expand, bgmv_shrink
@@ -135,6 +137,29 @@ def test_products_use_each_slots_own_rank_and_skip_layers_it_leaves_alone():
     torch.testing.assert_close(ranked, full, rtol=1e-5, atol=1e-5)
 
 
+def test_a_reset_zeroes_what_the_slots_last_adapter_filled():
+    whole = []
+    reset = engine_lora.make_reset_lora(lambda layer, index: whole.append(index))
+    lora_a, lora_b = weights(256, (256, 128), free_slots=())
+    for tensor in lora_a:
+        tensor[1, :, 3:] = 0  # slot 1 holds a rank-3 adapter
+    for tensor in lora_b:
+        tensor[1, :, :, 3:] = 0
+    layer = type("Layer", (), {"lora_a_stacked": lora_a, "lora_b_stacked": lora_b})()
+    one = type("Weights", (), {"lora_a": [torch.zeros(3, 256), torch.zeros(3, 256)]})()
+    engine_lora.record_slot_ranks(layer, 1, one)
+    assert engine_lora.slot_rank(lora_a[0], 0) is None  # never recorded: zeroed whole
+    for slot in (0, 1):
+        reset(layer, slot)
+        for a, b in zip(lora_a, lora_b, strict=True):
+            assert not a[slot].any() and not b[slot].any()
+            assert engine_lora.slot_rank(a, slot) is None  # until activate_adapter records the next copy
+    assert lora_a[0][2].any() and lora_b[1][3].any()  # the other slots keep their adapters
+    assert whole == []  # vLLM's own reset (the whole slot) was not needed
+    assert engine_lora.make_reset_lora(lambda layer, index: whole.append(index))(object(), 0) is None
+    assert whole == [0]  # a layer of another layout: vLLM's own
+
+
 def test_tokens_without_an_adapter_stay_untouched_when_every_slot_is_taken():
     torch.manual_seed(3)
     slot_ids = [5, 6, 7, 8]
@@ -181,6 +206,8 @@ def test_registers_only_when_asked_and_once(monkeypatch):
     monkeypatch.setattr(PunicaWrapperCPU, "_gateway_grouped", False, raising=False)
     monkeypatch.setattr(LoRAModelManager, "activate_adapter", LoRAModelManager.activate_adapter)
     monkeypatch.setattr(LoRAModelManager, "_gateway_slot_ranks", False, raising=False)
+    for layer in (BaseLinearLayerWithLoRA, LogitsProcessorWithLoRA):
+        monkeypatch.setattr(layer, "reset_lora", layer.reset_lora)
     monkeypatch.delenv(engine_lora.ENV, raising=False)
     engine_lora.register()
     assert PunicaWrapperCPU.add_lora_linear is shipped

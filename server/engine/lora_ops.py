@@ -149,6 +149,46 @@ def record_slot_ranks(module: Any, slot: int, weights: Any) -> None:
         _SLOT_RANKS.setdefault(id(tensor), [None] * tensor.shape[0])[slot] = rank
 
 
+def _slot_tensors(module: Any) -> list[tuple[Any, Any]] | None:
+    """(stacked A, stacked B) per slice of a LoRA layer; None for a layout this does not know."""
+    stacked_a, stacked_b = getattr(module, "lora_a_stacked", None), getattr(module, "lora_b_stacked", None)
+    if stacked_a is None or stacked_b is None:
+        return None
+    if not isinstance(stacked_a, (tuple, list)):
+        stacked_a, stacked_b = (stacked_a,), (stacked_b,)
+    pairs = list(zip(stacked_a, stacked_b, strict=False))
+    if len(pairs) != len(stacked_a) or any(a.dim() != 4 or b.dim() != 4 for a, b in pairs):
+        return None
+    return pairs
+
+
+def make_reset_lora(original: Any) -> Any:
+    """A layer's reset_lora (vLLM calls it before each copy into a slot) that zeroes only the
+    rows and columns the slot's last adapter filled, not the whole slot at --max-lora-rank:
+    with a rank-8 adapter in a rank-64 slot, that is an eighth of the bytes, and nothing for a
+    layer it did not target. Measured on the benchmark's model: a whole slot takes 70 MB, and
+    zeroing it took most of a second of the step that brought a new adapter in."""
+
+    def reset_lora(self: Any, index: int) -> None:
+        pairs = _slot_tensors(self)
+        if pairs is None:
+            original(self, index)
+            return
+        for a, b in pairs:
+            rank = slot_rank(a, index)
+            if rank is None:
+                a[index] = 0
+                b[index] = 0
+            elif rank:
+                a[index, :, :rank] = 0
+                b[index, :, :, :rank] = 0
+            # Unknown until activate_adapter records what it copied in: a copy made any other
+            # way is then computed, and zeroed, whole.
+            _SLOT_RANKS.setdefault(id(a), [None] * a.shape[0])[index] = None
+
+    return reset_lora
+
+
 def make_activate_adapter(original: Any) -> Any:
     """LoRAModelManager.activate_adapter, then each module's slot rank recorded."""
 
@@ -194,7 +234,12 @@ def register() -> None:
     from vllm.lora.model_manager import LoRAModelManager
 
     if not getattr(LoRAModelManager, "_gateway_slot_ranks", False):
+        from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
+        from vllm.lora.layers.logits_processor import LogitsProcessorWithLoRA
+
         LoRAModelManager.activate_adapter = make_activate_adapter(LoRAModelManager.activate_adapter)
+        for layer in (BaseLinearLayerWithLoRA, LogitsProcessorWithLoRA):
+            layer.reset_lora = make_reset_lora(layer.reset_lora)
         LoRAModelManager._gateway_slot_ranks = True
     PunicaWrapperCPU.update_metadata = make_update_metadata(PunicaWrapperCPU.update_metadata)
     PunicaWrapperCPU.add_lora_linear = add_lora_linear
