@@ -23,7 +23,8 @@ import time
 from collections import OrderedDict
 from typing import Any
 
-logger = logging.getLogger(__name__)
+# Under "vllm", whose handler the engine's processes set up: a logger of our own has none there.
+logger = logging.getLogger("vllm.lora_gateway.host_tier")
 
 ENV = "LORA_GATEWAY_ADAPTER_CACHE_BYTES"  # the byte budget; unset or 0: no tier
 SUPPORTED_VLLM = ("0.32.",)
