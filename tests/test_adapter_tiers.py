@@ -141,3 +141,23 @@ def test_a_load_that_hits_costs_no_read_and_gives_a_copy():
     assert reads == [1, 2, 3, 1]
     remove(None, 1)  # removed from the engine: out of the tier too
     assert 1 not in tier
+
+
+def test_the_benchmark_reads_the_tiers_the_engine_logs(tmp_path: Path, caplog):
+    from bench.many_adapters import tiers
+    from server.engine import host_tier
+
+    tier = HostTier(budget=10)
+    tier.put(1, "adapter", 4)
+    tier.get(1)
+    with caplog.at_level("INFO", logger=host_tier.logger.name):
+        tier.report(1e9)
+    log = tmp_path / "gateway.log"
+    started = "adapter tiers: max_loras=22 batch slots, max_cpu_loras=44 ready in the engine, adapter_cache_bytes=99 "
+    log.write_text(started + "in the host tier\n" + caplog.text)
+    assert tiers(log) == {
+        "max_loras": 22,
+        "max_cpu_loras": 44,
+        "adapter_cache_bytes": 99,
+        "host_tier": {"adapters": 1, "bytes": 4, "hits": 1, "misses": 0},
+    }
