@@ -149,8 +149,8 @@ def start_gateway(
     ]  # fmt: skip
     env = {"VLLM_CPU_OMP_THREADS_BIND": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "nobind")}
     if code is not None:
-        env["PYTHONPATH"] = str(code)
-    launched = pool.start(name, argv, state / "gateway.log", env=env, url=f"http://127.0.0.1:{port}")
+        env["PYTHONPATH"] = str(code)  # and run from there: `python -m` puts the working folder first
+    launched = pool.start(name, argv, state / "gateway.log", env=env, url=f"http://127.0.0.1:{port}", cwd=code)
     wait_ready(launched, "/ready", 900)
     return launched
 
@@ -437,6 +437,7 @@ def main() -> int:
         type=Path,
         help="a source tree (e.g. a checkout of an earlier commit) the --before gateway runs from",
     )
+    parser.add_argument("--before-only", action="store_true", help="measure the --before gateway alone")
     parser.add_argument("--serve-args", default="", help="extra flags for the gateway under test (default none)")
     parser.add_argument("--plot", type=Path, help="write a plot (SVG or PNG, by the suffix) here")
     parser.add_argument(
@@ -456,7 +457,7 @@ def main() -> int:
     if counts[0] > min(counts):
         parser.error("--sweep must start with its smallest count: ratios are against it")
     base, folders = ensure_model(args.cache_dir, max(counts))
-    gateways = {"after": shlex.split(args.serve_args)}
+    gateways = {} if args.before_only else {"after": shlex.split(args.serve_args)}
     if args.before is not None:
         gateways = {"before": shlex.split(args.before), **gateways}
     pool = ProcessPool()
