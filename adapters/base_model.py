@@ -18,6 +18,7 @@ class BaseModelInfo:
 
     num_layers: int
     module_shapes: dict[str, tuple[int, int]]
+    vocab_size: int = 0
 
     @property
     def module_names(self) -> tuple[str, ...]:
@@ -39,13 +40,21 @@ class BaseModelInfo:
             "up_proj": (hidden, intermediate),
             "down_proj": (intermediate, hidden),
         }
-        return cls(num_layers=int(config["num_hidden_layers"]), module_shapes=shapes)
+        vocab = int(config.get("vocab_size") or 0)
+        return cls(num_layers=int(config["num_hidden_layers"]), module_shapes=shapes, vocab_size=vocab)
 
     @classmethod
     def from_model_dir(cls, model_dir: Path) -> BaseModelInfo:
         config = json.loads((Path(model_dir) / "config.json").read_text())
         # Multimodal wrappers keep the language model's numbers under text_config.
         return cls.from_config(config.get("text_config") or config)
+
+    def slot_bytes(self, rank: int, dtype_bytes: int) -> int:
+        """What one adapter slot of the engine takes: vLLM keeps, per slot, A and B at the largest
+        rank for every linear layer it can adapt (whatever an adapter targets) and the lm_head."""
+        per_layer = sum(inputs + outputs for inputs, outputs in self.module_shapes.values())
+        hidden = self.module_shapes["q_proj"][0]
+        return rank * dtype_bytes * (per_layer * self.num_layers + hidden + self.vocab_size)
 
     def layer_prefix(self, layer: int, module: str) -> str:
         group = "self_attn" if module in _ATTENTION else "mlp"

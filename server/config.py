@@ -23,6 +23,20 @@ CHOICES = {
 MIN_KEY_CHARS = 32
 
 
+SLOT_MEMORY_CAP = 2 << 30  # the most the derived --max-loras slots take
+HOST_TIER_CAP = 8 << 30  # the most the derived --adapter-cache-bytes holds
+
+
+def memory_bytes() -> int:
+    """The memory this process may use: the machine's, or its cgroup's limit if lower."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+    except OSError:
+        return total
+    return min(total, int(limit)) if limit.isdigit() else total
+
+
 def _default_cache_dir() -> Path:
     root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(root) / "lora-gateway"
@@ -49,8 +63,26 @@ class Settings(BaseSettings):
         default_factory=dict, description="adapters to serve at start, as NAME=PATH pairs"
     )
     # Both as in vLLM; with --lora-ops vllm the engine gets one more of each for the base model's zero adapter.
-    max_loras: int = Field(4, ge=1, description="distinct adapters in one batch, besides base-model requests")
-    max_cpu_loras: int = Field(16, ge=1, description="adapters resident in the engine at once")
+    # Unless given, the adapter tiers are sized from the base model and the memory (_size_adapter_tiers).
+    max_loras: int | None = Field(
+        None,
+        ge=1,
+        description="distinct adapters in one batch, besides base-model requests (default: --max-num-seqs, fewer "
+        "if that many slots at --max-lora-rank would take more than 1/16 of the memory, at most 2 GiB)",
+    )
+    max_cpu_loras: int | None = Field(
+        None,
+        ge=1,
+        description="adapters resident in the engine at once, ready to enter a batch slot (default: twice "
+        "--max-loras, at least 16)",
+    )
+    adapter_cache_bytes: int | None = Field(
+        None,
+        ge=0,
+        description="the engine's host tier: bytes of adapters kept parsed and checked in memory, least recently "
+        "used dropped first, so that an adapter out of --max-cpu-loras comes back with a copy, not a file read; "
+        "0 turns it off (default: 1/5 of the memory, at most 8 GiB)",
+    )
     max_lora_rank: int = Field(64, description="largest adapter rank accepted")
     max_model_len: int | None = Field(
         None, ge=16, description="context length in tokens (default: the model's, capped at 4096)"
@@ -391,6 +423,7 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _slots_consistent(self) -> Settings:
+        self._size_adapter_tiers()
         if self.max_cpu_loras < self.max_loras:
             raise ValueError("--max-cpu-loras must be at least --max-loras")
         autoscaling = (self.min_replicas, self.max_replicas, self.target_ongoing_requests)
@@ -411,6 +444,33 @@ class Settings(BaseSettings):
         if self.min_replicas is not None and self.max_replicas is not None and self.min_replicas > self.max_replicas:
             raise ValueError("--min-replicas must not exceed --max-replicas")
         return self
+
+    def _size_adapter_tiers(self) -> None:
+        """Fill in the tiers not given. Slots cost memory, not compute, with the grouped LoRA ops
+        (server/engine/lora_ops.py): a slot per sequence, so that the scheduler never holds a
+        request back because its adapter finds no slot, as far as 1/16 of the memory allows."""
+        memory = memory_bytes()
+        if self.max_loras is None:
+            slot = self._slot_bytes()
+            affordable = max(1, min(memory // 16, SLOT_MEMORY_CAP) // slot) if slot else self.max_num_seqs
+            self.max_loras = min(self.max_num_seqs, affordable, self.max_cpu_loras or self.max_num_seqs)
+        if self.max_cpu_loras is None:
+            self.max_cpu_loras = max(2 * self.max_loras, 16)
+        if self.adapter_cache_bytes is None:
+            self.adapter_cache_bytes = min(memory // 5, HOST_TIER_CAP)
+
+    def _slot_bytes(self) -> int:
+        """One engine slot's bytes for this base at --max-lora-rank; 0 when the base is not known yet."""
+        from adapters.base_model import BaseModelInfo
+
+        folder = self.base_model_dir()
+        try:
+            info = BaseModelInfo.from_model_dir(folder) if folder is not None else None
+        except (OSError, KeyError, ValueError):
+            info = None
+        if info is None:
+            return 0
+        return info.slot_bytes(self.max_lora_rank, 2 if self.dtype in ("bfloat16", "float16") else 4)
 
     def base_model_dir(self) -> Path | None:
         """The base model's folder: --model, or the demo's once built; None when it is not known."""

@@ -7,7 +7,10 @@ from importlib.metadata import entry_points
 
 import pytest
 import torch
+from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
+from vllm.lora.layers.logits_processor import LogitsProcessorWithLoRA
 from vllm.lora.layers.utils import LoRAMapping
+from vllm.lora.model_manager import LoRAModelManager
 from vllm.lora.ops.torch_ops import bgmv_expand, bgmv_shrink
 from vllm.lora.punica_wrapper.punica_base import PunicaWrapperBase
 from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
@@ -107,6 +110,56 @@ def test_the_lm_heads_lora_per_sampled_row(slot_ids):
     assert torch.allclose(expected[no_adapter], y[no_adapter]) == (slot_ids[-1] is None)
 
 
+def test_products_use_each_slots_own_rank_and_skip_layers_it_leaves_alone():
+    # Slots at RANK; the adapters in them have ranks 3 and 8, and one leaves the layer alone.
+    torch.manual_seed(5)
+    slot_ids = [7, 8, 9, None]
+    tokens = step_tokens(5, [7, 8, 9])
+    in_size, slices = LAYERS[0]
+    lora_a, lora_b = weights(in_size, slices, free_slots=(2, 3))
+    for tensor in lora_a:
+        tensor[0, :, 3:] = 0  # slot 0 holds a rank-3 adapter: rows past its rank are zero
+    for tensor in lora_b:
+        tensor[0, :, :, 3:] = 0
+    module = type("Layer", (), {"lora_a_stacked": lora_a})()
+    x, y = torch.randn(len(tokens), in_size), torch.randn(len(tokens), sum(slices))
+    full, ranked = y.clone(), y.clone()
+    engine_lora.add_lora_linear(grouped(wrapper(slot_ids, tokens)), full, x, lora_a, lora_b, 0.5, slices)
+    slot_weights = type("Weights", (), {})
+    for slot, rank in ((0, 3), (1, RANK)):
+        one = slot_weights()
+        one.lora_a = [torch.zeros(rank, in_size) for _ in slices]
+        engine_lora.record_slot_ranks(module, slot, one)
+    engine_lora.record_slot_ranks(module, 2, None)  # reset: slot 2's adapter does not target this layer
+    assert [engine_lora.slot_rank(lora_a[0], slot) for slot in range(4)] == [3, RANK, 0, None]
+    engine_lora.add_lora_linear(grouped(wrapper(slot_ids, tokens)), ranked, x, lora_a, lora_b, 0.5, slices)
+    assert not torch.equal(full, y)
+    torch.testing.assert_close(ranked, full, rtol=1e-5, atol=1e-5)
+
+
+def test_a_reset_zeroes_what_the_slots_last_adapter_filled():
+    whole = []
+    reset = engine_lora.make_reset_lora(lambda layer, index: whole.append(index))
+    lora_a, lora_b = weights(256, (256, 128), free_slots=())
+    for tensor in lora_a:
+        tensor[1, :, 3:] = 0  # slot 1 holds a rank-3 adapter
+    for tensor in lora_b:
+        tensor[1, :, :, 3:] = 0
+    layer = type("Layer", (), {"lora_a_stacked": lora_a, "lora_b_stacked": lora_b})()
+    one = type("Weights", (), {"lora_a": [torch.zeros(3, 256), torch.zeros(3, 256)]})()
+    engine_lora.record_slot_ranks(layer, 1, one)
+    assert engine_lora.slot_rank(lora_a[0], 0) is None  # never recorded: zeroed whole
+    for slot in (0, 1):
+        reset(layer, slot)
+        for a, b in zip(lora_a, lora_b, strict=True):
+            assert not a[slot].any() and not b[slot].any()
+            assert engine_lora.slot_rank(a, slot) is None  # until activate_adapter records the next copy
+    assert lora_a[0][2].any() and lora_b[1][3].any()  # the other slots keep their adapters
+    assert whole == []  # vLLM's own reset (the whole slot) was not needed
+    assert engine_lora.make_reset_lora(lambda layer, index: whole.append(index))(object(), 0) is None
+    assert whole == [0]  # a layer of another layout: vLLM's own
+
+
 def test_tokens_without_an_adapter_stay_untouched_when_every_slot_is_taken():
     torch.manual_seed(3)
     slot_ids = [5, 6, 7, 8]
@@ -151,6 +204,10 @@ def test_registers_only_when_asked_and_once(monkeypatch):
     monkeypatch.setattr(PunicaWrapperCPU, "add_lora_logits", shipped)
     monkeypatch.setattr(PunicaWrapperCPU, "update_metadata", PunicaWrapperBase.update_metadata)
     monkeypatch.setattr(PunicaWrapperCPU, "_gateway_grouped", False, raising=False)
+    monkeypatch.setattr(LoRAModelManager, "activate_adapter", LoRAModelManager.activate_adapter)
+    monkeypatch.setattr(LoRAModelManager, "_gateway_slot_ranks", False, raising=False)
+    for layer in (BaseLinearLayerWithLoRA, LogitsProcessorWithLoRA):
+        monkeypatch.setattr(layer, "reset_lora", layer.reset_lora)
     monkeypatch.delenv(engine_lora.ENV, raising=False)
     engine_lora.register()
     assert PunicaWrapperCPU.add_lora_linear is shipped

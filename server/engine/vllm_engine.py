@@ -85,6 +85,13 @@ class VllmEngine(Tokenizing):
             ),
         )
         logger.info("starting engine for %s (max_model_len %d)", settings.base_name, max_model_len)
+        logger.info(
+            "adapter tiers: max_loras=%d batch slots, max_cpu_loras=%d ready in the engine, adapter_cache_bytes=%d "
+            "in the host tier (values not given are derived: see --help)",
+            settings.max_loras,
+            settings.max_cpu_loras,
+            settings.adapter_cache_bytes or 0,
+        )
         os.environ.update(plugin_env(settings))
         os.environ[sampler_ops.ENV] = "1"  # server/engine/sampler_ops.py
         with lifeline.armed():  # server/engine/lifeline.py: the engine's processes die with this one
