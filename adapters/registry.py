@@ -175,19 +175,26 @@ class Registry:
         return AdapterEntry(row.owner, row.name, spec, next(self._ids), pinned=row.pinned, registered_at=row.created_at)
 
     async def apply(self, rows: list[AdapterRow]) -> None:
-        """Bring the registry to the catalog's rows, whichever process wrote them.
+        """Bring the registry to the catalog's rows, whichever process wrote them: all of them."""
+        wanted = {(row.owner, row.name): row for row in rows}
+        await self.apply_changes({key: None for key in self._entries if key not in wanted} | wanted)
+
+    async def apply_changes(self, changes: dict[Key, AdapterRow | None]) -> None:
+        """Take the catalog's rows for these names (None: deleted), whichever process wrote them.
 
         Nothing is written back. A replaced or removed adapter finishes its requests first; a new
         one is loaded on its first use, from the shared store when it is not cached here.
         """
-        wanted = {(row.owner, row.name): row for row in rows}
-        for key in [key for key in self._entries if key not in wanted]:
-            async with self._lock_for(key):
-                entry = self._entries.pop(key, None)
-            if entry is not None:
-                await self._retire(entry)
-                logger.info("adapter %s was removed through another gateway", entry.qualified_name)
-        for key, row in wanted.items():
+        for key, row in changes.items():
+            if row is None:
+                if key not in self._entries:
+                    continue
+                async with self._lock_for(key):
+                    entry = self._entries.pop(key, None)
+                if entry is not None:
+                    await self._retire(entry)
+                    logger.info("adapter %s was removed through another gateway", entry.qualified_name)
+                continue
             current = self._entries.get(key)
             if current is not None and current.spec.content_hash == row.content_hash:
                 current.pinned = row.pinned
