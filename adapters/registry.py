@@ -257,8 +257,14 @@ class Registry:
         source_format: str = PEFT,
         guard: WriteGuard | None = None,
         max_adapters: int | None = None,
+        load: bool = False,
     ) -> AdapterEntry:
         """Stage files with `fill(staging)`, validate the staged copy, store it, and register it.
+
+        The engine takes the adapter through add_lora on its first request (`lease`), not here,
+        unless `load`: the engine core loads one adapter at a time between its steps, so loading
+        at registration made a thousand registrations wait on it one by one, and pushed the
+        adapters in use out of its cache. What reaches it has passed validate_adapter either way.
 
         Staged files in another form (PEFT's adapter_model.bin, a MiniMind .pth) are converted to
         PEFT safetensors first, in a sandbox (adapters/convert.py); the pickle is never stored.
@@ -282,7 +288,7 @@ class Registry:
             self.store.discard(staging)
             raise
         spec = replace(spec, path=path)
-        return await self.register(owner, name, spec, load=True, guard=guard, max_adapters=max_adapters)
+        return await self.register(owner, name, spec, load=load, guard=guard, max_adapters=max_adapters)
 
     @asynccontextmanager
     async def adapter_quota(self, owner: str, name: str, max_adapters: int | None) -> AsyncIterator[None]:
