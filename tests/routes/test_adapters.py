@@ -227,6 +227,7 @@ async def test_no_request_waits_for_a_cache_slot(tmp_path):
         for i in range(4):
             source = make_adapter(tmp_path / f"src{i}", seed=i)
             await gw.client.post("/v1/adapters", json={"name": f"b{i}", "path": str(source)}, headers=gw.admin)
+            assert (await complete(gw, f"b{i}")).status_code == 200  # the engine has taken it once
         await gw.client.post("/v1/adapters/b0/pin", headers=gw.admin)
         gw.engine.release = asyncio.Event()
         busy = [asyncio.create_task(complete(gw, f"b{i}")) for i in range(4)]
