@@ -274,10 +274,14 @@ class Registry:
         if self.store is None or self.rules is None:
             raise RuntimeError("this registry has no store")
         self.check_new_name(name)
-        staging = self.store.new_staging()
+        limits = replace(DEFAULT_LIMITS, max_input_bytes=self.rules.max_bytes)
+        staged = asyncio.ensure_future(self.work.run(self._stage, fill, source_format, limits))
         try:
-            limits = replace(DEFAULT_LIMITS, max_input_bytes=self.rules.max_bytes)
-            spec = await self.work.run(self._stage, fill, staging, source_format, limits)
+            staging, spec = await asyncio.shield(staged)
+        except asyncio.CancelledError:  # the thread goes on: its folder goes once it is done
+            staged.add_done_callback(self._discard_staged)
+            raise
+        try:
             if spec is None:
                 await self.work.run_sandboxed(convert_staged, staging, source_format, limits)
                 spec = await self.work.run(self.rules.validate, staging)
@@ -288,17 +292,25 @@ class Registry:
         spec = replace(spec, path=path)
         return await self.register(owner, name, spec, load=load, guard=guard, max_adapters=max_adapters)
 
-    def _stage(self, fill: Callable[[Path], None], staging: Path, source_format: str, limits) -> AdapterSpec | None:
-        """In one work thread: fill, convert and validate; None when converting needs the sandbox.
+    def _discard_staged(self, staged: asyncio.Future) -> None:
+        if not staged.cancelled() and staged.exception() is None:
+            self.store.discard(staged.result()[0])  # type: ignore[union-attr]
 
-        One hop instead of three: each costs a thread handoff, which under load is most of a
-        small adapter's registration.
+    def _stage(self, fill: Callable[[Path], None], source_format: str, limits) -> tuple[Path, AdapterSpec | None]:
+        """In one work thread: a staging folder, filled, converted and validated (no spec when
+        converting needs the sandbox). One hop instead of four: each costs a thread handoff, and
+        under load those were most of a small adapter's registration. The folder goes on failure.
         """
-        fill(staging)
-        if needs_sandbox(staging, source_format):
-            return None
-        convert_staged(staging, source_format, limits)
-        return self.rules.validate(staging)  # type: ignore[union-attr]
+        staging = self.store.new_staging()  # type: ignore[union-attr]
+        try:
+            fill(staging)
+            if needs_sandbox(staging, source_format):
+                return staging, None
+            convert_staged(staging, source_format, limits)
+            return staging, self.rules.validate(staging)  # type: ignore[union-attr]
+        except BaseException:
+            self.store.discard(staging)  # type: ignore[union-attr]
+            raise
 
     @asynccontextmanager
     async def adapter_quota(self, owner: str, name: str, max_adapters: int | None) -> AsyncIterator[None]:
