@@ -8,8 +8,9 @@ drop out of the cache and come back from the store when their turn comes.
 
 The registry mirrors that LRU cache (`resident`, the resident gauge, the eviction counter). An
 adapter reaches the engine by request only once the engine has accepted it through `add_lora`
-in this process: at registration, or on its first use after a restart, so a store file damaged
-while the gateway was down is refused with a 4xx instead of killing the engine core. A pinned
+in this process: on its first use (after a registration, a restart, or a registration through
+another gateway; at once only through vLLM's load route and --lora-modules), so a store file
+damaged meanwhile is refused with a 4xx instead of killing the engine core. A pinned
 adapter that would fall out of the cache is touched with `add_lora` instead, which keeps it in.
 Ids are never reused, because the engine caches by id.
 
