@@ -5,7 +5,7 @@ Gateways read the entries past the version they have applied and reload only tho
 from which on it is complete, and a gateway that has applied less than that reloads everything.
 A catalog that had no log starts its floor at its current version.
 
-Revision ID: 0008
+Revision ID: 0009
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0008"
-down_revision = "0007"
+revision = "0009"
+down_revision = "0008"
 branch_labels = None
 depends_on = None
 
