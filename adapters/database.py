@@ -4,8 +4,9 @@ The tables are declared once, in SQLAlchemy Core, and the same statements run on
 embedded default, one file under --state-dir) and on PostgreSQL (several gateways on one
 catalog). Alembic creates and migrates the schema at start (`adapters/migrations/`).
 
-Every write is one transaction that also bumps `catalog_changes.version`; other processes poll
-that counter (and on PostgreSQL are woken by NOTIFY) and then reload a snapshot. Adapters are
+Every write is one transaction that also bumps `catalog_changes.version` and notes in
+`catalog_log` which rows it touched; other processes poll that counter (and on PostgreSQL are
+woken by NOTIFY) and then reload those rows (adapters/catalog_changes.py). Adapters are
 scoped by the base model they were registered on: this process sees only its own base's rows.
 
 Methods block; the server calls them from a worker thread. A database that cannot be reached
@@ -78,7 +79,21 @@ changes_table = sa.Table(
     metadata,
     sa.Column("id", sa.Integer, primary_key=True),
     sa.Column("version", sa.BigInteger, nullable=False),
+    # The change log is complete for the versions after this one; older entries are pruned.
+    sa.Column("log_floor", sa.BigInteger, nullable=False, server_default="0"),
 )
+
+# One entry per row a write touched (its kind and key), at the version the write bumped to.
+log_table = sa.Table(
+    "catalog_log",
+    metadata,
+    sa.Column("version", sa.BigInteger, nullable=False, index=True),
+    sa.Column("kind", sa.Text, nullable=False),
+    sa.Column("base_fingerprint", sa.Text, nullable=False, server_default=""),
+    sa.Column("owner", sa.Text, nullable=False, server_default=""),
+    sa.Column("name", sa.Text, nullable=False, server_default=""),
+)
+ADAPTER, TENANT, KEY, EVERYTHING = "adapter", "tenant", "key", "all"
 
 
 @dataclass(frozen=True)
@@ -145,6 +160,10 @@ def safe_url(url: str | Path) -> str:
 class Database:
     """The catalog on SQLite or PostgreSQL, scoped to one base model's adapters."""
 
+    # The change log keeps this many versions; a gateway further behind reloads everything.
+    log_keep_versions = 10_000
+    log_prune_every = 100
+
     def __init__(self, url: str | Path, base: BaseIdentity | None = None, on_error: Callable[[], None] | None = None):
         self.base = base or BaseIdentity()
         self.on_error = on_error
@@ -210,11 +229,47 @@ class Database:
         with self._guard(), self._engine.begin() as conn:
             bump = changes_table.update().values(version=changes_table.c.version + 1)
             version = conn.execute(bump.returning(changes_table.c.version)).scalar_one()
+            conn.info["catalog_version"], conn.info["catalog_logged"] = version, False
             yield conn
+            if not conn.info.pop("catalog_logged"):
+                self.log(conn, EVERYTHING)  # a write that did not say what it touched: reload it all
+            if version % self.log_prune_every == 0:
+                self._prune_log(conn, version - self.log_keep_versions)
             if self.dialect == "postgresql":
                 conn.execute(sa.text(f"NOTIFY {NOTIFY_CHANNEL}"))
         with self._versions_lock:
             self.written_version = max(self.written_version, version)
+
+    def log(self, conn: sa.Connection, kind: str, owner: str = "", name: str = "", *, mine: bool = False) -> None:
+        """Inside a write: note that it touched this row (an adapter of this base with `mine`)."""
+        base = self.base.fingerprint if mine else ""
+        entry = {"base_fingerprint": base, "owner": owner, "name": name}
+        conn.execute(log_table.insert().values(version=conn.info["catalog_version"], kind=kind, **entry))
+        conn.info["catalog_logged"] = True
+
+    def log_owner(self, conn: sa.Connection, owner: str) -> None:
+        """Inside a write: note every adapter (of every base) and key `owner` has, and the tenant itself."""
+        version = sa.literal(conn.info["catalog_version"], sa.BigInteger)
+        columns = ["version", "kind", "base_fingerprint", "owner", "name"]
+        adapters = sa.select(
+            version,
+            sa.literal(ADAPTER),
+            adapters_table.c.base_fingerprint,
+            adapters_table.c.owner,
+            adapters_table.c.name,
+        ).where(adapters_table.c.owner == owner)
+        keys = sa.select(version, sa.literal(KEY), sa.literal(""), keys_table.c.tenant, keys_table.c.key_id).where(
+            keys_table.c.tenant == owner
+        )
+        conn.execute(log_table.insert().from_select(columns, adapters))
+        conn.execute(log_table.insert().from_select(columns, keys))
+        self.log(conn, TENANT, owner)
+
+    def _prune_log(self, conn: sa.Connection, floor: int) -> None:
+        if floor <= 0:
+            return
+        conn.execute(log_table.delete().where(log_table.c.version <= floor))
+        conn.execute(changes_table.update().where(changes_table.c.log_floor < floor).values(log_floor=floor))
 
     def _read(self, statement) -> list[sa.Row]:
         with self._guard(), self._engine.connect() as conn:
@@ -242,6 +297,9 @@ class Database:
         )
         with self._write() as conn:
             claimed = conn.execute(statement).rowcount
+            if claimed:
+                self.log(conn, EVERYTHING)
+            conn.info["catalog_logged"] = True  # nothing changed otherwise
         if claimed:
             logger.info("%d adapters from before base models were recorded now belong to this base", claimed)
 
@@ -332,6 +390,7 @@ class Database:
                         limit="max_adapters",
                     )
             conn.execute(upsert)
+            self.log(conn, ADAPTER, row.owner, row.name, mine=True)
 
     def _count_adapters(self, conn: sa.Connection, owner: str | None, *, but: str, pinned: bool = False) -> int:
         """This base's adapters of `owner`, leaving out its `but`; with None, every tenant's (`but` unused)."""
@@ -351,6 +410,7 @@ class Database:
                     self._mine(), adapters_table.c.owner == owner, adapters_table.c.name == name
                 )
             )
+            self.log(conn, ADAPTER, owner, name, mine=True)
 
     def set_pinned(
         self, owner: str, name: str, pinned: bool, *, max_pinned: int | None = None, max_tenant_pins: int | None = None
@@ -381,6 +441,7 @@ class Database:
                 .where(self._mine(), adapters_table.c.owner == owner, adapters_table.c.name == name)
                 .values(pinned=pinned)
             )
+            self.log(conn, ADAPTER, owner, name, mine=True)
 
     def content_hashes(self) -> set[str]:
         """The content of every adapter, of every base: what a store may never delete."""
@@ -399,8 +460,10 @@ class Database:
         try:
             with self._write() as conn:
                 conn.execute(tenants_table.insert().values(name=name, limits=json.dumps(limits), created_at=created_at))
+                self.log(conn, TENANT, name)
                 if first_key is not None:
                     conn.execute(keys_table.insert().values(**_key_values(first_key)))
+                    self.log(conn, KEY, name, first_key.key_id)
         except sa.exc.IntegrityError:
             return False
         return True
@@ -408,6 +471,7 @@ class Database:
     def set_tenant_limits(self, name: str, limits: dict) -> None:
         with self._write() as conn:
             conn.execute(tenants_table.update().where(tenants_table.c.name == name).values(limits=json.dumps(limits)))
+            self.log(conn, TENANT, name)
 
     def hold_owner(self, conn: sa.Connection, owner: str) -> None:
         """Inside a write: OwnerNotFound unless `owner` is shared or a tenant, which then stays until commit.
@@ -442,15 +506,13 @@ class Database:
     def add_key(self, row: KeyRow) -> None:
         with self._write() as conn:
             conn.execute(keys_table.insert().values(**_key_values(row)))
+            self.log(conn, KEY, row.tenant, row.key_id)
 
     def delete_key(self, tenant: str, key_id: str) -> bool:
         with self._write() as conn:
-            return (
-                conn.execute(
-                    keys_table.delete().where(keys_table.c.tenant == tenant, keys_table.c.key_id == key_id)
-                ).rowcount
-                > 0
-            )
+            self.log(conn, KEY, tenant, key_id)
+            statement = keys_table.delete().where(keys_table.c.tenant == tenant, keys_table.c.key_id == key_id)
+            return conn.execute(statement).rowcount > 0
 
     def _keys_query(self):
         return sa.select(keys_table.c.key_id, keys_table.c.tenant, keys_table.c.key_hash, keys_table.c.created_at)

@@ -8,8 +8,9 @@ drop out of the cache and come back from the store when their turn comes.
 
 The registry mirrors that LRU cache (`resident`, the resident gauge, the eviction counter). An
 adapter reaches the engine by request only once the engine has accepted it through `add_lora`
-in this process: at registration, or on its first use after a restart, so a store file damaged
-while the gateway was down is refused with a 4xx instead of killing the engine core. A pinned
+in this process: on its first use (after a registration, a restart, or a registration through
+another gateway; at once only through vLLM's load route and --lora-modules), so a store file
+damaged meanwhile is refused with a 4xx instead of killing the engine core. A pinned
 adapter that would fall out of the cache is touched with `add_lora` instead, which keeps it in.
 Ids are never reused, because the engine caches by id.
 
@@ -175,19 +176,26 @@ class Registry:
         return AdapterEntry(row.owner, row.name, spec, next(self._ids), pinned=row.pinned, registered_at=row.created_at)
 
     async def apply(self, rows: list[AdapterRow]) -> None:
-        """Bring the registry to the catalog's rows, whichever process wrote them.
+        """Bring the registry to the catalog's rows, whichever process wrote them: all of them."""
+        wanted = {(row.owner, row.name): row for row in rows}
+        await self.apply_changes({key: None for key in self._entries if key not in wanted} | wanted)
+
+    async def apply_changes(self, changes: dict[Key, AdapterRow | None]) -> None:
+        """Take the catalog's rows for these names (None: deleted), whichever process wrote them.
 
         Nothing is written back. A replaced or removed adapter finishes its requests first; a new
         one is loaded on its first use, from the shared store when it is not cached here.
         """
-        wanted = {(row.owner, row.name): row for row in rows}
-        for key in [key for key in self._entries if key not in wanted]:
-            async with self._lock_for(key):
-                entry = self._entries.pop(key, None)
-            if entry is not None:
-                await self._retire(entry)
-                logger.info("adapter %s was removed through another gateway", entry.qualified_name)
-        for key, row in wanted.items():
+        for key, row in changes.items():
+            if row is None:
+                if key not in self._entries:
+                    continue
+                async with self._lock_for(key):
+                    entry = self._entries.pop(key, None)
+                if entry is not None:
+                    await self._retire(entry)
+                    logger.info("adapter %s was removed through another gateway", entry.qualified_name)
+                continue
             current = self._entries.get(key)
             if current is not None and current.spec.content_hash == row.content_hash:
                 current.pinned = row.pinned
@@ -250,8 +258,14 @@ class Registry:
         source_format: str = PEFT,
         guard: WriteGuard | None = None,
         max_adapters: int | None = None,
+        load: bool = False,
     ) -> AdapterEntry:
         """Stage files with `fill(staging)`, validate the staged copy, store it, and register it.
+
+        The engine takes the adapter through add_lora on its first request (`lease`), not here,
+        unless `load`: the engine core loads one adapter at a time between its steps, so loading
+        at registration made a thousand registrations wait on it one by one, and pushed the
+        adapters in use out of its cache. What reaches it has passed validate_adapter either way.
 
         Staged files in another form (PEFT's adapter_model.bin, a MiniMind .pth) are converted to
         PEFT safetensors first, in a sandbox (adapters/convert.py); the pickle is never stored.
@@ -261,21 +275,43 @@ class Registry:
         if self.store is None or self.rules is None:
             raise RuntimeError("this registry has no store")
         self.check_new_name(name)
-        staging = self.store.new_staging()
+        limits = replace(DEFAULT_LIMITS, max_input_bytes=self.rules.max_bytes)
+        staged = asyncio.ensure_future(self.work.run(self._stage, fill, source_format, limits))
         try:
-            await self.work.run(fill, staging)
-            limits = replace(DEFAULT_LIMITS, max_input_bytes=self.rules.max_bytes)
-            if needs_sandbox(staging, source_format):
+            staging, spec = await asyncio.shield(staged)
+        except asyncio.CancelledError:  # the thread goes on: its folder goes once it is done
+            staged.add_done_callback(self._discard_staged)
+            raise
+        try:
+            if spec is None:
                 await self.work.run_sandboxed(convert_staged, staging, source_format, limits)
-            else:
-                await self.work.run(convert_staged, staging, source_format, limits)
-            spec = await self.work.run(self.rules.validate, staging)
+                spec = await self.work.run(self.rules.validate, staging)
             path = await asyncio.to_thread(self.store.commit, staging, spec.content_hash)
         except BaseException:
             self.store.discard(staging)
             raise
         spec = replace(spec, path=path)
-        return await self.register(owner, name, spec, load=True, guard=guard, max_adapters=max_adapters)
+        return await self.register(owner, name, spec, load=load, guard=guard, max_adapters=max_adapters)
+
+    def _discard_staged(self, staged: asyncio.Future) -> None:
+        if not staged.cancelled() and staged.exception() is None:
+            self.store.discard(staged.result()[0])  # type: ignore[union-attr]
+
+    def _stage(self, fill: Callable[[Path], None], source_format: str, limits) -> tuple[Path, AdapterSpec | None]:
+        """In one work thread: a staging folder, filled, converted and validated (no spec when
+        converting needs the sandbox). One hop instead of four: each costs a thread handoff, and
+        under load those were most of a small adapter's registration. The folder goes on failure.
+        """
+        staging = self.store.new_staging()  # type: ignore[union-attr]
+        try:
+            fill(staging)
+            if needs_sandbox(staging, source_format):
+                return staging, None
+            convert_staged(staging, source_format, limits)
+            return staging, self.rules.validate(staging)  # type: ignore[union-attr]
+        except BaseException:
+            self.store.discard(staging)  # type: ignore[union-attr]
+            raise
 
     @asynccontextmanager
     async def adapter_quota(self, owner: str, name: str, max_adapters: int | None) -> AsyncIterator[None]:

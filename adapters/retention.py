@@ -70,6 +70,8 @@ def purge_tenant(catalog: Database, name: str) -> PurgedTenant:
     """Delete tenant `name` and every row it owns, in one transaction; OwnerNotFound when there is none."""
     owned_jobs = sa.select(jobs_table.c.id).where(jobs_table.c.owner == name)
     with catalog._write() as conn:
+        # What it owns, for other gateways to drop, before its keys go with its row (ON DELETE CASCADE).
+        catalog.log_owner(conn, name)
         # The tenant's row first: a write for it that holds it (Database.hold_owner) now waits for
         # this transaction and then finds it gone, or this one waits for that write to commit.
         if conn.execute(tenants_table.delete().where(tenants_table.c.name == name)).rowcount == 0:

@@ -82,7 +82,8 @@ def build_app(
         await registry.start()
         max_bytes = settings.max_adapter_bytes
         for name, folder in (preload or {}).items():
-            await registry.add_folder(SHARED, name, lambda staging, f=folder: copy_folder(f, staging, max_bytes))
+            fill = lambda staging, f=folder: copy_folder(f, staging, max_bytes)  # noqa: E731
+            await registry.add_folder(SHARED, name, fill, load=True)  # --lora-modules: loaded at start, as vLLM does
         if keyring.open:
             logger.warning(
                 "no --admin-key: every caller is the admin, for local work only; answering only requests "

@@ -220,7 +220,7 @@ async def test_compose_registers_a_served_adapter(full, folders, tmp_path):
     response = await compose_request(full, "mix", full.admin, adapters=["a", "c"], weights=[0.5, 2.0])
     assert response.status_code == 201, response.text
     card = response.json()
-    assert (card["name"], card["rank"], card["state"]) == ("mix", 12, "loaded")
+    assert (card["name"], card["rank"], card["state"]) == ("mix", 12, "registered")  # loaded on first use
     assert card["composition"].pop("relative_error") < 1e-6
     assert card["composition"] == {
         "method": "cat",
@@ -230,7 +230,6 @@ async def test_compose_registers_a_served_adapter(full, folders, tmp_path):
         "exact": True,
     }
     entry = full.registry.find("", "mix")
-    assert entry.adapter_id in full.engine.added
     exact = {k: 0.5 * v for k, v in folder_deltas(folders["a"]).items()}
     for key, delta in folder_deltas(folders["c"]).items():
         exact[key] = exact.get(key, 0) + 2.0 * delta
@@ -239,6 +238,7 @@ async def test_compose_registers_a_served_adapter(full, folders, tmp_path):
         "/v1/completions", json={"model": "mix", "prompt": "hi", "max_tokens": 1}, headers=full.admin
     )
     assert completion.json()["choices"][0]["text"] == "mix-0 "
+    assert entry.adapter_id in full.engine.added  # loaded on that first request
     # a composed adapter composes again, and svd brings it down to a rank
     again = await compose_request(full, "mix4", full.admin, adapters=["mix"], method="svd", rank=4)
     assert again.status_code == 201 and again.json()["rank"] == 4 and again.json()["composition"]["exact"] is False

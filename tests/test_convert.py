@@ -179,6 +179,8 @@ async def test_an_uploaded_bin_is_served_as_safetensors_and_never_stored(full, t
     served = load_file(str(next(p for p in stored if p.suffix == ".safetensors")))
     assert all(torch.equal(served[k], tensors[k]) for k in tensors) and sorted(served) == sorted(tensors)
     entry = full.registry.find("", "old-peft")
+    completion = {"model": "old-peft", "prompt": "hi", "max_tokens": 2}
+    assert (await full.client.post("/v1/completions", json=completion, headers=full.admin)).status_code == 200
     assert entry.adapter_id in full.engine.added and entry.spec.path == stored[0].parent  # the engine's copy
 
 

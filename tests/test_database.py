@@ -53,7 +53,7 @@ def test_a_catalog_from_before_migrations_opens_with_its_rows(tmp_path):
     assert catalog.tenants() == {"acme": ({"max_adapters": 3}, 2.5)}
     assert catalog.keys() == [KeyRow("key_1", "acme", "hash1", 3.5)]
     with catalog.raw_engine.connect() as conn:
-        assert current_revision(conn) == "0008"
+        assert current_revision(conn) == "0009"
     catalog.close()
     # The first base claimed the old rows; another base does not see them.
     assert Database(path, BASE_B).adapters() == []

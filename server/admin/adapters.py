@@ -335,7 +335,8 @@ async def vllm_load(body: VllmLoad, registry: RegistryDep, principal: AdminDep) 
         )
     max_bytes = registry.rules.max_bytes if registry.rules else 0
     folder = Path(body.lora_path)
-    await registry.add_folder(SHARED, body.lora_name, lambda staging: copy_folder(folder, staging, max_bytes))
+    fill = lambda staging: copy_folder(folder, staging, max_bytes)  # noqa: E731
+    await registry.add_folder(SHARED, body.lora_name, fill, load=True)  # vLLM's route loads it
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
 

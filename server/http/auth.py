@@ -165,8 +165,16 @@ class KeyRing:
         return True
 
     def apply(self, keys: list[KeyRow]) -> None:
-        """Take the catalog's keys, whichever process issued or revoked them."""
+        """Take the catalog's keys, all of them, whichever process issued or revoked them."""
         self._by_hash = {row.key_hash: row for row in keys}
+
+    def apply_changes(self, changes: dict[str, KeyRow | None]) -> None:
+        """Take the catalog's rows for these key ids (None: revoked), whichever process wrote them."""
+        if not changes:
+            return
+        by_hash = {h: row for h, row in self._by_hash.items() if row.key_id not in changes}
+        by_hash.update((row.key_hash, row) for row in changes.values() if row is not None)
+        self._by_hash = by_hash
 
     def forget_tenant(self, tenant: str) -> None:
         self._by_hash = {h: row for h, row in self._by_hash.items() if row.tenant != tenant}

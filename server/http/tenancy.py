@@ -149,16 +149,25 @@ class Tenants:
         self._usage.pop(name, None)
 
     def apply(self, tenants: dict[str, tuple[dict, float]]) -> set[str]:
-        """Take the catalog's tenants and limits, whichever process wrote them; usage stays.
+        """Take the catalog's tenants and limits, all of them, whichever process wrote them; usage stays.
 
         Returns the tenants deleted since the last look, and those deleted and made again (a new
         `created_at`), whose earlier selves' state this process must drop.
         """
-        gone = {name for name in self._limits if name not in tenants or tenants[name][1] != self._created.get(name)}
+        return self.apply_changes({name: None for name in self._limits if name not in tenants} | tenants)
+
+    def apply_changes(self, changes: dict[str, tuple[dict, float] | None]) -> set[str]:
+        """Take the catalog's rows for these tenants (None: deleted); returns the gone ones, as `apply`."""
+        gone = {
+            name
+            for name, stored in changes.items()
+            if name in self._limits and (stored is None or stored[1] != self._created.get(name))
+        }
         for name in gone:
             self._forget(name)
-        for name, (overrides, created) in tenants.items():
-            self._take(name, overrides, created)
+        for name, stored in changes.items():
+            if stored is not None:
+                self._take(name, *stored)
         return gone
 
     def _take(self, name: str, overrides: dict, created: float) -> None:

@@ -30,13 +30,16 @@ async def test_register_from_path_copies_into_the_store(full, tmp_path):
         "support",
         8,
         ["o_proj", "q_proj"],
-        "loaded",
+        "registered",
         False,
     )
     assert card["size_bytes"] == sum(p.stat().st_size for p in source.iterdir())
     assert card["content_hash"].startswith("sha256:") and str(tmp_path) not in response.text
     entry = full.registry.find("", "support")
+    assert entry.adapter_id not in full.engine.added  # the engine takes it on its first request
+    assert (await complete(full, "support")).status_code == 200
     assert entry.adapter_id in full.engine.added
+    assert (await full.client.get("/v1/adapters/support", headers=full.admin)).json()["state"] == "loaded"
     # the engine loads the store's read-only copy, which later edits of the source cannot touch
     assert entry.spec.path.parent == tmp_path / "state" / "adapters"
     assert not stat.S_IMODE(os.stat(entry.spec.path / "adapter_model.safetensors").st_mode) & 0o222
@@ -72,13 +75,23 @@ async def test_invalid_names_are_refused(full, tmp_path):
     assert full.registry.entries() == []
 
 
-async def test_engine_refusal_leaves_nothing(full, tmp_path):
+async def test_engine_refusal_leaves_nothing_when_loading_and_is_a_400_on_first_use(full, tmp_path):
     source = make_adapter(tmp_path / "src")
     full.engine.refuse_paths = {"*"}
     full.engine.refuse_all = True
-    response = await full.client.post("/v1/adapters", json={"name": "x", "path": str(source)}, headers=full.admin)
+    # vLLM's route loads at once: a refusal leaves nothing behind.
+    response = await full.client.post(
+        "/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": str(source)}, headers=full.admin
+    )
     assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_adapter"
     assert full.registry.entries() == [] and full.registry.catalog.adapters() == []
+    # A registration is loaded on its first request: a refusal then is that request's 400.
+    response = await full.client.post("/v1/adapters", json={"name": "x", "path": str(source)}, headers=full.admin)
+    assert response.status_code == 201, response.text
+    refused = await complete(full, "x")
+    assert refused.status_code == 400 and refused.json()["error"]["code"] == "invalid_adapter"
+    assert full.registry.find("", "x").adapter_id not in full.engine.cache
+    assert full.engine.generated == []
 
 
 async def test_uploads_files_and_tarballs(full, tmp_path):
@@ -109,6 +122,7 @@ async def test_uploads_files_and_tarballs(full, tmp_path):
 async def test_delete_pin_and_unpin(full, tmp_path):
     source = make_adapter(tmp_path / "src")
     await full.client.post("/v1/adapters", json={"name": "a", "path": str(source)}, headers=full.admin)
+    assert (await complete(full, "a")).status_code == 200  # the engine holds it now
     assert (await full.client.post("/v1/adapters/a/pin", headers=full.admin)).json()["pinned"] is True
     assert full.registry.catalog.adapters()[0].pinned is True
     assert (await full.client.post("/v1/adapters/a/unpin", headers=full.admin)).json()["pinned"] is False
@@ -171,6 +185,7 @@ async def test_the_engine_cache_drops_least_recently_used_never_pinned(tmp_path,
         for i in range(4):
             source = make_adapter(tmp_path / f"src{i}", seed=i)
             await gw.client.post("/v1/adapters", json={"name": f"a{i}", "path": str(source)}, headers=gw.admin)
+            assert (await complete(gw, f"a{i}")).status_code == 200  # loaded on its first request
         ids = {f"a{i}": gw.registry.find("", f"a{i}").adapter_id for i in range(4)}
         assert gw.registry.resident_count == 2 and set(gw.engine.cache) >= {ids["a2"], ids["a3"]}
         await gw.client.post("/v1/adapters/a0/pin", headers=gw.admin)
@@ -193,6 +208,7 @@ async def test_base_requests_and_the_zero_adapter(tmp_path, zero_adapter):
     async with full_gateway(tmp_path / "state", zero_adapter=zero_adapter, max_cpu_loras=2) as gw:
         source = make_adapter(tmp_path / "src", seed=1)
         await gw.client.post("/v1/adapters", json={"name": "c1", "path": str(source)}, headers=gw.admin)
+        assert (await complete(gw, "c1")).status_code == 200
         assert (await complete(gw, "base")).status_code == 200
         adapter = gw.engine.generated[-1][3]
         base_id = gw.registry.base.adapter_id
@@ -211,6 +227,7 @@ async def test_no_request_waits_for_a_cache_slot(tmp_path):
         for i in range(4):
             source = make_adapter(tmp_path / f"src{i}", seed=i)
             await gw.client.post("/v1/adapters", json={"name": f"b{i}", "path": str(source)}, headers=gw.admin)
+            assert (await complete(gw, f"b{i}")).status_code == 200  # the engine has taken it once
         await gw.client.post("/v1/adapters/b0/pin", headers=gw.admin)
         gw.engine.release = asyncio.Event()
         busy = [asyncio.create_task(complete(gw, f"b{i}")) for i in range(4)]
