@@ -54,8 +54,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     folders, and the tests elsewhere that start a real gateway) go to the workers in groups
     (engine_group): a group runs on one worker, in file order, as in one process. The engine-free
     tests go one by one, except that the tests of a file that share a module-scoped fixture go
-    together, so that it is built once. The engine's groups come first in the collection, so the
-    long ones start first.
+    together, so that it is built once. The engine's groups come first (run_order), so the long
+    ones start first.
     """
     grouping = config.getoption("loadgroup", default=False)  # set in xdist's workers
     counts = Counter(item.nodeid for item in items)
@@ -78,7 +78,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if node_id != item.nodeid:
             set_node_id(item, node_id)
     # A test marked `last` ends a session fixture that others use first (a gateway it kills, say).
-    items.sort(key=lambda item: item.get_closest_marker("last") is not None)
+    # Before it, the longest groups first, so that neither worker starts one late (xdist hands out
+    # groups in this order): Ray's (minutes, one group), then the other engine tests, then the rest.
+    items.sort(key=lambda item: (item.get_closest_marker("last") is not None, run_order(item)))
+
+
+def run_order(item: pytest.Item) -> int:
+    if item.get_closest_marker("ray"):
+        return 0
+    return 1 if item.get_closest_marker("engine") else 2
 
 
 def engine_group(item: pytest.Item, folder: str) -> str:

@@ -10,6 +10,8 @@ import shutil
 import signal
 import sys
 import tempfile
+import types
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,14 @@ _FLAG_TYPES = {"int": int, "float": float}
 ENGINE_DIED_EXIT = 3
 
 
+def _flag_type_name(annotation: Any) -> str:
+    """The name of a field's type, `int` for `int | None` too (None: the flag left out)."""
+    given = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+    if len(given) == 1 and typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        annotation = given[0]
+    return getattr(annotation, "__name__", "")
+
+
 def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per Settings field; its help names the environment variable and default."""
     for name, field in Settings.model_fields.items():
@@ -35,7 +45,7 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
         shown = " ".join(f"{k}={v}" for k, v in default.items()) if isinstance(default, dict) else default
         help_text = f"{field.description} [env {env}; default: {shown if shown not in (None, '') else 'none'}]"
         kwargs: dict[str, Any] = {"help": help_text, "default": argparse.SUPPRESS, "dest": name}
-        annotation = getattr(field.annotation, "__name__", "")
+        annotation = _flag_type_name(field.annotation)
         if name == "lora_modules":
             kwargs.update(nargs="+", metavar="NAME=PATH")
         elif annotation == "bool":

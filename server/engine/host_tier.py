@@ -42,6 +42,7 @@ class HostTier:
         self.hits = 0
         self.misses = 0
         self._reported = 0.0
+        self._first_hit_unreported = True
 
     def __len__(self) -> int:
         return len(self._held)
@@ -76,8 +77,11 @@ class HostTier:
             self.bytes -= found[1]
 
     def report(self, now: float) -> None:
-        """Log the tier's size and counts: every REPORT_LOADS loads, or REPORT_SECONDS."""
-        if (self.hits + self.misses) % REPORT_LOADS == 0 or now - self._reported >= REPORT_SECONDS:
+        """Log the tier's size and counts: at its first hit, every REPORT_LOADS loads, or REPORT_SECONDS."""
+        first_hit = self.hits == 1 and self._first_hit_unreported
+        if first_hit or (self.hits + self.misses) % REPORT_LOADS == 0 or now - self._reported >= REPORT_SECONDS:
+            if first_hit:
+                self._first_hit_unreported = False
             self._reported = now
             logger.info(
                 "host tier: %d adapters, %d bytes, %d hits, %d misses", len(self), self.bytes, self.hits, self.misses

@@ -99,6 +99,8 @@ async def test_outputs_equal_peft_while_adapters_move_between_tiers(churn, demo)
     # The engine's host tier held adapters up to its budget and served loads from memory.
     reports = re.findall(r"host tier: (\d+) adapters, (\d+) bytes, (\d+) hits, (\d+) misses", churn.log_tail(100000))
     assert reports, churn.log_tail()
-    held, size, hits, misses = (int(value) for value in reports[-1])
-    assert hits > 0 and misses >= ADAPTERS
-    assert 0 < held < ADAPTERS and size <= 4 * (churn.adapters["churn0"] / "adapter_model.safetensors").stat().st_size
+    # It reports at its first hit, and at its first load (the zero adapter, at start), so there are two at least.
+    counts = [tuple(int(value) for value in report) for report in reports]
+    assert any(hits > 0 for _, _, hits, _ in counts), reports
+    budget = 4 * (churn.adapters["churn0"] / "adapter_model.safetensors").stat().st_size
+    assert all(held < ADAPTERS and size <= budget for held, size, _, _ in counts), reports
