@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 
 from tests.engine.conftest import ADMIN_KEY
-from tests.ray.conftest import SECRET_ENV
+from tests.ray.conftest import SECRET_ENV, wait_for_healthy_replicas
 
 ENGINE_TITLE = "VLLM::EngineCore"
 
@@ -46,6 +46,9 @@ def shown(process: psutil.Process, canaries: list[str]) -> list[str]:
 
 
 def test_engines_under_ray_inherit_no_secret_and_ray_only_the_store_credential(ray_gateway):
+    # A replica replaced by an earlier test (Serve restarts one whose health check fails) runs no
+    # engine until it is healthy again.
+    wait_for_healthy_replicas(ray_gateway.url, 2, 240)
     processes = gateway_processes(ray_gateway.marker)
     engines = [p for p in processes if ENGINE_TITLE in " ".join(p.cmdline())]
     assert len(engines) >= 2, f"one engine per replica expected, saw {[' '.join(p.cmdline())[:80] for p in processes]}"
