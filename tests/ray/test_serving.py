@@ -262,14 +262,15 @@ async def test_an_adapter_registered_through_the_ingress_serves_after_its_replic
     assert (await client.post("/v1/adapters", data={"name": "corsair"}, files=files)).status_code == 201
     first = await chat(client, "corsair")
     assert text(first) == peft(reference, "pirate")
-    holder = first.headers["x-lora-gateway-replica"]
-    victim = next(r for r in await cluster(client) if r["id"] == holder)
 
-    # A request in flight on the replica when it dies ends cleanly.
+    # A request in flight on the replica when it dies ends cleanly: the replica killed is the one
+    # the stream names, whichever that is.
     # Four sequences of 900 tokens: long enough that the kill lands before they end, on a quiet machine too.
     body = {"model": "corsair", "prompt": "The sea", "max_tokens": 900, "ignore_eos": True, "stream": True, "n": 4}
     async with client.stream("POST", "/v1/completions", json=body) as response:
         assert response.status_code == 200
+        holder = response.headers["x-lora-gateway-replica"]
+        victim = next(r for r in await cluster(client) if r["id"] == holder)
         lines = response.aiter_lines()
         await anext(lines)
         os.kill(victim["pid"], signal.SIGKILL)
