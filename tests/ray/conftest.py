@@ -69,6 +69,22 @@ def kill_a_replica_while_both_start(marker: str, seconds: float, killed: list[in
         time.sleep(0.2)
 
 
+def engine_processes(replica) -> list:
+    """The vLLM processes a replica spawned: all below it but multiprocessing's resource tracker.
+    They are not found by their titles ("VLLM::EngineCore"), which a replica's engine does not
+    always get to set (one started as a replacement on a busy machine was seen without)."""
+    import psutil
+
+    found = []
+    for child in replica.children(recursive=True):
+        try:
+            if "multiprocessing.resource_tracker" not in " ".join(child.cmdline()):
+                found.append(child)
+        except psutil.Error:
+            pass
+    return found
+
+
 def wait_for_healthy_replicas(url: str, count: int, seconds: float) -> None:
     import httpx
 

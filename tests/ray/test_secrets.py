@@ -15,9 +15,7 @@ from pathlib import Path
 import psutil
 
 from tests.engine.conftest import ADMIN_KEY
-from tests.ray.conftest import SECRET_ENV, wait_for_healthy_replicas
-
-ENGINE_TITLE = "VLLM::EngineCore"
+from tests.ray.conftest import SECRET_ENV, engine_processes, engine_replicas_under, wait_for_healthy_replicas
 
 
 def proc_text(pid: int, name: str) -> str:
@@ -50,8 +48,9 @@ def test_engines_under_ray_inherit_no_secret_and_ray_only_the_store_credential(r
     # engine until it is healthy again.
     wait_for_healthy_replicas(ray_gateway.url, 2, 240)
     processes = gateway_processes(ray_gateway.marker)
-    engines = [p for p in processes if ENGINE_TITLE in " ".join(p.cmdline())]
-    assert len(engines) >= 2, f"one engine per replica expected, saw {[' '.join(p.cmdline())[:80] for p in processes]}"
+    per_replica = {replica.pid: engine_processes(replica) for replica in engine_replicas_under(ray_gateway.marker)}
+    assert sum(1 for found in per_replica.values() if found) >= 2, f"one engine per replica expected: {per_replica}"
+    engines = [process for found in per_replica.values() for process in found]
 
     every_secret = [ADMIN_KEY, *SECRET_ENV.values()]
     leaks = {p.pid: found for p in engines if (found := shown(p, every_secret))}

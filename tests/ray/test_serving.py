@@ -17,6 +17,7 @@ import pytest
 from adapters.demo import DEMO_PROMPT
 from tests.engine.conftest import ADMIN_KEY
 from tests.engine.reference import PeftReference
+from tests.ray.conftest import engine_processes
 
 pytestmark = [pytest.mark.engine, pytest.mark.ray, pytest.mark.timeout(300)]
 
@@ -197,18 +198,11 @@ def engine_processes_of(replica_pid: int) -> list[int]:
 async def test_a_replica_whose_engine_dies_fails_its_health_check_and_is_replaced(client, reference):
     import psutil
 
-    target = (await cluster(client))[0]
-
-    async def named_engine_cores():
-        # A busy machine can show the engine's processes before they have renamed themselves.
-        children = psutil.Process(target["pid"]).children(recursive=True)
-        return [p for p in children if "EngineCore" in p.name()] or None
-
-    try:
-        engine_cores = await until(named_engine_cores, 30, step=1)
-    except AssertionError:
-        names = [p.name() for p in psutil.Process(target["pid"]).children(recursive=True)]
-        raise AssertionError(f"no EngineCore under replica {target['pid']}: {names}") from None
+    target = (await until(lambda: _healthy_replicas(client, 2), 240, step=1))[0]
+    replica = psutil.Process(target["pid"])
+    # The engine core is the replica's own child; its worker, below it, goes with it.
+    engine_cores = [p for p in engine_processes(replica) if p.ppid() == replica.pid]
+    assert engine_cores, f"no engine under replica {replica.pid}"
     for core in engine_cores:
         core.kill()
 
