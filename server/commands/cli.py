@@ -126,6 +126,13 @@ def main(argv: list[str] | None = None) -> int:
     return serve(settings)
 
 
+def _served(code: int) -> typing.NoReturn:
+    """Once the gateway has served: exit at once, without the interpreter's teardown."""
+    from server.engine.lifeline import exit_now
+
+    exit_now(code)
+
+
 def new_key() -> str:
     """A random key for --admin-key or --metrics-key: 32 bytes, 43 URL-safe characters."""
     return secrets.token_urlsafe(32)
@@ -151,7 +158,10 @@ def serve(settings: Settings) -> int:
     if settings.ray:
         from server.ray_app import serve_on_ray
 
-        return serve_on_ray(catalog_password_in_url(settings))  # PGPASSWORD leaves the environment
+        code = serve_on_ray(catalog_password_in_url(settings))  # PGPASSWORD leaves the environment
+        if code == 0:  # it served (the checks before Ray starts return 2)
+            _served(code)
+        return code
     try:
         prepared = prepare(catalog_password_in_url(settings))
     except StartupError as exc:
@@ -188,5 +198,5 @@ def serve(settings: Settings) -> int:
         shutil.rmtree(work_dir, ignore_errors=True)
     if engine_died:
         logger.error("exiting with status %d: the inference engine died", ENGINE_DIED_EXIT)
-        return ENGINE_DIED_EXIT
-    return 0
+        _served(ENGINE_DIED_EXIT)
+    _served(0)
