@@ -195,7 +195,11 @@ async def _watch_engine(app: FastAPI, engine: Engine) -> None:
         await asyncio.sleep(ENGINE_CHECK_SECONDS)
     app.state.ready = False
     app.state.generator.fair_queue.fail_waiting(EngineDead())  # requests waiting for a turn get 503
+    engine.fail_in_flight()  # and so do those the engine had
     logger.error("the inference engine has died; the gateway stops so that it can be restarted")
     on_death: Callable[[], None] | None = getattr(app.state, "on_engine_death", None)
     if on_death is not None:
         on_death()
+    while True:  # a request that was just being handed to the engine as it died fails too
+        await asyncio.sleep(ENGINE_CHECK_SECONDS)
+        engine.fail_in_flight()

@@ -61,6 +61,7 @@ class FakeEngine:
         self.refuse_paths: set[str] = set()
         self.refuse_all = False
         self.release: asyncio.Event | None = None  # when set by a test, generation waits for it
+        self.failed_in_flight = False  # fail_in_flight was called: held generations end with EngineDead
         self.running = 0
         self.shut_down = False
 
@@ -71,6 +72,11 @@ class FakeEngine:
     @property
     def is_healthy(self) -> bool:
         return self.healthy
+
+    def fail_in_flight(self) -> None:
+        self.failed_in_flight = True
+        if self.release is not None:
+            self.release.set()
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         self.tokenized.append((text, _on_event_loop()))
@@ -126,6 +132,8 @@ class FakeEngine:
         try:
             if self.release is not None:
                 await self.release.wait()
+            if self.failed_in_flight:
+                raise EngineDead("dead")
             words = self.words(adapter.name if adapter is not None else self.BASE_WORD, options.max_tokens)
             for i, word in enumerate(words):
                 if any(stop in word for stop in options.stop):

@@ -53,6 +53,9 @@ class RayEngine(Tokenizing):
         # Serve replaces a failed replica by itself; one replica's death is not the gateway's.
         return True
 
+    def fail_in_flight(self) -> None:
+        return None  # a replica fails its own (server/engine/ray_replica.py, check_health)
+
     def _for(self, adapter: AdapterHandle | None, *, stream: bool) -> DeploymentHandle:
         base = self._streaming if stream else self._replicas
         if adapter is None:

@@ -141,6 +141,7 @@ def replica_class(max_adapters: int) -> type:
         async def check_health(self) -> None:
             # Serve replaces a replica whose check fails; a dead engine core never recovers.
             if not self.engine.is_healthy:
+                self.engine.fail_in_flight()  # its streams end now, not when Serve stops the replica
                 raise RuntimeError("the engine of this replica has died")
 
         async def _report_forever(self) -> None:

@@ -3,6 +3,7 @@ lora_ops.py beside it."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -56,6 +57,7 @@ class VllmEngine(Tokenizing):
         self._llm = llm
         self._tokenizer = tokenizer
         self._max_model_len = max_model_len
+        self._dead = asyncio.Event()  # set by fail_in_flight
 
     @classmethod
     def start(cls, settings: Settings, model_path: str, stat_loggers: list | None = None) -> VllmEngine:
@@ -103,6 +105,29 @@ class VllmEngine(Tokenizing):
     def is_healthy(self) -> bool:
         return not self._llm.errored
 
+    def fail_in_flight(self) -> None:
+        # vLLM tells the requests that wait for output when its engine core dies; one it was still
+        # handing to the core waits forever (it kept a drain going for its whole 30 s).
+        self._dead.set()
+        self._llm.output_processor.propagate_error(EngineDeadError())
+
+    async def _first(self, outputs: AsyncIterator[Any]) -> Any:
+        """The first output of a generation, unless the engine dies first (EngineDeadError).
+
+        vLLM hands the request to its engine core during this first step: the one step that
+        the error vLLM propagates to waiting requests does not reach."""
+        step = asyncio.ensure_future(anext(outputs))
+        death = asyncio.ensure_future(self._dead.wait())
+        try:
+            await asyncio.wait({step, death}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            death.cancel()
+            if not step.done():
+                step.cancel()  # vLLM aborts the request
+        if not step.done():
+            raise EngineDeadError()
+        return step.result()
+
     async def generate(
         self,
         request_id: str,
@@ -137,9 +162,11 @@ class VllmEngine(Tokenizing):
                 output_kind=RequestOutputKind.DELTA if options.stream else RequestOutputKind.FINAL_ONLY,
                 structured_outputs=structured_outputs(options.constraint),
             )
-            async for output in self._llm.generate(
+            outputs = self._llm.generate(
                 tokens_input(prompt_token_ids), params, request_id, lora_request=lora, priority=options.priority
-            ):
+            )
+            output = await self._first(outputs)
+            while True:
                 if options.constraint is not None and any(c.finish_reason == "error" for c in output.outputs):
                     # The engine core fails a request whose grammar it could not compile this way.
                     raise EngineRejected("the engine could not compile this request's output constraint")
@@ -159,6 +186,9 @@ class VllmEngine(Tokenizing):
                     finished=output.finished,
                     prompt_logprobs=self._prompt_logprobs(output.prompt_logprobs, prompt_token_ids),
                 )
+                output = await anext(outputs)
+        except StopAsyncIteration:
+            return
         except EngineDeadError as exc:
             raise EngineDead(str(exc)) from exc
         except VLLMClientError as exc:

@@ -47,19 +47,18 @@ async def test_a_client_that_leaves_while_queued_gives_its_place_and_its_limits_
         assert [t["tenant"] for t in state["tenants"]] == ["acme"]
 
 
-async def test_requests_waiting_when_the_engine_dies_get_a_503_at_once(tmp_path):
+async def test_requests_waiting_or_running_when_the_engine_dies_get_a_503_at_once(tmp_path):
     async with full_gateway(tmp_path / "state", max_num_seqs=1, fair_queue_depth=1) as gw:
         gw.engine.release = asyncio.Event()
         running = asyncio.create_task(gw.client.post("/v1/completions", json=BODY, headers=gw.admin))
         await wait_until(lambda: _equals(gw, "in_flight", 1))
         queued = [asyncio.create_task(gw.client.post("/v1/completions", json=BODY, headers=gw.admin)) for _ in range(3)]
         await wait_until(lambda: _equals(gw, "waiting", 3))
-        gw.engine.healthy = False  # the engine is gone; its running request stays held
-        answers = await asyncio.wait_for(asyncio.gather(*queued), 5)
-        assert [answer.status_code for answer in answers] == [503] * 3
+        gw.engine.healthy = False  # the engine is gone; its running request is held until it is failed
+        answers = await asyncio.wait_for(asyncio.gather(*queued, running), 5)
+        assert [answer.status_code for answer in answers] == [503] * 4
         assert "inference engine has stopped" in answers[0].json()["error"]["message"]
-        gw.engine.release.set()
-        await running
+        assert answers[-1].json()["error"]["code"] == "engine_unavailable"
 
 
 async def _equals(gw, field: str, value: int) -> bool:
