@@ -56,14 +56,18 @@ class ChildWatcher(threading.Thread):
         except psutil.Error:
             return
         for child in children:
-            try:  # a pid may be reused within a run: a process is its pid and its start time
-                key = f"{child.pid}@{child.create_time():.2f}"
-            except psutil.Error:
+            # A pid may be reused within a run: a process is its pid and its start time; and a child
+            # seen between its fork and its exec shows its parent's command line, so that it counts
+            # as a process of its own once it shows another.
+            try:
+                cmdline = proc_text(child.pid, "cmdline")
+                key = f"{child.pid}@{child.create_time():.2f}@{hash(cmdline)}"
+            except (OSError, psutil.Error):  # gone meanwhile, or not readable yet: look again next time
                 continue
             if key not in self.seen:
                 try:
-                    cmdline, environ = proc_text(child.pid, "cmdline"), proc_text(child.pid, "environ")
-                except OSError:  # gone meanwhile, or not readable yet: look again next time
+                    environ = proc_text(child.pid, "environ")
+                except OSError:
                     continue
                 if cmdline:  # gone already (or a zombie): nothing to judge
                     self.seen[key] = (cmdline, environ)
