@@ -150,5 +150,6 @@ def gateway(demo, tmp_path_factory) -> Iterator[RunningGateway]:
     ]  # fmt: skip
     running = start_gateway(args, state / "gateway.log", base_name="demo")
     running.adapters = dict(demo.adapters)
+    running.state_dir = state
     yield running
     stop_gateway(running, wait=False)  # nothing reads its state after

@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import httpx
@@ -146,36 +147,35 @@ def perturbed_copy(base: Path, dest: Path) -> Path:
     return dest
 
 
-def test_a_base_model_serves_only_its_own_adapters_from_a_shared_state_dir(demo, reference, tmp_path):
+def test_a_base_model_serves_only_its_own_adapters_from_a_shared_state_dir(gateway, demo, reference, tmp_path):
+    """A gateway of another base model starts on the state dir of the session's gateway, which runs."""
     other_base = perturbed_copy(demo.base, tmp_path / "other-base")
     assert fingerprint(other_base) != fingerprint(demo.base)
-    state = tmp_path / "state"
-    on_a = ["--demo-dir", str(demo.root), "--admin-key", ADMIN_KEY, "--state-dir", str(state)]
     on_b = [
         "--model", str(other_base), "--served-model-name", "demo", "--dtype", "float32",
         "--lora-modules", f"pirate={demo.adapters['pirate']}",
-        "--admin-key", ADMIN_KEY, "--state-dir", str(state),
+        "--admin-key", ADMIN_KEY, "--state-dir", str(gateway.state_dir),
     ]  # fmt: skip
 
-    # a registers an adapter, and does not load it yet: it will read it from the state dir after b.
-    (a,) = start_all([(on_a, tmp_path / "a.log")])
+    # The session's gateway registers an adapter, and does not load it yet: it will read it from
+    # the state dir after b has started.
+    name = f"corsair-{uuid.uuid4().hex[:8]}"
+    assert upload(gateway.url, name, demo.adapters["poet"]).status_code == 201
     try:
-        assert upload(a.url, "corsair", demo.adapters["poet"]).status_code == 201
-        assert "loaded adapter corsair" not in a.log_tail(400)
-
-        # b starts on the same state dir while a runs, with another base model.
+        assert f"loaded adapter {name}" not in gateway.log_tail(400)
         (b,) = start_all([(on_b, tmp_path / "b.log")])
         try:
             listed = [m["id"] for m in httpx.get(f"{b.url}/v1/models", headers=ADMIN, timeout=10).json()["data"]]
-            assert "corsair" not in listed and "poet" not in listed and "pirate" in listed
-            refused = ask(b.url, "corsair")
+            assert name not in listed and "poet" not in listed and "pirate" in listed
+            refused = ask(b.url, name)
             assert refused.status_code == 404 and refused.json()["error"]["code"] == "model_not_found"
         finally:
             stop_gateway(b, wait=False)
 
-        # b removed nothing of a's: a loads the adapter from the state dir now, with parity.
-        assert answer(ask(a.url, "corsair")) == peft_answer(reference, "poet")
-        assert "loaded adapter corsair" in a.log_tail(400)
-        assert answer(ask(a.url, "pirate")) == peft_answer(reference, "pirate")
+        # b removed nothing of the other base's: its gateway loads the adapter from the state dir
+        # now, with parity.
+        assert answer(ask(gateway.url, name)) == peft_answer(reference, "poet")
+        assert f"loaded adapter {name}" in gateway.log_tail(400)
+        assert answer(ask(gateway.url, "pirate")) == peft_answer(reference, "pirate")
     finally:
-        stop_gateway(a, wait=False)
+        httpx.delete(f"{gateway.url}/v1/adapters/{name}", headers=ADMIN, timeout=30)
