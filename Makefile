@@ -22,11 +22,10 @@ serve: $(STAMP)
 	$(BIN)/lora-gateway serve
 
 # `make test` runs two pytest-xdist workers, one per core of the project's 2-CPU machine, in
-# groups (--dist loadgroup, tests/conftest.py): one worker takes every test that starts a real
-# engine, in file order, as one process would, so that the session gateway, Ray's gateway and the
-# gateways tests start of their own never run at once; the other takes the engine-free tests
-# (those of a file that share a module-scoped fixture together). --no-loadscope-reorder keeps the
-# collection's order, so that the engine's group starts first.
+# groups (--dist loadgroup, tests/conftest.py): each file of tests/engine/ is a group, and so are
+# tests/ray/ and tests/security/'s engine tests; the workers take them as they free up, Ray's first,
+# then the other engine groups, then the engine-free tests one by one (those of a file that share
+# a module-scoped fixture together). --no-loadscope-reorder keeps that order.
 # WORKERS=0 runs everything in pytest's own process instead.
 WORKERS ?= 2
 XDIST := -n $(WORKERS) --dist loadgroup --no-loadscope-reorder
