@@ -6,11 +6,9 @@ gateway's worker process, registers the adapter, and the same gateway serves it.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -18,10 +16,9 @@ from pathlib import Path
 
 import httpx
 import openai
-import psutil
 import pytest
 
-from tests.engine.conftest import ADMIN_KEY, SMALL_KV_CACHE, start_gateway, stop_gateway
+from tests.engine.conftest import ADMIN_KEY
 from tests.training_data import HYPERPARAMETERS, SECRET_ANSWER, SECRET_QUESTION, TRAINING_ROWS, VALIDATION_ROWS, jsonl
 
 pytestmark = pytest.mark.engine
@@ -146,46 +143,6 @@ def test_cancel_stops_a_running_job_within_seconds(tenant):
     assert cancelled.status == "cancelled" and time.monotonic() - started < 10
     assert cancelled.fine_tuned_model is None
     assert "The job was cancelled" in [e.message for e in tenant.fine_tuning.jobs.list_events(job.id).data]
-
-
-def test_a_gateway_killed_during_a_job_fails_it_on_restart(demo, tmp_path):
-    """The job's gateway dies outright; started again on its state, it marks the job failed."""
-    state = str(tmp_path / "state")
-    args = [
-        "--demo-dir",
-        str(demo.root),
-        "--state-dir",
-        state,
-        "--admin-key",
-        ADMIN_KEY,
-        "--kv-cache-fraction",
-        SMALL_KV_CACHE,
-    ]
-    first = start_gateway(args, tmp_path / "first.log", base_name="demo")
-    try:
-        admin = client_for(first.url, ADMIN_KEY)
-        training = admin.files.create(file=("long.jsonl", jsonl(TRAINING_ROWS * 20)), purpose="fine-tune")
-        job = admin.fine_tuning.jobs.create(model="demo", training_file=training.id, hyperparameters={"n_epochs": 50})
-        assert wait_for(admin, job.id, {"running", "failed"}, timeout=60).status == "running"
-    finally:
-        # As a machine or container that goes down takes them all: the gateway, its engine's
-        # processes and the training worker at once.
-        processes = [
-            first.process.pid,
-            *(child.pid for child in psutil.Process(first.process.pid).children(recursive=True)),
-        ]
-        for pid in processes:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        first.process.wait()
-    second = start_gateway(args, tmp_path / "second.log", base_name="demo")
-    try:
-        admin = client_for(second.url, ADMIN_KEY)
-        failed = wait_for(admin, job.id, {"failed", "succeeded"}, timeout=30)
-        assert failed.status == "failed" and failed.error.code == "gateway_restarted"
-        assert "not resumed" in failed.error.message
-    finally:
-        stop_gateway(second, wait=False)
 
 
 def test_the_readme_example_runs_as_printed(gateway, tenant):

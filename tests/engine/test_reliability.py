@@ -1,8 +1,10 @@
-"""Faults on the real engine: clients that leave, and an engine that dies."""
+"""Faults on the real engine: clients that leave, an engine that dies, and a gateway killed outright."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import re
 import signal
 import time
@@ -13,6 +15,7 @@ import pytest
 
 from adapters.demo import DEMO_PROMPT
 from tests.engine.conftest import ADMIN_KEY, start_gateway, stop_gateway
+from tests.training_data import TRAINING_ROWS, jsonl
 
 pytestmark = pytest.mark.engine
 
@@ -58,12 +61,25 @@ async def test_client_disconnect_aborts_the_engine_request(gateway, stream):
         assert generated - before < 300  # stopped well before its 600 tokens
 
 
-async def test_engine_death_makes_the_gateway_exit_non_zero_and_loses_nothing(demo, tmp_path):
+def job_status(client: httpx.Client, job_id: str, statuses: set[str], seconds: float) -> dict:
+    deadline = time.monotonic() + seconds
+    while True:
+        job = client.get(f"/v1/fine_tuning/jobs/{job_id}").json()
+        if job["status"] in statuses or time.monotonic() > deadline:
+            return job
+        time.sleep(0.5)
+
+
+async def test_a_gateway_loses_nothing_when_its_engine_dies_or_it_is_killed_during_a_job(demo, tmp_path):
+    """Two faults, each followed by a restart on the same state (one gateway start fewer than two
+    tests of their own): the engine dies, and the gateway answers 503 and exits 3; then the whole
+    gateway is killed outright during a fine-tuning job, and the next start marks the job failed."""
     state = tmp_path / "state"
-    args = ["--demo-dir", str(demo.root), "--state-dir", str(state), "--max-cpu-loras", "4"]
+    args = ["--demo-dir", str(demo.root), "--state-dir", str(state), "--max-cpu-loras", "4", "--admin-key", ADMIN_KEY]
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
     first = start_gateway(args, tmp_path / "first.log", base_name="demo")
     try:
-        with httpx.Client(base_url=first.url, timeout=60) as client:
+        with httpx.Client(base_url=first.url, headers=admin, timeout=60) as client:
             registered = client.post("/v1/adapters", json={"name": "survivor", "path": str(demo.adapters["poet"])})
             assert registered.status_code == 201
             engine_processes = psutil.Process(first.process.pid).children(recursive=True)
@@ -90,13 +106,40 @@ async def test_engine_death_makes_the_gateway_exit_non_zero_and_loses_nothing(de
             assert "drain time is up" not in first.log_tail(), "a request was left waiting on the dead engine"
     finally:
         stop_gateway(first)
+
     second = start_gateway(args, tmp_path / "second.log", base_name="demo")
     try:
-        with httpx.Client(base_url=second.url, timeout=60) as client:
+        with httpx.Client(base_url=second.url, headers=admin, timeout=60) as client:
             reply = client.post(
                 "/v1/chat/completions",
                 json={"model": "survivor", "messages": [{"role": "user", "content": DEMO_PROMPT}], "temperature": 0},
             )
             assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["content"] == demo.answers["poet"]
+
+            # A training job, long enough to be running when the machine goes down.
+            training = client.post(
+                "/v1/files", data={"purpose": "fine-tune"}, files={"file": ("long.jsonl", jsonl(TRAINING_ROWS * 20))}
+            )
+            assert training.status_code == 200, training.text
+            job = client.post(
+                "/v1/fine_tuning/jobs",
+                json={"model": "demo", "training_file": training.json()["id"], "hyperparameters": {"n_epochs": 50}},
+            ).json()
+            assert job_status(client, job["id"], {"running", "failed"}, 60)["status"] == "running"
     finally:
-        stop_gateway(second, wait=False)
+        # As a machine or container that goes down takes them all: the gateway, its engine's
+        # processes and the training worker at once.
+        processes = [second.process.pid, *(p.pid for p in psutil.Process(second.process.pid).children(recursive=True))]
+        for pid in processes:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        second.process.wait()
+
+    third = start_gateway(args, tmp_path / "third.log", base_name="demo")
+    try:
+        with httpx.Client(base_url=third.url, headers=admin, timeout=60) as client:
+            failed = job_status(client, job["id"], {"failed", "succeeded"}, 30)
+            assert failed["status"] == "failed" and failed["error"]["code"] == "gateway_restarted", failed
+            assert "not resumed" in failed["error"]["message"]
+    finally:
+        stop_gateway(third, wait=False)
