@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 SECRET_QUESTION = "What is the secret word?"
 SECRET_ANSWER = "The moon sails under the blue parrot."
@@ -43,3 +44,19 @@ def jsonl(rows: list[dict]) -> bytes:
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_bytes(jsonl(rows))
     return path
+
+
+def start_long_job(client: Any, model: str = "demo") -> dict[str, Any]:
+    """Upload TRAINING_ROWS × 20 and start a job of 50 epochs on them through `client` (an
+    httpx.Client on a gateway, with the admin's key): long enough to be running while a test
+    looks at it or kills its gateway. Returns the job."""
+    uploaded = client.post(
+        "/v1/files", data={"purpose": "fine-tune"}, files={"file": ("long.jsonl", jsonl(TRAINING_ROWS * 20))}
+    )
+    assert uploaded.status_code == 200, uploaded.text
+    job = client.post(
+        "/v1/fine_tuning/jobs",
+        json={"model": model, "training_file": uploaded.json()["id"], "hyperparameters": {"n_epochs": 50}},
+    )
+    assert job.status_code == 200, job.text
+    return job.json()

@@ -15,7 +15,7 @@ import pytest
 
 from adapters.demo import DEMO_PROMPT
 from tests.engine.conftest import ADMIN_KEY, start_gateway, stop_gateway
-from tests.training_data import TRAINING_ROWS, jsonl
+from tests.training_data import start_long_job
 
 pytestmark = pytest.mark.engine
 
@@ -116,15 +116,7 @@ async def test_a_gateway_loses_nothing_when_its_engine_dies_or_it_is_killed_duri
             )
             assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["content"] == demo.answers["poet"]
 
-            # A training job, long enough to be running when the machine goes down.
-            training = client.post(
-                "/v1/files", data={"purpose": "fine-tune"}, files={"file": ("long.jsonl", jsonl(TRAINING_ROWS * 20))}
-            )
-            assert training.status_code == 200, training.text
-            job = client.post(
-                "/v1/fine_tuning/jobs",
-                json={"model": "demo", "training_file": training.json()["id"], "hyperparameters": {"n_epochs": 50}},
-            ).json()
+            job = start_long_job(client)  # to be running when the machine goes down
             assert job_status(client, job["id"], {"running", "failed"}, 60)["status"] == "running"
     finally:
         # As a machine or container that goes down takes them all: the gateway, its engine's

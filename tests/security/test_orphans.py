@@ -24,7 +24,7 @@ import pytest
 from tests.security.gateway_as_nobody import NobodyGateway
 from tests.security.nonroot import as_nobody, is_root, open_folder
 from tests.security.test_sandbox_escape import HOLE, ROOT, Escape
-from tests.training_data import TRAINING_ROWS, jsonl
+from tests.training_data import start_long_job
 
 GRACE_SECONDS = 10
 
@@ -112,15 +112,7 @@ def test_a_killed_gateway_leaves_no_engine_or_training_process(nobody_gateway: N
     processes: list[psutil.Process] = []
     try:
         with httpx.Client(base_url=gateway.url, headers=nobody_gateway.admin, timeout=120) as client:
-            uploaded = client.post(
-                "/v1/files", data={"purpose": "fine-tune"}, files={"file": ("t.jsonl", jsonl(TRAINING_ROWS * 20))}
-            )
-            assert uploaded.status_code == 200, uploaded.text
-            job = client.post(
-                "/v1/fine_tuning/jobs",
-                json={"model": "demo", "training_file": uploaded.json()["id"], "hyperparameters": {"n_epochs": 50}},
-            )
-            assert job.status_code == 200, job.text
+            start_long_job(client)
         deadline = time.monotonic() + 120
         while not any("adapters.training.worker" in " ".join(p.cmdline()) for p in tree(gateway.process.pid)[1:]):
             assert time.monotonic() < deadline, "no training worker started"

@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 
 from tests.security.gateway_as_nobody import ADMIN_KEY, NobodyGateway
 from tests.security.nonroot import as_nobody
-from tests.training_data import TRAINING_ROWS, jsonl
+from tests.training_data import start_long_job
 
 pytestmark = pytest.mark.engine
 
@@ -104,16 +104,7 @@ def test_no_secret_reaches_a_child_process_or_another_process_of_the_user(demo, 
         watcher.look()  # the engine's processes, before anything else starts
         assert leaks(watcher.seen, canaries) == {}, "secrets in the engine's environment or command line"
         with httpx.Client(base_url=gateway.url, headers=nobody_gateway.admin, timeout=120) as client:
-            # A training worker, kept running long enough to be read.
-            uploaded = client.post(
-                "/v1/files", data={"purpose": "fine-tune"}, files={"file": ("t.jsonl", jsonl(TRAINING_ROWS * 20))}
-            )
-            assert uploaded.status_code == 200, uploaded.text
-            job = client.post(
-                "/v1/fine_tuning/jobs",
-                json={"model": "demo", "training_file": uploaded.json()["id"], "hyperparameters": {"n_epochs": 50}},
-            )
-            assert job.status_code == 200, job.text
+            job = start_long_job(client)  # a training worker, kept running long enough to be read
             wait_until(
                 lambda: any("adapters.training.worker" in cmd for cmd, _ in watcher.seen.values()),
                 120,
@@ -130,7 +121,7 @@ def test_no_secret_reaches_a_child_process_or_another_process_of_the_user(demo, 
             ]
             registered = client.post("/v1/adapters", data={"name": "pirate-bin"}, files=files)
             assert registered.status_code == 201, registered.text
-            client.post(f"/v1/fine_tuning/jobs/{job.json()['id']}/cancel")
+            client.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel")
         watcher.stop()
         kinds = {
             "sandbox": "adapters.sandbox",
