@@ -16,7 +16,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from server.http.bodies import metadata_problem
+from server.http.bodies import Metadata
 from server.http.errors import GatewayError, InvalidRequest, _validation_error, as_gateway_error
 from server.openai import chat, completions
 from server.openai.protocol import ChatCompletionRequest, CompletionRequest
@@ -76,7 +76,7 @@ class CreateBatch(BaseModel):
     input_file_id: Annotated[str, Field(min_length=1, max_length=128)]
     endpoint: str
     completion_window: str
-    metadata: dict[str, str] | None = None
+    metadata: Metadata = None
 
     @field_validator("endpoint")
     @classmethod
@@ -94,13 +94,6 @@ class CreateBatch(BaseModel):
                 param="completion_window",
             )
         return window
-
-    @field_validator("metadata")
-    @classmethod
-    def _metadata_bounded(cls, metadata: dict[str, str] | None) -> dict[str, str] | None:
-        if problem := metadata_problem(metadata):
-            raise ValueError(problem)
-        return metadata
 
 
 def batch_card(row) -> dict[str, Any]:

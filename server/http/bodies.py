@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, model_validator
+from pydantic import AfterValidator, BaseModel, model_validator
 
 # OpenAI's bounds on `metadata`, wherever a body carries it (completions, responses, batches, jobs).
 MAX_METADATA_PAIRS = 16
@@ -34,3 +34,14 @@ def metadata_problem(metadata: dict[str, str] | None) -> str | None:
         if len(key) > MAX_METADATA_KEY or len(value) > MAX_METADATA_VALUE:
             return f"metadata keys are at most {MAX_METADATA_KEY} characters and values {MAX_METADATA_VALUE}"
     return None
+
+
+def bounded_metadata(metadata: dict[str, str] | None) -> dict[str, str] | None:
+    """A body's `metadata` as given, once within OpenAI's bounds (a ValueError, so a 400, if not)."""
+    if problem := metadata_problem(metadata):
+        raise ValueError(problem)
+    return metadata
+
+
+# The type of a body's `metadata` field, checked against OpenAI's bounds as it is parsed.
+Metadata = Annotated[dict[str, str] | None, AfterValidator(bounded_metadata)]

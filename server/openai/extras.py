@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import AfterValidator, BaseModel, Field, field_validator
 
-from server.http.bodies import MAX_METADATA_VALUE, metadata_problem
+from server.http.bodies import MAX_METADATA_VALUE, bounded_metadata
 from server.http.errors import InvalidRequest
 
 MAX_LOGIT_BIAS = 300  # tokens one request may bias, as OpenAI bounds it
@@ -34,7 +34,9 @@ class ExtraFields(BaseModel):
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     # OpenAI's bookkeeping: accepted, and no-ops here (docs/evaluation.md says why).
-    metadata: dict[str, Annotated[str, Field(max_length=MAX_METADATA_VALUE)]] | None = None
+    metadata: Annotated[
+        dict[str, Annotated[str, Field(max_length=MAX_METADATA_VALUE)]] | None, AfterValidator(bounded_metadata)
+    ] = None
     store: bool = False
     service_tier: Literal["auto", "default", "flex", "scale", "priority"] | None = None
     prompt_cache_key: str | None = Field(None, max_length=MAX_IDENTIFIER_CHARS)
@@ -51,13 +53,6 @@ class ExtraFields(BaseModel):
             if not key.isascii() or not key.isdigit() or len(key) > 10:
                 raise ValueError(f'keys are token ids written as decimal strings, such as "50256"; got {key[:20]!r}')
         return bias
-
-    @field_validator("metadata")
-    @classmethod
-    def _metadata_bounds(cls, metadata: dict[str, str] | None) -> dict[str, str] | None:
-        if problem := metadata_problem(metadata):
-            raise ValueError(problem)
-        return metadata
 
     @field_validator("store")
     @classmethod

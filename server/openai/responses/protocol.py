@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from server.http.bodies import NullMeansAbsent, metadata_problem
+from server.http.bodies import Metadata, NullMeansAbsent
 from server.http.errors import InvalidRequest, _validation_error
 from server.openai.protocol import MAX_TOOLS, FunctionName, ModelName, Temperature, TopP
 from server.openai.structured import SCHEMA_NAME
@@ -158,7 +158,7 @@ class ResponsesRequest(_Model):
     tools: Annotated[list[dict[str, Any]], Field(max_length=MAX_TOOLS)] | None = None
     tool_choice: Literal["none", "auto", "required"] | FunctionChoice | None = None
     parallel_tool_calls: bool = True
-    metadata: dict[str, str] | None = None
+    metadata: Metadata = None
     stream: bool = False
     store: bool = True
     previous_response_id: Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS)] | None = None
@@ -227,13 +227,6 @@ class ResponsesRequest(_Model):
                 param="include",
             )
         return include
-
-    @field_validator("metadata")
-    @classmethod
-    def _metadata_bounded(cls, metadata: dict[str, str] | None) -> dict[str, str] | None:
-        if problem := metadata_problem(metadata):
-            raise ValueError(problem)
-        return metadata
 
     @property
     def n(self) -> int:
