@@ -138,7 +138,7 @@ def build_app(
         settings.max_in_flight,
         max_sequences=settings.max_sequences_per_request,
         max_prompt_chars=settings.max_prompt_chars,
-        fair_queue=FairQueue(settings.fair_depth, policy=settings.scheduling),
+        fair_queue=FairQueue(settings.fair_depth, batch=settings.engine_sequences, policy=settings.scheduling),
         admin_weight=settings.admin_weight,
         tool_call_parser=settings.tool_call_parser if settings.enable_auto_tool_choice else None,
     )

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from server.engine.protocol import EngineDead
+from server.engine.protocol import URGENT_PRIORITY, EngineDead
 from server.openai.fairness import ADMIN_KEY, BACKGROUND_PRIORITY, FIRST_COME, FairQueue, Turn
 
 
@@ -296,6 +296,42 @@ async def test_the_engine_priority_keeps_the_fair_order_past_the_engines_batch()
     plain = await queue.turn("a", 1.0, 1, 4, output_tokens=32)
     assert plain.priority == 0  # first come: the engine's arrival order
     plain.release()
+
+
+@pytest.mark.parametrize(("weight_b", "shares"), [(1.0, 2), (1 / 3, 1)])
+async def test_a_light_tenant_goes_in_at_once_past_a_full_batch_and_may_preempt(weight_b, shares):
+    """With the engine's batch full, a request of a tenant that asks for no more than its share of the
+    batch goes in at once, past the depth, with an urgent priority (the engine preempts for it).
+    Past its share, or with requests of its own waiting, it waits its turn; so do background work,
+    and every request while the batch has room."""
+    queue = FairQueue(6, batch=4, clock=FakeClock())
+    early = await queue.turn("b", weight_b, 1, 4, output_tokens=32)
+    assert early.priority >= 0  # the batch had room
+    early.release()
+    flood = [asyncio.create_task(queue.turn("a", 1.0, 1, 4, output_tokens=32)) for _ in range(10)]
+    await settle()
+    assert queue.in_flight == 6 and queue.waiting_for("a") == 4
+    light = []
+    for _ in range(shares):  # the batch of 4 × b's weight / both weights
+        light.append(await asyncio.wait_for(queue.turn("b", weight_b, 1, 4, output_tokens=32), 1))
+        assert -URGENT_PRIORITY <= light[-1].priority < 0
+    assert queue.in_flight == 6 + shares  # past the depth
+    over = asyncio.create_task(queue.turn("b", weight_b, 1, 4, output_tokens=32))
+    line = asyncio.create_task(queue.turn("c", 1.0, 1, 4, output_tokens=32, background=True))
+    await settle()
+    assert not over.done() and not line.done()
+    queued_too = asyncio.create_task(queue.turn("b", weight_b, 1, 4, output_tokens=32))
+    await settle()
+    assert not queued_too.done()  # b has a request waiting already
+    for turn in light:
+        turn.release()
+    await settle()
+    for task in (*flood, over, queued_too):
+        if task.done():
+            assert task.result().priority >= 0
+    for task in (*flood, over, queued_too, line):
+        task.cancel()
+    await asyncio.gather(*flood, over, queued_too, line, return_exceptions=True)
 
 
 @pytest.mark.parametrize(("weight_a", "weight_b"), [(1.0, 1.0), (2.0, 1.0)])

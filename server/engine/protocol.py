@@ -11,6 +11,9 @@ from typing import Any, Protocol
 
 from adapters.engine import AdapterEngine, AdapterHandle
 
+# Taken from the priority of a light tenant's request that may preempt (server/engine/fair_scheduler.py).
+URGENT_PRIORITY = 1 << 50
+
 
 @dataclass(frozen=True, slots=True)
 class OutputConstraint:
@@ -53,7 +56,8 @@ class SamplingOptions:
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
     stop_token_ids: tuple[int, ...] = ()
     skip_special_tokens: bool = True  # False keeps special tokens in the text (some tool-call syntaxes use them)
-    # Not sampling but scheduling: the engine's queue serves lower first (server/openai/fairness.py).
+    # Not sampling but scheduling: the engine's queue serves lower first (server/openai/fairness.py);
+    # below -URGENT_PRIORITY / 2, the engine preempts a running request for it when its batch is full.
     priority: int = 0
 
 

@@ -24,6 +24,7 @@ from vllm.v1.engine.exceptions import EngineDeadError
 from adapters.engine import AdapterLoadFailed
 from server.config import Settings
 from server.engine import lifeline, sampler_ops
+from server.engine.fair_scheduler import scheduler_for
 from server.engine.grammar import structured_outputs
 from server.engine.plugins import plugin_env
 from server.engine.protocol import (
@@ -97,9 +98,19 @@ class VllmEngine(Tokenizing):
         os.environ.update(plugin_env(settings))
         os.environ[sampler_ops.ENV] = "1"  # server/engine/sampler_ops.py
         with lifeline.armed():  # server/engine/lifeline.py: the engine's processes die with this one
-            llm = AsyncLLM.from_engine_args(args, stat_loggers=stat_loggers)
+            llm = AsyncLLM.from_vllm_config(
+                cls._config(args), stat_loggers=stat_loggers, disable_log_stats=args.disable_log_stats
+            )
         tokenizer = AutoTokenizer.from_pretrained(model_path)
         return cls(llm, tokenizer, max_model_len)
+
+    @staticmethod
+    def _config(args: AsyncEngineArgs):
+        """vLLM's config for `args`, with a scheduler that makes room for urgent requests
+        (server/engine/fair_scheduler.py), of the kind vLLM picked: with async scheduling or without."""
+        config = args.create_engine_config()
+        config.scheduler_config.scheduler_cls = scheduler_for(config.scheduler_config.async_scheduling)
+        return config
 
     @property
     def is_healthy(self) -> bool:

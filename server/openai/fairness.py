@@ -21,6 +21,13 @@ output its requests already in the engine may still produce (their max_tokens, l
 produced), which is the virtual time at which this request's service starts. The engine's queue
 then serves in the same fair order, and a light tenant's request passes a flood's queued ones.
 
+A light tenant's request goes in at once, past the depth, when the engine's batch is full: one
+whose tenant has nothing else waiting and, with it, holds no more than its share of the batch
+(the batch × its weight / the weights of the tenants waiting or running). Its priority is then
+urgent (less URGENT_PRIORITY), and the engine's scheduler preempts the latest request of the
+tenant furthest ahead to make room for it (server/engine/fair_scheduler.py). Without that it
+would wait for a running sequence to end: a flood's requests, let in together, end together.
+
 Background work (batch lines, server/http/priority.py) waits in a class of its own: it goes in only
 while no interactive request waits, and with the engine's lowest priorities. Its tokens count
 against its tenant's counter like any other. docs/fairness.md explains the design.
@@ -34,6 +41,8 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+from server.engine.protocol import URGENT_PRIORITY
 
 ADMIN_KEY = "(admin)"  # the admin's and shared traffic; no tenant name can have parentheses
 INPUT_WEIGHT = 1.0  # the paper's w_p and w_q: an output token costs the engine about twice an input token
@@ -101,6 +110,7 @@ class FairQueue:
         self,
         depth: int,
         *,
+        batch: int | None = None,
         policy: str = FAIR,
         input_weight: float = INPUT_WEIGHT,
         output_weight: float = OUTPUT_WEIGHT,
@@ -109,12 +119,14 @@ class FairQueue:
         if depth < 1:
             raise ValueError("the fair queue needs a depth of at least one sequence")
         self.depth = depth
+        self.batch = batch  # the engine's batch (every replica's), which urgent turns may preempt in; None: never
         self.policy = policy
         self.input_weight = input_weight
         self.output_weight = output_weight
         self.clock = clock
         self.in_flight = 0  # sequences in the engine
         self.counters: dict[str, float] = {}
+        self.weights: dict[str, float] = {}  # each tenant's weight, as its latest request gave it
         self.running: dict[str, int] = {}  # sequences in the engine, by tenant
         # Weighted output that each tenant's requests in the engine may still produce.
         self.reserved: dict[str, float] = {}
@@ -177,7 +189,12 @@ class FairQueue:
         waiter = _Waiter(
             key, weight, sequences, prompt_tokens, next(self._order), self.clock(), output_tokens, background
         )
-        if self.policy == FIRST_COME or (not self.waiting and self.in_flight < self.depth):
+        self.weights[key] = weight
+        if (
+            self.policy == FIRST_COME
+            or (not self.waiting and self.in_flight < self.depth)
+            or (not self._has_waiting(key) and self._urgent(waiter))
+        ):
             if not self._has_waiting(key):
                 self._lift(key)
             return self._start(waiter, None)
@@ -210,6 +227,16 @@ class FairQueue:
 
     # -- inside ----------------------------------------------------------------------------------
 
+    def _urgent(self, waiter: _Waiter) -> bool:
+        """Whether `waiter`, whose tenant has nothing else waiting, goes in now and preempts: the
+        engine's batch is full, and its tenant holds no more than its share of it with this request."""
+        if self.policy != FAIR or waiter.background or self.batch is None or self.in_flight < self.batch:
+            return False
+        key = waiter.key
+        active = {*self._waiting, *self._background, *self.running, key}
+        share = self.batch * self.weights[key] / sum(self.weights[k] for k in active)
+        return self.running.get(key, 0) + waiter.sequences <= share + 1e-9
+
     def _lift(self, key: str) -> None:
         """A tenant with nothing waiting starts at the lowest counter of the other tenants waiting or
         running (with none, that of the last to leave), never below its own: time spent asking for
@@ -238,6 +265,7 @@ class FairQueue:
         key, weight = waiter.key, waiter.weight
         if queue is not None and not queue:
             self._queues(waiter.background).pop(key, None)
+        urgent = not self._has_waiting(key) and self._urgent(waiter)
         self.in_flight += waiter.sequences
         self.running[key] = self.running.get(key, 0) + waiter.sequences
         # Its service starts after what the tenant's requests in the engine may still produce.
@@ -245,6 +273,8 @@ class FairQueue:
         priority = 0 if self.policy == FIRST_COME else round(start)
         if waiter.background:
             priority += BACKGROUND_PRIORITY
+        if urgent:
+            priority -= URGENT_PRIORITY
         reserved = waiter.output_tokens * self.output_weight / weight
         self.reserved[key] = self.reserved.get(key, 0.0) + reserved
         turn = Turn(self, key, weight, waiter.sequences, priority, reserved)

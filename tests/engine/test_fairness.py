@@ -9,10 +9,12 @@ from __future__ import annotations
 import asyncio
 import statistics
 import time
+from dataclasses import dataclass
 
 import httpx
 import pytest
 
+from adapters.demo import DEMO_PROMPT
 from tests.engine.conftest import ADMIN_KEY
 from tests.training_data import TRAINING_ROWS, jsonl
 
@@ -29,16 +31,30 @@ async def new_tenant(client: httpx.AsyncClient, name: str, **limits) -> dict[str
     return {"Authorization": f"Bearer {response.json()['api_key']}"}
 
 
-async def flood_then_light(client: httpx.AsyncClient, flooder: dict, light: dict) -> tuple[list[float], list[float]]:
-    """FLOOD requests of one tenant at once, then 4 of another: each one's latencies."""
-    body = {"model": "demo", "prompt": "Once upon a time", "max_tokens": 32, "ignore_eos": True}
+@dataclass
+class Answer:
+    latency: float
+    text: str
+    tokens: int  # prompt and completion
 
-    async def one(headers: dict) -> float:
+
+async def flood_then_light(client: httpx.AsyncClient, flooder: dict, light: dict) -> tuple[list[Answer], list[Answer]]:
+    """FLOOD requests of one tenant at once, then 4 of another: each one's answer. Each asks the pirate
+    the demo's question, greedily: an answer whose request was preempted and resumed must be the same."""
+    body = {
+        "model": "pirate",
+        "messages": [{"role": "user", "content": DEMO_PROMPT}],
+        "max_tokens": 32,
+        "temperature": 0,
+    }
+
+    async def one(headers: dict) -> Answer:
         sent = time.monotonic()
-        response = await client.post("/v1/completions", json=body, headers=headers)
+        response = await client.post("/v1/chat/completions", json=body, headers=headers)
         assert response.status_code == 200, response.text
-        assert response.json()["usage"]["completion_tokens"] == 32
-        return time.monotonic() - sent
+        usage = response.json()["usage"]
+        text = response.json()["choices"][0]["message"]["content"]
+        return Answer(time.monotonic() - sent, text, usage["prompt_tokens"] + 2 * usage["completion_tokens"])
 
     flood = [asyncio.create_task(one(flooder)) for _ in range(FLOOD)]
     for _ in range(200):  # until the flood has reached the gateway (fair: most of it waits there; fcfs: in vLLM)
@@ -46,11 +62,15 @@ async def flood_then_light(client: httpx.AsyncClient, flooder: dict, light: dict
         if state["in_flight"] + state["waiting"] >= FLOOD * 3 // 4:
             break
         await asyncio.sleep(0.02)
-    light_latencies = await asyncio.gather(*(one(light) for _ in range(4)))
-    return list(await asyncio.gather(*flood)), list(light_latencies)
+    light_answers = await asyncio.gather(*(one(light) for _ in range(4)))
+    return list(await asyncio.gather(*flood)), list(light_answers)
 
 
-async def test_a_light_tenant_is_served_ahead_of_another_tenants_flood(gateway):
+def preemptions(scrape: str) -> float:
+    return sum(float(line.split()[-1]) for line in scrape.splitlines() if line.startswith("vllm:num_preemptions_total"))
+
+
+async def test_a_light_tenant_is_served_ahead_of_another_tenants_flood(gateway, demo):
     # A connection per request: one kept alive could be closed by the server's keep-alive timeout as
     # the next request is sent on it, while the flood's requests wait their turn.
     limits = httpx.Limits(max_connections=FLOOD + 16, max_keepalive_connections=0)
@@ -59,18 +79,26 @@ async def test_a_light_tenant_is_served_ahead_of_another_tenants_flood(gateway):
         light = await new_tenant(client, "light", max_concurrent=8, requests_per_second=1000)
         state = (await client.get("/v1/scheduling", headers=ADMIN)).json()
         assert state["policy"] == "fair" and state["depth"] == 96  # --max-num-seqs 64, and half as many again
-        fair_flood, fair_light = await flood_then_light(client, flooder, light)
-        # The light tenant's requests take the first slots that free, not the flood's last.
-        assert statistics.median(fair_light) < 0.6 * max(fair_flood), (fair_light, sorted(fair_flood))
-
+        preempted_before = preemptions((await client.get("/metrics", headers=ADMIN)).text)
+        flood, light_answers = await flood_then_light(client, flooder, light)
+        # The light tenant's requests go in at once, each preempting one of the flood's running
+        # ones (server/engine/fair_scheduler.py), and take no longer than the flood's first batch.
+        flood_latencies = sorted(answer.latency for answer in flood)
+        light_latencies = [answer.latency for answer in light_answers]
+        assert statistics.median(light_latencies) < 0.6 * flood_latencies[-1], (light_latencies, flood_latencies)
         scrape = (await client.get("/metrics", headers=ADMIN)).text
+        assert preemptions(scrape) >= preempted_before + 1
+        # Preempted, their requests resumed with the same answer.
+        assert {answer.text for answer in [*flood, *light_answers]} == {demo.answers["pirate"]}
+
         service = {
             line.split('"')[1]: float(line.split()[-1])
             for line in scrape.splitlines()
             if line.startswith("lora_gateway_tenant_service_tokens_total{")
         }
-        # Each request: its prompt's tokens once, and 32 output tokens at weight 2.
-        assert service["light"] >= 4 * 32 * 2 and service["flooder"] >= FLOOD * 32 * 2
+        # Each request: its prompt's tokens once, and its output tokens at weight 2.
+        assert service["light"] == sum(answer.tokens for answer in light_answers)
+        assert service["flooder"] == sum(answer.tokens for answer in flood)
         assert 'lora_gateway_tenant_queue_wait_seconds_count{tenant="flooder"}' in scrape
         # (The mean waits in the gateway's queue do not compare: the first --fair-queue-depth of the
         # flood's requests, more than --max-num-seqs, go to the engine at once and wait there.)
