@@ -137,6 +137,31 @@ def test_products_use_each_slots_own_rank_and_skip_layers_it_leaves_alone():
     torch.testing.assert_close(ranked, full, rtol=1e-5, atol=1e-5)
 
 
+def test_products_follow_what_vllm_copies_into_a_slot():
+    """The slots' views are kept between steps: a new adapter copied into a slot, of another rank,
+    must be what the next step multiplies by."""
+    torch.manual_seed(6)
+    slot_ids = [7, 8, None, None]
+    tokens = step_tokens(6, [7, 8])
+    in_size, slices = LAYERS[0]
+    lora_a, lora_b = weights(in_size, slices, free_slots=(2, 3))
+    layer = type("Layer", (), {"lora_a_stacked": lora_a})()
+    x, y = torch.randn(len(tokens), in_size), torch.randn(len(tokens), sum(slices))
+    for rank in (RANK, 5):  # slot 0 gets an adapter of rank 5 in place of its rank-8 one
+        if rank != RANK:
+            for a, b in zip(lora_a, lora_b, strict=True):
+                a[0].copy_(torch.randn_like(a[0]) * 0.1)
+                b[0].copy_(torch.randn_like(b[0]) * 0.1)
+                a[0, :, rank:] = 0
+                b[0, :, :, rank:] = 0
+        one = type("Weights", (), {"lora_a": [torch.zeros(rank, in_size) for _ in slices]})()
+        engine_lora.record_slot_ranks(layer, 0, one)
+        expected, got = y.clone(), y.clone()
+        vllm_add_lora_linear(wrapper(slot_ids, tokens), expected, x, lora_a, lora_b, 0.5, slices)
+        engine_lora.add_lora_linear(grouped(wrapper(slot_ids, tokens)), got, x, lora_a, lora_b, 0.5, slices)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_a_reset_zeroes_what_the_slots_last_adapter_filled():
     whole = []
     reset = engine_lora.make_reset_lora(lambda layer, index: whole.append(index))

@@ -93,7 +93,10 @@ def add_lora_logits(
 
 
 def _add_products(y: Any, x: Any, groups: list[tuple[int, Any]], products: list[tuple], scale: float) -> None:
-    """For each (slot, rows): y[rows, offset:offset+size] += x[rows] @ A[slot].T * scale @ B[slot, :size].T."""
+    """For each (slot, rows): y[rows, offset:offset+size] += x[rows] @ A[slot].T @ B[slot, :size].T * scale.
+
+    A decode row's products are tiny, so each op's overhead is most of their cost: the slot's
+    views come from a cache, and B's product adds into y in the same op (addmm_)."""
     if not groups:
         return
     y2 = y.view(-1, y.shape[-1])
@@ -104,18 +107,35 @@ def _add_products(y: Any, x: Any, groups: list[tuple[int, Any]], products: list[
             rank = slot_rank(lora_a, slot)
             if rank == 0:
                 continue  # the adapter in this slot leaves this layer (or slice) alone
-            a, b = lora_a[slot, 0], lora_b[slot, 0, :size]
-            if rank is not None:
-                a, b = a[:rank], b[:, :rank]
-            hidden = xs @ a.t()
-            if scale != 1.0:
-                hidden *= scale
-            delta = (hidden @ b.t()).to(y2.dtype)
-            target = y2[:, offset : offset + size]
-            if isinstance(rows, slice):
-                target[rows] += delta
+            a_t, b_t = _slot_views(lora_a, lora_b, slot, rank, size)
+            hidden = xs @ a_t
+            if hidden.dtype != y2.dtype:  # logits kept wider than the adapter's weights
+                delta = ((hidden @ b_t) * scale).to(y2.dtype)
+                if isinstance(rows, slice):
+                    y2[rows, offset : offset + size] += delta
+                else:
+                    y2[:, offset : offset + size].index_add_(0, rows, delta)
+            elif isinstance(rows, slice):
+                y2[rows, offset : offset + size].addmm_(hidden, b_t, alpha=scale)
             else:
-                target.index_add_(0, rows, delta)
+                y2[:, offset : offset + size].index_add_(0, rows, hidden @ b_t, alpha=scale)
+
+
+# A.T and B.T of a slot at its adapter's rank, by (A's and B's slot tensors, slot, rank, size). The
+# views keep their slot tensors alive, so an id here is never another tensor's; they see the
+# slot's contents as vLLM copies adapters in, and a new rank is a new key.
+_VIEWS: dict[tuple[int, int, int, int | None, int], tuple[Any, Any]] = {}
+
+
+def _slot_views(lora_a: Any, lora_b: Any, slot: int, rank: int | None, size: int) -> tuple[Any, Any]:
+    key = (id(lora_a), id(lora_b), slot, rank, size)
+    views = _VIEWS.get(key)
+    if views is None:
+        a, b = lora_a[slot, 0], lora_b[slot, 0, :size]
+        if rank is not None:
+            a, b = a[:rank], b[:, :rank]
+        views = _VIEWS[key] = (a.t(), b.t())
+    return views
 
 
 # The rank of the adapter in each slot, by the slot tensor (a layer's stacked A, or one slice's):
