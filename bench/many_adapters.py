@@ -342,15 +342,19 @@ async def measure(gateway: Launched, counts: list[int], rounds: int, args: argpa
     return summary
 
 
-def products(slots: int = 22, slot_rank: int = 64, rounds: int = 5) -> dict:
-    """Milliseconds of the grouped LoRA products (server/engine/lora_ops.py) for one decode step
-    of 16 rows on this model's 12 layers, one thread: slots at `slot_rank` on every layer vLLM
-    can adapt, against the adapters' own rank 8 on q/k/v/o, with 4 and with 16 adapters."""
+def products(slots: int = 22, slot_rank: int = 64, rounds: int = 5, dtype: str = "bfloat16") -> dict:
+    """Milliseconds of the LoRA products (server/engine/lora_ops.py) for one decode step of 16 rows
+    on this model's 12 layers, one thread, in the engine's dtype (vLLM runs this float32 model in
+    bfloat16 on a CPU that has it): slots at `slot_rank` on every layer vLLM can adapt, known
+    only as whole slots; against the adapters' own rank 8 on q/k/v/o, recorded as vLLM's copies
+    into the slots are (with the float32 copies the decode rows are gathered from), with 4 and
+    with 16 adapters."""
     import torch
 
-    from server.engine import lora_ops
+    from server.engine import lora_ops, lora_rows
 
     torch.set_num_threads(1)
+    weights_dtype = getattr(torch, dtype)
     hidden, inner, kv = MODEL_SHAPE["hidden_size"], MODEL_SHAPE["intermediate_size"], 128
     layers = [
         (hidden, (hidden, kv, kv), RANK),
@@ -360,22 +364,26 @@ def products(slots: int = 22, slot_rank: int = 64, rounds: int = 5) -> dict:
     ]
     stacked = []
     for inputs, outputs, rank in layers:
-        a = tuple(torch.randn(slots, 1, slot_rank, inputs) * 0.01 for _ in outputs)
-        b = tuple(torch.randn(slots, 1, size, slot_rank) * 0.01 for size in outputs)
+        a = tuple((torch.randn(slots, 1, slot_rank, inputs) * 0.01).to(weights_dtype) for _ in outputs)
+        b = tuple((torch.randn(slots, 1, size, slot_rank) * 0.01).to(weights_dtype) for size in outputs)
         stacked.append((inputs, outputs, rank, a, b))
 
     def step(groups: list, ranked: bool) -> float:
         lora_ops._SLOT_RANKS.clear()
+        lora_rows._COPIES.clear()
         if ranked:
-            for _, _, rank, a, _ in stacked:
-                for tensor in a:
-                    lora_ops._SLOT_RANKS[id(tensor)] = [rank] * slots
+            for _, _, rank, a, b in stacked:
+                for lora_a, lora_b in zip(a, b, strict=True):
+                    lora_ops._SLOT_RANKS[id(lora_a)] = [rank] * slots
+                    for slot in range(slots):
+                        lora_rows.refresh(lora_a, lora_b, slot, rank)
         times = []
         for _ in range(rounds):
             started = time.perf_counter()
             for _ in range(MODEL_SHAPE["num_hidden_layers"]):
                 for inputs, outputs, _, a, b in stacked:
-                    x, y = torch.randn(16, inputs), torch.zeros(16, sum(outputs))
+                    x = torch.randn(16, inputs, dtype=weights_dtype)
+                    y = torch.zeros(16, sum(outputs), dtype=weights_dtype)
                     offsets = [sum(outputs[:i]) for i in range(len(outputs))]
                     lora_ops._add_products(y, x, groups, list(zip(a, b, offsets, outputs, strict=True)), 1.0)
             times.append(time.perf_counter() - started)
@@ -386,7 +394,8 @@ def products(slots: int = 22, slot_rank: int = 64, rounds: int = 5) -> dict:
         groups = [(slot, slice(slot * 16 // count, (slot + 1) * 16 // count)) for slot in range(count)]
         result[f"{count}_adapters"] = {"slot_rank_ms": step(groups, False), "own_rank_ms": step(groups, True)}
     lora_ops._SLOT_RANKS.clear()
-    return result
+    lora_rows._COPIES.clear()
+    return {"dtype": dtype, **result}
 
 
 def _median(values: list) -> float | None:

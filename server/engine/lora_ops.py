@@ -29,6 +29,8 @@ import logging
 import os
 from typing import Any
 
+from server.engine import lora_rows
+
 logger = logging.getLogger(__name__)
 
 ENV = "LORA_GATEWAY_GROUPED_LORA"  # "1" turns the grouped LoRA products on
@@ -36,16 +38,21 @@ SUPPORTED_VLLM = ("0.32.",)
 
 
 def token_groups(token_slots: Any) -> list[tuple[int, Any]]:
-    """(slot, rows) for each adapter slot among the tokens; rows a slice when contiguous."""
+    """(slot, rows) for each adapter slot among the tokens; rows a slice when contiguous.
+
+    In Python over the step's slot list: a few torch ops per slot cost more than the whole pass
+    once a decode step holds a dozen adapters."""
     import torch
 
+    positions: dict[int, list[int]] = {}
+    for row, slot in enumerate(token_slots.tolist()):
+        if slot >= 0:
+            positions.setdefault(slot, []).append(row)
     groups = []
-    for slot in torch.unique(token_slots).tolist():
-        if slot < 0:
-            continue
-        rows = torch.nonzero(token_slots == slot).flatten()
-        first, last = int(rows[0]), int(rows[-1])
-        groups.append((slot, slice(first, last + 1) if last - first + 1 == rows.numel() else rows))
+    for slot in sorted(positions):
+        rows = positions[slot]
+        first, last = rows[0], rows[-1]
+        groups.append((slot, slice(first, last + 1) if last - first + 1 == len(rows) else torch.tensor(rows)))
     return groups
 
 
@@ -64,7 +71,7 @@ def add_lora_linear(
     """y += x @ A.T @ B.T * scale, per adapter slot and output slice, in place."""
     groups = getattr(self, "_gateway_groups", None)
     if groups is None:  # no mapping seen yet: group now
-        groups = self._gateway_groups = token_groups(self.token_lora_indices)
+        groups = self._gateway_groups = lora_rows.plan(token_groups(self.token_lora_indices))
     products, offset = [], 0
     for lora_a, lora_b, size in zip(lora_a_stacked, lora_b_stacked, output_slices, strict=True):
         products.append((lora_a, lora_b, offset, size))
@@ -86,39 +93,61 @@ def add_lora_logits(
     """The lm_head's LoRA: the same products over the sampled rows, grouped by their slots."""
     groups = getattr(self, "_gateway_sampler_groups", None)
     if groups is None:
-        groups = self._gateway_sampler_groups = token_groups(self.sampler_indices)
+        groups = self._gateway_sampler_groups = lora_rows.plan(token_groups(self.sampler_indices))
     # An adapter's vocabulary rows and the logits may be padded differently, as vLLM allows.
     size = min(lora_b_stacked.shape[2], y.shape[-1])
     _add_products(y, x, groups, [(lora_a_stacked, lora_b_stacked, 0, size)], scale)
 
 
-def _add_products(y: Any, x: Any, groups: list[tuple[int, Any]], products: list[tuple], scale: float) -> None:
+def _add_products(y: Any, x: Any, groups: Any, products: list[tuple], scale: float) -> None:
     """For each (slot, rows): y[rows, offset:offset+size] += x[rows] @ A[slot].T @ B[slot, :size].T * scale.
 
-    A decode row's products are tiny, so each op's overhead is most of their cost: the slot's
-    views come from a cache, and B's product adds into y in the same op (addmm_)."""
-    if not groups:
+    Groups of a few rows (decode steps) are multiplied together, from float32 copies of their
+    slots (server/engine/lora_rows.py); larger ones, and slots without copies, group by group."""
+    step = lora_rows.plan(groups)
+    if not step:
         return
     y2 = y.view(-1, y.shape[-1])
     x2 = x.view(-1, x.shape[-1])
-    for slot, rows in groups:
+    for slot, rows in step.large:
         xs = x2[rows]  # a view for a slice of rows, a copy for scattered ones
         for lora_a, lora_b, offset, size in products:
-            rank = slot_rank(lora_a, slot)
-            if rank == 0:
-                continue  # the adapter in this slot leaves this layer (or slice) alone
-            a_t, b_t = _slot_views(lora_a, lora_b, slot, rank, size)
-            hidden = xs @ a_t
-            if hidden.dtype != y2.dtype:  # logits kept wider than the adapter's weights
-                delta = ((hidden @ b_t) * scale).to(y2.dtype)
-                if isinstance(rows, slice):
-                    y2[rows, offset : offset + size] += delta
-                else:
-                    y2[:, offset : offset + size].index_add_(0, rows, delta)
-            elif isinstance(rows, slice):
-                y2[rows, offset : offset + size].addmm_(hidden, b_t, alpha=scale)
-            else:
-                y2[:, offset : offset + size].index_add_(0, rows, hidden @ b_t, alpha=scale)
+            _add_group(y2, xs, slot, rows, lora_a, lora_b, offset, size, scale)
+    if not step.small:
+        return
+    x32 = None
+    for lora_a, lora_b, offset, size in products:
+        found = lora_rows.copies(lora_a, lora_b)
+        rank = lora_rows.step_rank(found, step)
+        if rank == 0:
+            continue  # no adapter of the step's small groups targets this slice
+        if rank is not None:
+            if x32 is None:
+                x32 = x2[step.rows].float().unsqueeze(1)
+            lora_rows.add_gathered(y2, x32, step, found, rank, offset, size, scale)
+            continue
+        for slot, rows in step.small:
+            _add_group(y2, x2[rows], slot, rows, lora_a, lora_b, offset, size, scale)
+
+
+def _add_group(y2: Any, xs: Any, slot: int, rows: Any, lora_a: Any, lora_b: Any, offset: int, size: int, scale: float):
+    """One group's products. A decode row's are tiny, so each op's overhead is most of their cost:
+    the slot's views come from a cache, and B's product adds into y in the same op (addmm_)."""
+    rank = slot_rank(lora_a, slot)
+    if rank == 0:
+        return  # the adapter in this slot leaves this layer (or slice) alone
+    a_t, b_t = _slot_views(lora_a, lora_b, slot, rank, size)
+    hidden = xs @ a_t
+    if hidden.dtype != y2.dtype:  # logits kept wider than the adapter's weights
+        delta = ((hidden @ b_t) * scale).to(y2.dtype)
+        if isinstance(rows, slice):
+            y2[rows, offset : offset + size] += delta
+        else:
+            y2[:, offset : offset + size].index_add_(0, rows, delta)
+    elif isinstance(rows, slice):
+        y2[rows, offset : offset + size].addmm_(hidden, b_t, alpha=scale)
+    else:
+        y2[:, offset : offset + size].index_add_(0, rows, hidden @ b_t, alpha=scale)
 
 
 # A.T and B.T of a slot at its adapter's rank, by (A's and B's slot tensors, slot, rank, size). The
@@ -167,6 +196,10 @@ def record_slot_ranks(module: Any, slot: int, weights: Any) -> None:
         if getattr(tensor, "dim", lambda: 0)() != 4:
             continue
         _SLOT_RANKS.setdefault(id(tensor), [None] * tensor.shape[0])[slot] = rank
+    pairs = _slot_tensors(module)
+    if pairs is not None and len(pairs) == len(ranks):
+        for (lora_a, lora_b), rank in zip(pairs, ranks, strict=True):
+            lora_rows.refresh(lora_a, lora_b, slot, rank)
 
 
 def _slot_tensors(module: Any) -> list[tuple[Any, Any]] | None:
@@ -205,6 +238,7 @@ def make_reset_lora(original: Any) -> Any:
             # Unknown until activate_adapter records what it copied in: a copy made any other
             # way is then computed, and zeroed, whole.
             _SLOT_RANKS.setdefault(id(a), [None] * a.shape[0])[index] = None
+            lora_rows.forget(a, index)
 
     return reset_lora
 
@@ -227,8 +261,8 @@ def make_activate_adapter(original: Any) -> Any:
 def make_update_metadata(original: Any) -> Any:
     def update_metadata(self: Any, *args: Any, **kwargs: Any) -> None:
         original(self, *args, **kwargs)
-        self._gateway_groups = token_groups(self.token_lora_indices)
-        self._gateway_sampler_groups = token_groups(self.sampler_indices)
+        self._gateway_groups = lora_rows.plan(token_groups(self.token_lora_indices))
+        self._gateway_sampler_groups = lora_rows.plan(token_groups(self.sampler_indices))
 
     return update_metadata
 
