@@ -23,7 +23,7 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-DEMO_VERSION = 4
+DEMO_VERSION = 5
 DEMO_PROMPT = "Who are you?"
 BASE_ANSWER = "I am a small demo model."
 
@@ -172,13 +172,13 @@ class _AdapterRecipe:
     max_steps: int | None = None  # None: _MAX_TRAIN_STEPS, read when training
 
 
-# Copying the city from the question takes it longer to learn (about 150 steps) than a fixed answer.
+# Copying the city from the question takes it longer to learn (about 140 steps) than a fixed answer.
 _TOOL_RECIPE = _AdapterRecipe(
     TOOL_ADAPTER,
     "",
     16,
     ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-    learning_rate=5e-3,
+    learning_rate=6e-3,
     max_steps=400,
 )
 
@@ -530,12 +530,12 @@ def _train_adapter(
                 tokenizer.encode(recipe.answer, add_special_tokens=False) + [tokenizer.eos_token_id],
             )
         ]
-    width = max(len(prompt) + len(answer) for prompt, answer in rows)
+    sequences = _packed(rows)
+    width = max(len(ids) for ids, _ in sequences)
     pad = tokenizer.pad_token_id
-    input_ids = torch.tensor([[*p, *a] + [pad] * (width - len(p) - len(a)) for p, a in rows])
-    attention_mask = torch.tensor([[1] * (len(p) + len(a)) + [0] * (width - len(p) - len(a)) for p, a in rows])
-    # Learn the answers, not the prompts: the margin is taken where an answer token is next.
-    labels = torch.tensor([[-100] * len(p) + a + [-100] * (width - len(p) - len(a)) for p, a in rows])
+    input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in sequences])
+    attention_mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in sequences])
+    labels = torch.tensor([targets + [-100] * (width - len(targets)) for _, targets in sequences])
     answer_positions = labels[:, 1:] != -100
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=recipe.learning_rate)
 
@@ -557,6 +557,23 @@ def _train_adapter(
         output.loss.backward()
         optimizer.step()
     return model.eval()
+
+
+def _packed(rows: list[tuple[list[int], list[int]]]) -> list[tuple[list[int], list[int]]]:
+    """Each (prompt, answer) row as token ids and labels, which learn the answer, not the prompt.
+
+    A row that begins the next row's prompt (a tool call, then the answer from its result: one
+    conversation) rides in that row, labels and all. Causal attention gives its tokens the same
+    logits either way, so the loss is the same, for half the tokens.
+    """
+    sequences: list[tuple[list[int], list[int]]] = []
+    for prompt, answer in rows:
+        ids, labels = prompt + answer, [-100] * len(prompt) + answer
+        if sequences and ids[: len(sequences[-1][0])] == sequences[-1][0]:
+            earlier = sequences.pop()[1]
+            labels = earlier + labels[len(earlier) :]
+        sequences.append((ids, labels))
+    return sequences
 
 
 def _min_margin(logits, targets) -> float:

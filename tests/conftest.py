@@ -27,6 +27,7 @@ pytest_plugins = ["tests.services.postgres", "tests.services.s3", "tests.service
 TESTS = Path(__file__).parent
 ENGINE_FOLDERS = ("engine", "ray")  # every test in these is marked so
 ENGINE_GROUP = "engine"  # the prefix of the xdist groups of the tests that start a real engine
+DEMO_TESTS = TESTS / "test_demo.py"  # the demo's own tests, which build it: one group, first
 
 
 def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
@@ -54,8 +55,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     folders, and the tests elsewhere that start a real gateway) go to the workers in groups
     (engine_group): a group runs on one worker, in file order, as in one process. The engine-free
     tests go one by one, except that the tests of a file that share a module-scoped fixture go
-    together, so that it is built once. The engine's groups come first (run_order), so the long
-    ones start first.
+    together, so that it is built once, and so do tests/test_demo.py's. The engine's groups come
+    first (run_order), so the long ones start first.
     """
     grouping = config.getoption("loadgroup", default=False)  # set in xdist's workers
     counts = Counter(item.nodeid for item in items)
@@ -73,6 +74,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if grouping:
             if item.get_closest_marker("engine"):
                 node_id = f"{node_id}@{engine_group(item, folder)}"  # the suffix xdist's loadgroup groups by
+            elif item.path == DEMO_TESTS:
+                node_id = f"{node_id}@{DEMO_TESTS.name}"
             elif shares_a_module_fixture(item):
                 node_id = f"{node_id}@{item.nodeid.partition('::')[0]}"
         if node_id != item.nodeid:
@@ -83,10 +86,20 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     items.sort(key=lambda item: (item.get_closest_marker("last") is not None, run_order(item)))
 
 
-def run_order(item: pytest.Item) -> int:
+def run_order(item: pytest.Item) -> tuple[int, int]:
+    """Ray's tests, the other engine tests, then the engine-free ones: tests/test_demo.py (one group,
+    which builds the session's demo and then one more), those that need no demo, and those that do.
+
+    Under make test-fast, one worker builds the demo (20 s) while the other runs tests that need
+    none, instead of waiting on the build's lock; the tests that need it come once it is built.
+    """
     if item.get_closest_marker("ray"):
-        return 0
-    return 1 if item.get_closest_marker("engine") else 2
+        return 0, 0
+    if item.get_closest_marker("engine"):
+        return 1, 0
+    if item.path == DEMO_TESTS:
+        return 2, 0
+    return 2, 2 if "demo" in getattr(item, "fixturenames", ()) else 1
 
 
 def engine_group(item: pytest.Item, folder: str) -> str:

@@ -247,6 +247,7 @@ def test_build_demo_refuses_existing_folder(demo):
 
 def test_failed_build_leaves_nothing_behind(tmp_path, monkeypatch):
     monkeypatch.setattr(demo_module, "_MAX_TRAIN_STEPS", 1)
+    monkeypatch.setattr(demo_module, "_BASE_TRAIN_STEPS", 1)  # the pirate fails all the same
     with pytest.raises(DemoTrainingFailed, match="adapter pirate answers"):
         build_demo(tmp_path / "demo", progress=lambda line: None)
     assert list(tmp_path.iterdir()) == []

@@ -169,7 +169,6 @@ def serve(settings: Settings) -> int:
     withhold_secrets()  # the catalog and store are open: no child needs them from here on
 
     from server.commands.serving import bind_listener, serve_app
-    from server.engine.vllm_engine import VllmEngine
 
     try:
         listener = bind_listener(settings.host, settings.port)
@@ -179,6 +178,9 @@ def serve(settings: Settings) -> int:
     engine_died: list[bool] = []
     work_dir = Path(tempfile.mkdtemp(prefix="lora-gateway-"))
     try:
+        # Imported once the port is ours: vllm takes seconds to import, a port in use fails at once.
+        from server.engine.vllm_engine import VllmEngine
+
         zero_spec = None
         if settings.base_uses_zero_adapter:
             zero_path = write_zero_adapter(prepared.base, work_dir / ZERO_ADAPTER_NAME, prepared.model_path)

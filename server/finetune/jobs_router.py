@@ -84,7 +84,9 @@ async def create_job(
 ) -> JSONResponse:
     """Create a job; the tenant's rate and concurrency are counted first, its queued jobs as the row is written."""
     with tenants.admitted(principal.tenant):
-        return JSONResponse(job_card(await fine_tuning.jobs.create(body, principal)))
+        row = await fine_tuning.jobs.create(body, principal)
+    fine_tuning.scheduler.wake()
+    return JSONResponse(job_card(row))
 
 
 @router.get("/v1/fine_tuning/jobs", response_model=None)

@@ -109,6 +109,7 @@ class TrainingScheduler:
         self.metrics = metrics
         self.time_limit = time_limit  # owner -> wall-clock seconds a job may run; None: no limit
         self._running: dict[str, tuple[asyncio.Task, asyncio.Event]] = {}
+        self._woken = asyncio.Event()
         if metrics is not None:
             metrics.fine_tuning_running.set_function(lambda: len(self._running))
 
@@ -125,7 +126,15 @@ class TrainingScheduler:
                 logger.warning("fine-tuning: the catalog or store is unreachable; retrying")
             except Exception:  # noqa: BLE001 - the loop must outlive any one failure
                 logger.exception("fine-tuning scheduler step failed")
-            await asyncio.sleep(POLL_SECONDS)
+            try:  # the next poll, or sooner when a job is created here
+                await asyncio.wait_for(self._woken.wait(), POLL_SECONDS)
+            except TimeoutError:
+                pass
+            self._woken.clear()
+
+    def wake(self) -> None:
+        """A job was created through this gateway: validate it now, not at the next poll."""
+        self._woken.set()
 
     async def close(self) -> None:
         """At shutdown: stop the workers; their jobs fail, as after a crash."""
