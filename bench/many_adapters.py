@@ -374,7 +374,7 @@ def products(slots: int = 22, slot_rank: int = 64, rounds: int = 5, dtype: str =
         if ranked:
             for _, _, rank, a, b in stacked:
                 for lora_a, lora_b in zip(a, b, strict=True):
-                    lora_ops._SLOT_RANKS[id(lora_a)] = [rank] * slots
+                    lora_ops.slot_ranks(lora_a)[:] = [rank] * slots
                     for slot in range(slots):
                         lora_rows.refresh(lora_a, lora_b, slot, rank)
         times = []

@@ -170,12 +170,20 @@ def _slot_views(lora_a: Any, lora_b: Any, slot: int, rank: int | None, size: int
 # The rank of the adapter in each slot, by the slot tensor (a layer's stacked A, or one slice's):
 # slots hold A and B at --max-lora-rank, zero past an adapter's own rank and zero for the layers
 # it does not target, so products over those rows and layers add nothing. None: not known, all.
-_SLOT_RANKS: dict[int, list[int | None]] = {}
+_SLOT_RANKS: dict[int, tuple[Any, list[int | None]]] = {}  # by id: the tensor (kept, so the id stays its own), ranks
 
 
 def slot_rank(lora_a: Any, slot: int) -> int | None:
-    ranks = _SLOT_RANKS.get(id(lora_a))
-    return None if ranks is None else ranks[slot]
+    entry = _SLOT_RANKS.get(id(lora_a))
+    return None if entry is None else entry[1][slot]
+
+
+def slot_ranks(tensor: Any) -> list[int | None]:
+    """The slots' recorded ranks of a slot tensor, to read and write (None: not known, all)."""
+    entry = _SLOT_RANKS.get(id(tensor))
+    if entry is None:
+        entry = _SLOT_RANKS[id(tensor)] = (tensor, [None] * tensor.shape[0])
+    return entry[1]
 
 
 def record_slot_ranks(module: Any, slot: int, weights: Any) -> None:
@@ -195,7 +203,7 @@ def record_slot_ranks(module: Any, slot: int, weights: Any) -> None:
     for tensor, rank in zip(tensors, ranks, strict=True):
         if getattr(tensor, "dim", lambda: 0)() != 4:
             continue
-        _SLOT_RANKS.setdefault(id(tensor), [None] * tensor.shape[0])[slot] = rank
+        slot_ranks(tensor)[slot] = rank
     pairs = _slot_tensors(module)
     if pairs is not None and len(pairs) == len(ranks):
         for (lora_a, lora_b), rank in zip(pairs, ranks, strict=True):
@@ -237,7 +245,7 @@ def make_reset_lora(original: Any) -> Any:
                 b[index, :, :, :rank] = 0
             # Unknown until activate_adapter records what it copied in: a copy made any other
             # way is then computed, and zeroed, whole.
-            _SLOT_RANKS.setdefault(id(a), [None] * a.shape[0])[index] = None
+            slot_ranks(a)[index] = None
             lora_rows.forget(a, index)
 
     return reset_lora
