@@ -248,3 +248,30 @@ def test_r_must_be_a_whole_number_within_the_limit(tmp_path, rank):
     folder = make_adapter(tmp_path / "odd", config_overrides={"r": rank})
     with pytest.raises(InvalidAdapter, match="r \\(the rank\\) must be a whole number from 1 to --max-lora-rank 16"):
         validate_adapter(folder, TINY_BASE, max_rank=16)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
+def test_weights_of_every_float_dtype_are_checked_for_nan_and_infinity(tmp_path, dtype):
+    """The check reads each dtype's exponent bits: the largest finite value and the smallest
+    subnormal pass; NaN, +inf and -inf anywhere in a tensor are refused, naming it."""
+    import torch
+    from safetensors.torch import save_file
+
+    from adapters.validate import _check_finite, read_safetensors_header
+
+    kind = getattr(torch, dtype)
+    info = torch.finfo(kind)
+    fine = torch.tensor([0.0, -0.0, info.max, -info.max, info.smallest_normal, info.smallest_normal / 4], dtype=kind)
+    for bad in (None, float("nan"), float("inf"), float("-inf")):
+        tail = torch.zeros(1001, dtype=kind)
+        if bad is not None:
+            tail[777] = bad
+        path = tmp_path / f"{dtype}-{bad}.safetensors"
+        save_file({"a.fine": fine, "b.tail": tail}, str(path))
+        header, data_start = read_safetensors_header(path)
+        header.pop("__metadata__", None)
+        if bad is None:
+            _check_finite(path, header, data_start)
+        else:
+            with pytest.raises(InvalidAdapter, match="tensor 'b.tail' holds NaN or infinite values"):
+                _check_finite(path, header, data_start)
