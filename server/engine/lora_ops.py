@@ -139,11 +139,7 @@ def _add_group(y2: Any, xs: Any, slot: int, rows: Any, lora_a: Any, lora_b: Any,
     a_t, b_t = _slot_views(lora_a, lora_b, slot, rank, size)
     hidden = xs @ a_t
     if hidden.dtype != y2.dtype:  # logits kept wider than the adapter's weights
-        delta = ((hidden @ b_t) * scale).to(y2.dtype)
-        if isinstance(rows, slice):
-            y2[rows, offset : offset + size] += delta
-        else:
-            y2[:, offset : offset + size].index_add_(0, rows, delta)
+        lora_rows.add_rows(y2, rows, offset, size, ((hidden @ b_t) * scale).to(y2.dtype))
     elif isinstance(rows, slice):
         y2[rows, offset : offset + size].addmm_(hidden, b_t, alpha=scale)
     else:

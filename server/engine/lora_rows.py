@@ -142,7 +142,12 @@ def add_gathered(y2: Any, x32: Any, step: Plan, found: Copies, rank: int, offset
     if scale != 1.0:
         hidden *= scale
     delta = torch.bmm(hidden, found.b[:, :rank, :size].index_select(0, step.slots))[:, 0].to(y2.dtype)
-    if isinstance(step.rows, slice):
-        y2[step.rows, offset : offset + size] += delta
+    add_rows(y2, step.rows, offset, size, delta)
+
+
+def add_rows(y2: Any, rows: Any, offset: int, size: int, delta: Any) -> None:
+    """y2[rows, offset:offset+size] += delta, for `rows` a slice or a tensor of row indices."""
+    if isinstance(rows, slice):
+        y2[rows, offset : offset + size] += delta
     else:
-        y2[:, offset : offset + size].index_add_(0, step.rows, delta)
+        y2[:, offset : offset + size].index_add_(0, rows, delta)

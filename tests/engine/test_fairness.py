@@ -16,6 +16,7 @@ import pytest
 
 from adapters.demo import DEMO_PROMPT
 from tests.engine.conftest import ADMIN_KEY
+from tests.engine.test_metrics_scrape import Scrape
 from tests.training_data import TRAINING_ROWS, jsonl
 
 pytestmark = pytest.mark.engine
@@ -72,7 +73,8 @@ async def flood_then_light(
         if state["in_flight"] + state["waiting"] >= FLOOD * 3 // 4:
             if (
                 not running
-                or gauge((await client.get("/metrics", headers=ADMIN)).text, "vllm:num_requests_running") >= running
+                or Scrape((await client.get("/metrics", headers=ADMIN)).text).total("vllm:num_requests_running")
+                >= running
             ):
                 break
         await asyncio.sleep(0.02)
@@ -80,13 +82,8 @@ async def flood_then_light(
     return list(await asyncio.gather(*flood)), list(light_answers)
 
 
-def gauge(scrape: str, name: str) -> float:
-    """The sum of a metric's series in a /metrics scrape."""
-    return sum(float(line.split()[-1]) for line in scrape.splitlines() if line.split("{")[0].split(" ")[0] == name)
-
-
 def preemptions(scrape: str) -> float:
-    return gauge(scrape, "vllm:num_preemptions_total")
+    return Scrape(scrape).total("vllm:num_preemptions_total")
 
 
 async def test_a_light_tenant_is_served_ahead_of_another_tenants_flood(gateway, demo):
