@@ -51,6 +51,10 @@ def default_max_model_len(model_path: str) -> int:
     return min(int(config.get("max_position_embeddings") or DEFAULT_CONTEXT_CAP), DEFAULT_CONTEXT_CAP)
 
 
+# The environment that turns vLLM's OpenMP thread binding off on CPU.
+UNBOUND = ("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+
+
 class VllmEngine(Tokenizing):
     """An in-process `AsyncLLM` with LoRA enabled; its core runs in a spawned process."""
 
@@ -107,9 +111,18 @@ class VllmEngine(Tokenizing):
     @staticmethod
     def _config(args: AsyncEngineArgs):
         """vLLM's config for `args`, with a scheduler that makes room for urgent requests
-        (server/engine/fair_scheduler.py), of the kind vLLM picked: with async scheduling or without."""
+        (server/engine/fair_scheduler.py), of the kind vLLM picked: with async scheduling or without.
+
+        Without thread binding (VLLM_CPU_OMP_THREADS_BIND=nobind, as Ray's replicas and the tests
+        run), the model runs in the engine core's process. vLLM on CPU otherwise spawns a worker
+        process for it, so as to set that process's OpenMP binding before torch starts; unbound,
+        the worker would only cost a second import of torch and vLLM (8 s or more of a start) and
+        a hop between two processes on every step.
+        """
         config = args.create_engine_config()
         config.scheduler_config.scheduler_cls = scheduler_for(config.scheduler_config.async_scheduling)
+        if os.environ.get(UNBOUND[0]) == UNBOUND[1] and config.parallel_config.world_size == 1:
+            config.parallel_config.distributed_executor_backend = "uni"
         return config
 
     @property
