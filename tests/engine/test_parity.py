@@ -15,6 +15,7 @@ from tests.engine.reference import PeftReference
 pytestmark = pytest.mark.engine
 
 MAX_TOKENS = 20
+MIXED_BATCH_SECONDS = 240
 PROMPTS = ["Once upon a time", "The sea is", "Tell me about the ship", DEMO_PROMPT]
 
 
@@ -102,20 +103,31 @@ async def test_each_model_alone_matches_peft(gateway, client, reference, stream)
             assert await chat(client, model, prompt, stream) == expected(reference, adapter, "chat", prompt)
 
 
-@pytest.mark.parametrize("lora_ops", ["grouped", "vllm"])
-async def test_base_parity_in_mixed_batches(request, gateway, lora_ops, reference):
+@pytest.fixture(params=["grouped", "vllm"])
+def ops_gateway(request):
+    """The session's gateway (the grouped LoRA ops), or the second one on vLLM's ops: started here,
+    in the test's setup, rather than from inside its event loop."""
+    return request.getfixturevalue("gateway" if request.param == "grouped" else "vllm_ops_gateway")
+
+
+async def test_base_parity_in_mixed_batches(ops_gateway, reference):
     """Base and adapter requests in flight together, the one --max-loras slot taken: no adapter may
     bleed into another row, with the grouped LoRA ops (base rows get none) or with vLLM's (base rows
     run through the zero adapter)."""
-    if lora_ops == "vllm":
-        gateway = request.getfixturevalue("vllm_ops_gateway")
-    client = openai_client(gateway)
+    gateway = ops_gateway
     cases = list(itertools.product(models(gateway), PROMPTS, ["completions", "chat"], [False, True]))
-    calls = [
-        (complete if endpoint == "completions" else chat)(client, model, prompt, stream)
-        for model, prompt, endpoint, stream in cases
-    ]
-    outputs = await asyncio.gather(*calls)
+    # A client of its own, closed after: its connections do not outlive the test on the session's loop.
+    async with openai_client(gateway) as client:
+        calls = [
+            (complete if endpoint == "completions" else chat)(client, model, prompt, stream)
+            for model, prompt, endpoint, stream in cases
+        ]
+        # Each answer takes seconds; past this, fail with the gateway's log rather than wait out the
+        # client's 10-minute timeout.
+        try:
+            outputs = await asyncio.wait_for(asyncio.gather(*calls), MIXED_BATCH_SECONDS)
+        except TimeoutError:
+            pytest.fail(f"{len(cases)} requests unanswered after {MIXED_BATCH_SECONDS} s:\n{gateway.log_tail()}")
     mismatches = [
         f"{model} {endpoint} stream={stream} {prompt!r}: got {got!r}, PEFT {want!r}"
         for (model, prompt, endpoint, stream), got in zip(cases, outputs, strict=True)
