@@ -37,7 +37,8 @@ def memory_bytes() -> int:
     return min(total, int(limit)) if limit.isdigit() else total
 
 
-def _default_cache_dir() -> Path:
+def default_cache_dir() -> Path:
+    """This user's cache of the gateway's builds (the demo), as XDG says."""
     root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(root) / "lora-gateway"
 
@@ -126,7 +127,7 @@ class Settings(BaseSettings):
     )
     port: int = Field(8000, ge=0, le=65535, description="port to listen on")
     demo_dir: Path = Field(
-        default_factory=lambda: _default_cache_dir() / "demo",
+        default_factory=lambda: default_cache_dir() / "demo",
         description="where the embedded demo is built once and reused",
     )
     state_dir: Path = Field(default_factory=_default_state_dir, description="where the gateway keeps its working files")

@@ -143,17 +143,19 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
 
 
 @pytest.fixture(scope="session")
-def demo(tmp_path_factory):
-    """The embedded demo (a base model and two adapters), built once per session.
+def demo():
+    """The embedded demo (a base model and three adapters), built once per machine and demo version
+    in this user's cache, beside the one `serve` builds (~/.cache/lora-gateway/): a build takes
+    20-30 s, which the first engine tests of every session used to wait for.
 
-    Under pytest-xdist, once for all workers: ensure_demo takes a lock, and the later ones load it.
+    ensure_demo takes a lock: workers and sessions side by side build it once, and the others load
+    it. tests/test_demo.py builds it afresh and checks that the two builds are the same bytes, so
+    a change to the build that keeps DEMO_VERSION shows there, not as stale answers elsewhere.
     """
-    from adapters.demo import ensure_demo
+    from adapters.demo import DEMO_VERSION, ensure_demo
+    from server.config import default_cache_dir
 
-    root = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        root = root.parent  # the run's folder, which each worker's basetemp is in
-    return ensure_demo(root / "demo-cache")
+    return ensure_demo(default_cache_dir() / f"test-demo-{DEMO_VERSION}")
 
 
 @dataclass

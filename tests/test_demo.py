@@ -231,7 +231,9 @@ def test_concurrent_ensure_demo_rebuilds_an_incomplete_build_once(demo, tmp_path
     assert results[0].root == cache_dir
     assert results[0].answers == demo.answers
     # Same seeds, same files: the build is deterministic.
-    assert weight_bytes(results[0]) == weight_bytes(demo)
+    assert weight_bytes(results[0]) == weight_bytes(demo), (
+        f"a fresh build differs from the session's, cached at {demo.root}: bump DEMO_VERSION if the build changed"
+    )
     assert sorted(path.name for path in tmp_path.iterdir()) == [".demo.lock", "demo"]  # no partial build left
     assert sum(line == "building tokenizer" for line in progress_lines) == 1
     assert progress_lines[0].startswith(f"replacing incomplete demo ({cache_dir} holds demo version {DEMO_VERSION + 1}")
