@@ -95,10 +95,31 @@ async def test_echo_prompt_logprobs_and_logit_bias_cross_the_replicas(client, re
     assert tokenized.json()["tokens"] == ids
 
 
-async def test_each_adapter_is_served_by_one_replica_and_base_requests_spread(client):
+async def upload_copy(client, demo, adapter: str, name: str, folder: Path) -> None:
+    """Register a copy of a demo adapter under new content, which no replica has loaded yet."""
+    shutil.copytree(demo.adapters[adapter], folder)
+    (folder / "README.md").write_text(f"{name}\n")
+    files = [("file", (p.name, p.read_bytes())) for p in sorted(folder.iterdir())]
+    assert (await client.post("/v1/adapters", data={"name": name}, files=files)).status_code == 201
+
+
+async def test_each_adapter_is_served_by_one_replica_and_base_requests_spread(client, demo, tmp_path):
+    # Adapters of this test's own: concurrent first requests for an adapter, as the tests before
+    # send, may load it on both replicas before the router hears of the first load. Here one
+    # request loads each on one replica, and the rest start once the cluster view reports it there.
+    models = {"pirate": "affine-pirate", "poet": "affine-poet"}
     served: dict[str, set[str]] = defaultdict(set)
+    for adapter, name in models.items():
+        await upload_copy(client, demo, adapter, name, tmp_path / name)
+        served[name].add((await chat(client, name)).headers["x-lora-gateway-replica"])
+
+    async def resident():
+        held = {name for replica in await cluster(client) for name in replica["resident_adapters"]}
+        return set(models.values()) <= held
+
+    await until(resident, 30)
     for _ in range(6):
-        for model in ("pirate", "poet"):
+        for model in models.values():
             served[model].add((await chat(client, model)).headers["x-lora-gateway-replica"])
     assert all(len(replicas) == 1 for replicas in served.values()), served
     spread: Counter[str] = Counter()
@@ -250,10 +271,7 @@ async def test_a_client_that_leaves_mid_stream_aborts_its_engine_request(client)
 async def test_an_adapter_registered_through_the_ingress_serves_after_its_replica_is_killed(
     client, reference, demo, tmp_path
 ):
-    folder = Path(shutil.copytree(demo.adapters["pirate"], tmp_path / "corsair"))
-    (folder / "README.md").write_text("corsair\n")  # new content: no replica has seen it
-    files = [("file", (p.name, p.read_bytes())) for p in sorted(folder.iterdir())]
-    assert (await client.post("/v1/adapters", data={"name": "corsair"}, files=files)).status_code == 201
+    await upload_copy(client, demo, "pirate", "corsair", tmp_path / "corsair")  # no replica has seen it
     first = await chat(client, "corsair")
     assert text(first) == peft(reference, "pirate")
 
