@@ -126,10 +126,11 @@ class TrainingScheduler:
                 logger.warning("fine-tuning: the catalog or store is unreachable; retrying")
             except Exception:  # noqa: BLE001 - the loop must outlive any one failure
                 logger.exception("fine-tuning scheduler step failed")
-            try:  # the next poll, or sooner when a job is created here
-                await asyncio.wait_for(self._woken.wait(), POLL_SECONDS)
-            except TimeoutError:
-                pass
+            # The next poll, or sooner when a job is created here. asyncio.timeout, not wait_for:
+            # 3.11's wait_for swallows a cancel that meets a wake, and the loop then outlives close().
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(POLL_SECONDS):
+                    await self._woken.wait()
             self._woken.clear()
 
     def wake(self) -> None:

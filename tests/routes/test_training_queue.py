@@ -1,6 +1,11 @@
-"""The training queue takes tenants in turn (round robin), not in order of arrival."""
+"""The training queue takes tenants in turn (round robin), not in order of arrival, and its
+scheduler stops at shutdown."""
 
 from __future__ import annotations
+
+import asyncio
+
+import pytest
 
 from adapters.fine_tuning_db import FineTuningRecords
 from tests.conftest import full_gateway
@@ -34,3 +39,18 @@ async def test_queued_jobs_are_claimed_round_robin_across_tenants(tmp_path, demo
             claimed.append(owner_of[job.id])
         # First come, first served would run greedy's four first.
         assert claimed == ["greedy", "modest", "third", "greedy", "modest", "greedy", "greedy"]
+
+
+@pytest.mark.parametrize("turns", range(4))
+async def test_shutdown_stops_the_scheduler_that_a_new_job_just_woke(tmp_path, demo, turns):
+    """A job created just before shutdown wakes the scheduler; the cancel that close() sends may
+    meet that wake a few loop turns later. Python 3.11's wait_for swallowed it there, and the
+    scheduler's loop then outlived the gateway's shutdown (a test's teardown hung for good)."""
+    async with full_gateway(tmp_path / "state", model=str(demo.base), max_training_jobs=0) as gw:
+        fine_tuning = gw.app.state.fine_tuning
+        await asyncio.sleep(0.2)  # the scheduler waits for its next poll
+        fine_tuning.scheduler.wake()
+        for _ in range(turns):
+            await asyncio.sleep(0)
+        await asyncio.wait_for(fine_tuning.close(), 10)
+        assert fine_tuning.task.done()
