@@ -24,15 +24,13 @@ from pydantic import BaseModel, Field
 
 from tests.engine.conftest import ADMIN_KEY
 from tests.engine.reference import PeftReference
+from tests.side_venvs import INSTRUCTOR
 
 pytestmark = pytest.mark.engine
 
 MAX_TOKENS = 48
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 QUESTION = "Who are you?"
-INSTRUCTOR = "instructor==1.17.*"
-INSTRUCTOR_VENV = Path(__file__).resolve().parents[2] / ".venv" / "instructor-1.17"
-VENV_SECONDS = 300
 
 
 # What the tiny demo model is asked for: bounded fields, so that the output always ends. No
@@ -242,21 +240,9 @@ def test_completions_and_tgi_take_constraints_too(gateway, peft):
 
 @pytest.fixture(scope="session")
 def instructor_python() -> Path:
-    """A venv holding Instructor, built on first use (PyPI) and reused after: Instructor 1.17 pins
-    jiter below what the openai client here needs, so it gets the openai client it asks for."""
-    python = INSTRUCTOR_VENV / "bin" / "python"
-    if python.exists() and subprocess.run([python, "-c", "import instructor"], capture_output=True).returncode == 0:
-        return python
-    how = f"build it with `{sys.executable} -m venv {INSTRUCTOR_VENV} && {python} -m pip install '{INSTRUCTOR}'`"
-    try:
-        subprocess.run([sys.executable, "-m", "venv", "--clear", INSTRUCTOR_VENV], check=True, timeout=60)
-        subprocess.run([python, "-m", "pip", "install", "-q", "--disable-pip-version-check", INSTRUCTOR],
-                       check=True, timeout=VENV_SECONDS, capture_output=True, text=True)  # fmt: skip
-    except subprocess.CalledProcessError as exc:
-        pytest.fail(f"could not install {INSTRUCTOR} into {INSTRUCTOR_VENV}: {exc.stderr[-2000:]}\n{how}")
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"installing {INSTRUCTOR} took over {VENV_SECONDS} s; {how}")
-    return python
+    """The python of Instructor's venv (tests/side_venvs.py), which `make venv` builds: Instructor
+    1.17 pins jiter below what the openai client here needs, so it gets the openai client it asks for."""
+    return INSTRUCTOR.python_for_tests()
 
 
 INSTRUCTOR_SCRIPT = textwrap.dedent(

@@ -1,14 +1,13 @@
 """TGI's and LoRAX's API on the real engine, through huggingface_hub's InferenceClient and lorax-client.
 
 lorax-client 0.6.3 pins huggingface_hub below what transformers and vLLM need here, so it runs in
-a venv of its own (`lorax_python`), built once from PyPI and kept under .venv/ for later runs.
+a venv of its own (`lorax_python`, tests/side_venvs.py), which `make venv` builds from PyPI.
 """
 
 from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -19,12 +18,10 @@ from huggingface_hub.errors import HfHubHTTPError, UnknownError, ValidationError
 
 from tests.engine.conftest import ADMIN_KEY
 from tests.engine.reference import PeftReference
+from tests.side_venvs import LORAX
 
 pytestmark = pytest.mark.engine
 
-LORAX_CLIENT = "lorax-client==0.6.3"
-LORAX_VENV = Path(__file__).resolve().parents[2] / ".venv" / "lorax-client-0.6.3"
-VENV_SECONDS = 300
 MAX_TOKENS = 16
 PROMPTS = ["The old captain said", "A sailor"]  # each model answers them differently, and at length
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
@@ -37,28 +34,8 @@ def reference(demo) -> PeftReference:
 
 @pytest.fixture(scope="session")
 def lorax_python() -> Path:
-    """The python of a venv holding lorax-client, built on first use (PyPI) and reused after."""
-    python = LORAX_VENV / "bin" / "python"
-    if python.exists() and subprocess.run([python, "-c", "import lorax"], capture_output=True).returncode == 0:
-        return python
-    how = (
-        f"build it by hand with `{sys.executable} -m venv {LORAX_VENV} && {LORAX_VENV}/bin/pip install "
-        f"{LORAX_CLIENT}` (it needs PyPI)"
-    )
-    try:
-        subprocess.run([sys.executable, "-m", "venv", "--clear", LORAX_VENV], check=True, timeout=60)
-        subprocess.run(
-            [python, "-m", "pip", "install", "-q", "--disable-pip-version-check", LORAX_CLIENT],
-            check=True,
-            timeout=VENV_SECONDS,
-            capture_output=True,
-            text=True,
-        )
-    except subprocess.CalledProcessError as exc:
-        pytest.fail(f"could not install {LORAX_CLIENT} into {LORAX_VENV}: {exc.stderr[-2000:]}\n{how}")
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"installing {LORAX_CLIENT} took over {VENV_SECONDS} s; {how}")
-    return python
+    """The python of lorax-client's venv (tests/side_venvs.py), which `make venv` builds."""
+    return LORAX.python_for_tests()
 
 
 # Runs in lorax-client's venv: each call of a JSON list on stdin, one JSON result per call on stdout.
