@@ -66,7 +66,7 @@ def replica_class(max_adapters: int) -> type:
             from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
 
             from adapters.store import open_adapter_store
-            from server.engine.vllm_engine import VllmEngine
+            from server.engine.vllm_engine import UNBOUND, VllmEngine
             from server.ops.isolation import withhold_secrets
 
             self.settings = settings
@@ -77,7 +77,7 @@ def replica_class(max_adapters: int) -> type:
             # this one, inherit an environment without any secret (the owner mark below is set after).
             withhold_secrets()
             # Replicas share a node's cores: vLLM's default pinning would put them all on core 0.
-            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+            os.environ.setdefault(*UNBOUND)
             # Ray kills a failed replica, not the engine processes it spawned; mark ours, and
             # clear away those of replicas that died before.
             os.environ[OWNER_ENV] = str(os.getpid())

@@ -190,14 +190,11 @@ class FairQueue:
             key, weight, sequences, prompt_tokens, next(self._order), self.clock(), output_tokens, background
         )
         self.weights[key] = weight
-        if (
-            self.policy == FIRST_COME
-            or (not self.waiting and self.in_flight < self.depth)
-            or (not self._has_waiting(key) and self._urgent(waiter))
-        ):
+        urgent = not self._has_waiting(key) and self._urgent(waiter)
+        if self.policy == FIRST_COME or (not self.waiting and self.in_flight < self.depth) or urgent:
             if not self._has_waiting(key):
                 self._lift(key)
-            return self._start(waiter, None)
+            return self._start(waiter, None, urgent)
         queues = self._queues(background)
         queue = queues.get(key)
         if queue is None:
@@ -261,11 +258,13 @@ class FairQueue:
                 continue
             self._start(waiter, queue)
 
-    def _start(self, waiter: _Waiter, queue: deque[_Waiter] | None) -> Turn:
+    def _start(self, waiter: _Waiter, queue: deque[_Waiter] | None, urgent: bool | None = None) -> Turn:
+        """Let `waiter` in; `urgent` as turn() found it, or None to judge it here."""
         key, weight = waiter.key, waiter.weight
         if queue is not None and not queue:
             self._queues(waiter.background).pop(key, None)
-        urgent = not self._has_waiting(key) and self._urgent(waiter)
+        if urgent is None:
+            urgent = not self._has_waiting(key) and self._urgent(waiter)
         self.in_flight += waiter.sequences
         self.running[key] = self.running.get(key, 0) + waiter.sequences
         # Its service starts after what the tenant's requests in the engine may still produce.
