@@ -23,6 +23,11 @@ logger = logging.getLogger("lora_gateway")
 
 APP_NAME = "lora-gateway"
 SHUTDOWN_GRACE_SECONDS = 15
+# How long the ingress's router waits for an engine replica to tell its queue length. A replica
+# that misses it is passed over, and an adapter request then goes to the replicas with the fewest
+# adapters, which load it again. Serve's 0.1 s is missed on a busy CPU host; this costs a slow
+# replica's requests at most the difference.
+QUEUE_PROBE_SECONDS = "0.5"
 
 
 def deployment_options(settings: Settings) -> dict[str, Any]:
@@ -68,7 +73,10 @@ def build_application(settings: Settings, revision: int = 0):
         serve.ingress()(GatewayIngress),
         name="ingress",
         num_replicas=1,
-        ray_actor_options={"num_cpus": 0},
+        ray_actor_options={
+            "num_cpus": 0,
+            "runtime_env": {"env_vars": {"RAY_SERVE_QUEUE_LENGTH_RESPONSE_DEADLINE_S": QUEUE_PROBE_SECONDS}},
+        },
         max_ongoing_requests=settings.max_in_flight + 64,
     )
     return ingress.bind(settings, replicas.bind(settings))

@@ -23,6 +23,9 @@ pytestmark = [pytest.mark.engine, pytest.mark.ray, pytest.mark.timeout(300)]
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 MAX_TOKENS = 20
+# Sequential requests for each adapter once it is resident: 11 of 12 on one replica by chance, with
+# routing blind to the adapter, has odds of 0.6 %.
+AFFINE_ROUNDS = 12
 
 
 @pytest.fixture(scope="module")
@@ -108,20 +111,24 @@ async def test_each_adapter_is_served_by_one_replica_and_base_requests_spread(cl
     # send, may load it on both replicas before the router hears of the first load. Here one
     # request loads each on one replica, and the rest start once the cluster view reports it there.
     models = {"pirate": "affine-pirate", "poet": "affine-poet"}
-    served: dict[str, set[str]] = defaultdict(set)
+    served: dict[str, str] = {}
     for adapter, name in models.items():
         await upload_copy(client, demo, adapter, name, tmp_path / name)
-        served[name].add((await chat(client, name)).headers["x-lora-gateway-replica"])
+        served[name] = (await chat(client, name)).headers["x-lora-gateway-replica"]
 
     async def resident():
         held = {name for replica in await cluster(client) for name in replica["resident_adapters"]}
         return set(models.values()) <= held
 
     await until(resident, 30)
-    for _ in range(6):
+    after: dict[str, Counter[str]] = defaultdict(Counter)
+    for _ in range(AFFINE_ROUNDS):
         for model in models.values():
-            served[model].add((await chat(client, model)).headers["x-lora-gateway-replica"])
-    assert all(len(replicas) == 1 for replicas in served.values()), served
+            after[model][(await chat(client, model)).headers["x-lora-gateway-replica"]] += 1
+    # Serve's affinity is a preference: a replica that misses its queue probe loses that request
+    # to another. One such miss is allowed; routing blind to the adapter spreads about evenly.
+    for model, replicas in after.items():
+        assert replicas.most_common(1)[0][1] >= AFFINE_ROUNDS - 1, (model, after, served)
     spread: Counter[str] = Counter()
     for _wave in range(4):  # Serve's router balances on the queue lengths it last probed
         base = await asyncio.gather(*(chat(client, "demo", max_tokens=96, ignore_eos=True) for _ in range(16)))
