@@ -161,13 +161,23 @@ async def test_tenants_limits_and_keys_through_either_gateway_reach_the_other(tm
         await eventually(tenant_gone_on_a)
 
 
-async def test_both_gateways_restart_into_the_same_state(tmp_path, shared_urls):
+async def test_both_gateways_restart_into_the_same_state_and_a_third_starts_into_it(tmp_path, shared_urls):
+    """The third has a state dir of its own: it serves the tenant's key and fetches the adapter's
+    files from the store (tests/engine/test_shared_state.py checks the same fetch on the engine)."""
     async with gateways(tmp_path, shared_urls) as (a, _b):
         assert (await upload(a, "support", make_adapter(tmp_path / "v1"))).status_code == 201
         key = (await a.client.post("/v1/tenants", json={"name": "acme"}, headers=a.admin)).json()["api_key"]
-    async with gateways(tmp_path, shared_urls) as (a, b):
-        for gw in (a, b):
+    assert not (tmp_path / "gw2").exists()
+    async with gateways(tmp_path, shared_urls, count=3) as (a, b, c):
+        for gw in (a, b, c):
             assert (await complete(gw, "support", gw.as_(key))).status_code == 200
+        served = c.engine.generated[-1][-1]
+        assert served is not None and served.name.startswith("support@"), served
+        fetched = Path(served.path)
+        assert fetched.is_relative_to(tmp_path / "gw2")
+        assert {f.name: f.read_bytes() for f in fetched.iterdir() if f.is_file()} == {
+            f.name: f.read_bytes() for f in (tmp_path / "v1").iterdir()
+        }
 
 
 async def test_with_the_database_down_known_adapters_and_keys_serve_and_writes_get_503(

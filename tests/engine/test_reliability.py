@@ -14,6 +14,7 @@ import psutil
 import pytest
 
 from adapters.demo import DEMO_PROMPT
+from tests.conftest import full_gateway
 from tests.engine.conftest import ADMIN_KEY, start_gateway, stop_gateway
 from tests.training_data import start_long_job
 
@@ -73,7 +74,10 @@ def job_status(client: httpx.Client, job_id: str, statuses: set[str], seconds: f
 async def test_a_gateway_loses_nothing_when_its_engine_dies_or_it_is_killed_during_a_job(demo, tmp_path):
     """Two faults, each followed by a restart on the same state (one gateway start fewer than two
     tests of their own): the engine dies, and the gateway answers 503 and exits 3; then the whole
-    gateway is killed outright during a fine-tuning job, and the next start marks the job failed."""
+    gateway is killed outright during a fine-tuning job, and the next start marks the job failed.
+
+    That last start needs no engine (the scheduler marks the job before any request), so it is the
+    whole app in this process over a FakeEngine, on the killed gateway's state dir."""
     state = tmp_path / "state"
     args = ["--demo-dir", str(demo.root), "--state-dir", str(state), "--max-cpu-loras", "4", "--admin-key", ADMIN_KEY]
     admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
@@ -127,11 +131,12 @@ async def test_a_gateway_loses_nothing_when_its_engine_dies_or_it_is_killed_duri
                 os.kill(pid, signal.SIGKILL)
         second.process.wait()
 
-    third = start_gateway(args, tmp_path / "third.log", base_name="demo")
-    try:
-        with httpx.Client(base_url=third.url, headers=admin, timeout=60) as client:
-            failed = job_status(client, job["id"], {"failed", "succeeded"}, 30)
-            assert failed["status"] == "failed" and failed["error"]["code"] == "gateway_restarted", failed
-            assert "not resumed" in failed["error"]["message"]
-    finally:
-        stop_gateway(third, wait=False)
+    async with full_gateway(state) as third:
+        deadline = time.monotonic() + 30
+        while True:
+            failed = (await third.client.get(f"/v1/fine_tuning/jobs/{job['id']}", headers=third.admin)).json()
+            if failed["status"] in {"failed", "succeeded"} or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.2)
+        assert failed["status"] == "failed" and failed["error"]["code"] == "gateway_restarted", failed
+        assert "not resumed" in failed["error"]["message"]

@@ -57,15 +57,23 @@ def engine_replicas_under(marker: str) -> list:
 
 
 def kill_a_replica_while_both_start(marker: str, seconds: float, killed: list[int]) -> None:
-    """Once both engine replicas exist, and while they still load their engines, SIGKILL one."""
+    """Once both engine replicas exist, and one has spawned its engine's processes (which then
+    still load the model), SIGKILL that replica: its engine's processes are left behind, for the
+    replica's reaper to clear (tests/ray/test_serving.py checks)."""
+    import psutil
+
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         replicas = engine_replicas_under(marker)
         if len(replicas) >= 2:
-            victim = min(replicas, key=lambda p: p.pid)
-            victim.kill()
-            killed.append(victim.pid)
-            return
+            try:
+                victim = next((r for r in sorted(replicas, key=lambda p: p.pid) if engine_processes(r)), None)
+                if victim is not None:
+                    victim.kill()
+                    killed.append(victim.pid)
+                    return
+            except psutil.Error:
+                pass
         time.sleep(0.2)
 
 
