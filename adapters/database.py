@@ -171,6 +171,7 @@ class Database:
         self.written_version = 0
         self._versions_lock = threading.Lock()
         self._listener = None
+        self._closed = threading.Event()  # ends a wait_for_change that would outlast the catalog
         self.url = engine_url(url)
         self.dialect = self.url.get_backend_name()
         if self.dialect == "sqlite":
@@ -195,6 +196,7 @@ class Database:
                 self._claim_unrecorded()
 
     def close(self) -> None:
+        self._closed.set()
         self._drop_listener()
         self._engine.dispose()
 
@@ -315,10 +317,11 @@ class Database:
         """Block up to `timeout` s; True when PostgreSQL said the catalog changed.
 
         On SQLite, and while PostgreSQL is unreachable, it only waits: the caller polls the
-        change counter after each wait, so a lost notification costs one poll interval.
+        change counter after each wait, so a lost notification costs one poll interval. Closing
+        the catalog ends that wait, so that no thread outlives it by up to --catalog-poll-seconds.
         """
         if self.dialect != "postgresql":
-            time.sleep(timeout)
+            self._closed.wait(timeout)
             return False
         try:
             if self._listener is None:
@@ -330,7 +333,7 @@ class Database:
             return False
         except Exception:  # noqa: BLE001 - any failure of the listening connection: poll, reconnect later
             self._drop_listener()
-            time.sleep(timeout)
+            self._closed.wait(timeout)
             return False
 
     def _drop_listener(self) -> None:

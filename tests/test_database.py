@@ -116,6 +116,17 @@ def test_postgres_notifies_other_processes_of_a_change(postgres_url):
     assert reader.wait_for_change(5.0) is True
 
 
+def test_closing_a_sqlite_catalog_ends_a_wait_for_change_at_once(tmp_path):
+    import threading
+
+    catalog = Database(tmp_path / "catalog.sqlite3", BASE_A)
+    waiter = threading.Thread(target=catalog.wait_for_change, args=(60,))
+    waiter.start()
+    catalog.close()
+    waiter.join(5)
+    assert not waiter.is_alive(), "the wait outlived its catalog"
+
+
 def test_an_unreachable_postgres_raises_catalog_unavailable_and_reconnects(postgres_server, caplog):
     postgres_server.start()
     url = postgres_server.new_database()
