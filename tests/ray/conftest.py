@@ -57,23 +57,18 @@ def engine_replicas_under(marker: str) -> list:
 
 
 def kill_a_replica_while_both_start(marker: str, seconds: float, killed: list[int]) -> None:
-    """Once both engine replicas exist, and one has spawned its engine's processes (which then
-    still load the model), SIGKILL that replica: its engine's processes are left behind, for the
-    replica's reaper to clear (tests/ray/test_serving.py checks)."""
-    import psutil
+    """Once both engine replicas exist, and while they still load their engines, SIGKILL one.
 
+    Early, so that its replacement starts soon; the engine processes a replica killed later leaves
+    behind are reaped by the next replica (tests/test_ray_app.py checks the reaper)."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         replicas = engine_replicas_under(marker)
         if len(replicas) >= 2:
-            try:
-                victim = next((r for r in sorted(replicas, key=lambda p: p.pid) if engine_processes(r)), None)
-                if victim is not None:
-                    victim.kill()
-                    killed.append(victim.pid)
-                    return
-            except psutil.Error:
-                pass
+            victim = min(replicas, key=lambda p: p.pid)
+            victim.kill()
+            killed.append(victim.pid)
+            return
         time.sleep(0.2)
 
 
