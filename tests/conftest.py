@@ -27,6 +27,7 @@ pytest_plugins = ["tests.services.postgres", "tests.services.s3", "tests.service
 TESTS = Path(__file__).parent
 ENGINE_FOLDERS = ("engine", "ray")  # every test in these is marked so
 ENGINE_GROUP = "engine"  # the prefix of the xdist groups of the tests that start a real engine
+SHARED_GATEWAY_GROUP = f"{ENGINE_GROUP}:shared-gateway"  # the files that ask for tests/engine/'s gateway
 DEMO_TESTS = TESTS / "test_demo.py"  # the demo's own tests, which build it: one group, first
 
 
@@ -60,6 +61,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     """
     grouping = config.getoption("loadgroup", default=False)  # set in xdist's workers
     counts = Counter(item.nodeid for item in items)
+    sharing = files_sharing_the_gateway(items)
     for item in items:
         node_id = item.nodeid
         if counts[node_id] > 1 and not node_id.endswith(f"::{item.name}"):
@@ -73,7 +75,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 item.add_marker(pytest.mark.ray)
         if grouping:
             if item.get_closest_marker("engine"):
-                node_id = f"{node_id}@{engine_group(item, folder)}"  # the suffix xdist's loadgroup groups by
+                group = SHARED_GATEWAY_GROUP if item.path in sharing else engine_group(item, folder)
+                node_id = f"{node_id}@{group}"  # the suffix xdist's loadgroup groups by
             elif item.path == DEMO_TESTS:
                 node_id = f"{node_id}@{DEMO_TESTS.name}"
             elif shares_a_module_fixture(item):
@@ -83,7 +86,21 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     # A test marked `last` ends a session fixture that others use first (a gateway it kills, say).
     # Before it, the longest groups first, so that neither worker starts one late (xdist hands out
     # groups in this order): Ray's (minutes, one group), then the other engine tests, then the rest.
-    items.sort(key=lambda item: (item.get_closest_marker("last") is not None, run_order(item)))
+    # The shared gateway's group first among the engine's: it is the longest after Ray's.
+    items.sort(
+        key=lambda item: (item.get_closest_marker("last") is not None, run_order(item), item.path not in sharing)
+    )
+
+
+def files_sharing_the_gateway(items: list[pytest.Item]) -> set[Path]:
+    """The files of engine tests that ask for tests/engine/'s shared gateway (all of a file's tests
+    go together: they may share module-scoped fixtures too)."""
+    return {
+        item.path
+        for item in items
+        if item.get_closest_marker("engine") and not item.get_closest_marker("ray")
+        if "gateway" in getattr(item, "fixturenames", ())
+    }
 
 
 def run_order(item: pytest.Item) -> tuple[int, int]:
@@ -103,14 +120,14 @@ def run_order(item: pytest.Item) -> tuple[int, int]:
 
 
 def engine_group(item: pytest.Item, folder: str) -> str:
-    """The xdist group of a test that starts a real engine: each file of tests/engine/, tests/ray/
-    as a whole (its tests share Ray's gateway, which stops once they are done), and each other
-    folder's engine tests as a whole (tests/security/'s share the gateway run as `nobody`, which
-    the last of them kills).
+    """The xdist group of a test that starts a real engine, unless its file asks for the shared
+    gateway (SHARED_GATEWAY_GROUP): each file of tests/engine/, tests/ray/ as a whole (its tests
+    share Ray's gateway, which stops once they are done), and each other folder's engine tests as
+    a whole (tests/security/'s share the gateway run as `nobody`, which the last of them kills).
 
-    The two workers take these groups as they free up, beside the engine-free tests: each runs
-    one real engine at a time (two with Ray's replicas, three while a test starts a second
-    gateway), and each starts tests/engine/'s shared gateway once, on its first test that asks.
+    The two workers take these groups as they free up, beside the engine-free tests: one worker
+    takes every test of the shared gateway, which so starts once in a session, while the other
+    runs Ray's and the tests that start gateways of their own.
     """
     if folder == "ray":
         return "ray"

@@ -137,11 +137,11 @@ def gateway(demo, tmp_path_factory) -> Iterator[RunningGateway]:
     """The session's real gateway, with an admin key; every engine test that can share one does.
 
     Each start costs half a minute or more of the machine's two cores, so there is one per process
-    (under `make test`, one per xdist worker that runs a file of tests/engine/ asking for it):
-    tests that need no tenant send the admin key. --max-loras 1: the mixed-batch and metrics tests
+    (under `make test`, the files that ask for it go to one xdist worker as one group: see
+    tests/conftest.py): tests that need no tenant send the admin key. --max-loras 1: the mixed-batch and metrics tests
     rely on one adapter slot. Its KV cache is small (the demo's prompts are short), so that the
     gateways some tests start of their own fit beside it. No test may rely on what another file's
-    tests left in it: the files of tests/engine/ run on either worker.
+    tests left in it: the files run in either order.
     """
     state = tmp_path_factory.mktemp("state")
     args = [
