@@ -143,7 +143,7 @@ async def test_the_scheduling_policy_is_the_admins_to_change(gateway):
 async def test_a_job_past_its_time_limit_fails_and_keeps_its_checkpoints(gateway):
     async with httpx.AsyncClient(base_url=gateway.url, timeout=60) as client:
         tenant = await new_tenant(client, "slow-trainer")
-        files = {"file": ("long.jsonl", jsonl(TRAINING_ROWS * 20))}
+        files = {"file": ("long.jsonl", jsonl(TRAINING_ROWS * 4))}  # an epoch, and so a checkpoint, in seconds
         upload = await client.post("/v1/files", files=files, data={"purpose": "fine-tune"}, headers=tenant)
         assert upload.status_code == 200, upload.text
         hyper = {"n_epochs": 50}
