@@ -53,7 +53,10 @@ class WorkPool:
         """`call(*args)`, which starts a sandboxed child, once a slot is free; ConverterBusy past the wait."""
         self.sandbox_waiting += 1
         try:
-            await asyncio.wait_for(self._sandbox.acquire(), self.sandbox_wait_seconds)
+            # asyncio.timeout, not wait_for: 3.11's wait_for swallows a cancel that meets the
+            # acquire, and the caller then runs its conversion for a client that has gone.
+            async with asyncio.timeout(self.sandbox_wait_seconds):
+                await self._sandbox.acquire()
         except TimeoutError:
             raise ConverterBusy(
                 f"all {self.sandbox_slots} converters of pickled weights stayed busy for "

@@ -58,6 +58,24 @@ async def test_a_slot_is_held_until_its_work_ends_even_when_its_caller_left():
     pool.close()
 
 
+async def test_a_caller_cancelled_as_its_slot_frees_leaves_and_frees_the_slot():
+    """The race that asyncio.wait_for (3.11) loses: the slot is acquired, and the caller is
+    cancelled before it sees that. wait_for swallowed the cancel, and the caller ran on as if its
+    client were there; it must end cancelled, and the slot be free again once its work ends."""
+    pool = WorkPool(threads=1, sandbox_slots=1)
+    await pool._sandbox.acquire()  # another upload's conversion holds the only slot
+    waiting = asyncio.create_task(pool.run_sandboxed(lambda: "ran"))
+    while pool.sandbox_waiting != 1:
+        await asyncio.sleep(0)
+    pool._sandbox.release()  # that conversion ends...
+    await asyncio.sleep(0)  # ...the waiter takes the slot...
+    waiting.cancel()  # ...as its client leaves
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert await asyncio.wait_for(pool.run_sandboxed(lambda: "free"), 2) == "free"
+    pool.close()
+
+
 def minimind_pth(tmp_path) -> bytes:
     """A MiniMind save_lora file for the tiny test base (hidden size 64)."""
     generator = torch.Generator().manual_seed(3)

@@ -167,7 +167,10 @@ class GrammarChecker:
         except Exception as exc:  # noqa: BLE001 - a fault of this server, not of the request
             raise EngineUnavailable(f"the engine's grammar check could not be loaded ({type(exc).__name__})") from None
         try:
-            await asyncio.wait_for(self._slots.acquire(), self._seconds)
+            # asyncio.timeout, not wait_for: 3.11's wait_for swallows a cancel that meets the
+            # acquire, and the request then runs on for a client that has gone.
+            async with asyncio.timeout(self._seconds):
+                await self._slots.acquire()
         except TimeoutError:
             raise Overloaded(
                 "the gateway is busy checking other requests' grammars; retry shortly", headers={"Retry-After": "1"}
@@ -181,7 +184,8 @@ class GrammarChecker:
             raise
         future.add_done_callback(lambda _: self._slots.release())
         try:
-            return await asyncio.wait_for(asyncio.shield(future), self._seconds)
+            async with asyncio.timeout(self._seconds):
+                return await asyncio.shield(future)
         except TimeoutError:  # cached as any verdict: the same text is not tried again
             return f"it took more than {self._seconds:g} s to compile; simplify it"
 

@@ -120,6 +120,25 @@ async def test_verdicts_are_cached_by_constraint():
     assert list(checker._verdicts) == [good, bad]
 
 
+async def test_a_request_cancelled_as_its_compile_slot_frees_ends_cancelled():
+    """asyncio.wait_for (3.11) swallowed a cancel that met the slot's acquire: the request ran on
+    for a client that had gone. The checker's one slot is held; it frees just as the caller leaves."""
+    import asyncio
+
+    checker = GrammarChecker(threads=1)
+    await checker.check(OutputConstraint(regex="[0-9]+"), "p")  # loads the grammar check once
+    await checker._slots.acquire()  # another request's compile holds the only slot
+    waiting = asyncio.create_task(checker.check(OutputConstraint(regex="[a-z]+"), "p"))
+    while not checker._slots._waiters:
+        await asyncio.sleep(0)
+    checker._slots.release()  # that compile ends...
+    await asyncio.sleep(0)  # ...the waiter takes the slot...
+    waiting.cancel()  # ...as its client leaves
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    await asyncio.wait_for(checker.check(OutputConstraint(regex="[a-z]+"), "p"), 10)  # the slot is free again
+
+
 @pytest.mark.parametrize(
     ("grammar", "constraint"),
     [
