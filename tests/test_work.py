@@ -19,6 +19,7 @@ import torch
 from adapters.errors import ConverterBusy
 from adapters.work import WorkPool
 from tests.conftest import full_gateway
+from tests.races import cancel_as_it_takes_the_slot
 from tests.routes.test_tenancy import new_tenant
 from tests.security.tenant_world import tiny_base
 
@@ -63,15 +64,7 @@ async def test_a_caller_cancelled_as_its_slot_frees_leaves_and_frees_the_slot():
     cancelled before it sees that. wait_for swallowed the cancel, and the caller ran on as if its
     client were there; it must end cancelled, and the slot be free again once its work ends."""
     pool = WorkPool(threads=1, sandbox_slots=1)
-    await pool._sandbox.acquire()  # another upload's conversion holds the only slot
-    waiting = asyncio.create_task(pool.run_sandboxed(lambda: "ran"))
-    while pool.sandbox_waiting != 1:
-        await asyncio.sleep(0)
-    pool._sandbox.release()  # that conversion ends...
-    await asyncio.sleep(0)  # ...the waiter takes the slot...
-    waiting.cancel()  # ...as its client leaves
-    with pytest.raises(asyncio.CancelledError):
-        await waiting
+    await cancel_as_it_takes_the_slot(pool._sandbox, pool.run_sandboxed(lambda: "ran"))
     assert await asyncio.wait_for(pool.run_sandboxed(lambda: "free"), 2) == "free"
     pool.close()
 

@@ -9,6 +9,7 @@ import pytest
 
 from server.engine.protocol import OutputConstraint
 from server.openai.structured import MAX_GRAMMAR_BYTES, MAX_SCHEMA_DEPTH, GrammarChecker
+from tests.races import cancel_as_it_takes_the_slot
 
 SCHEMA = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
 COMPACT = json.dumps(SCHEMA, separators=(",", ":"))
@@ -127,15 +128,7 @@ async def test_a_request_cancelled_as_its_compile_slot_frees_ends_cancelled():
 
     checker = GrammarChecker(threads=1)
     await checker.check(OutputConstraint(regex="[0-9]+"), "p")  # loads the grammar check once
-    await checker._slots.acquire()  # another request's compile holds the only slot
-    waiting = asyncio.create_task(checker.check(OutputConstraint(regex="[a-z]+"), "p"))
-    while not checker._slots._waiters:
-        await asyncio.sleep(0)
-    checker._slots.release()  # that compile ends...
-    await asyncio.sleep(0)  # ...the waiter takes the slot...
-    waiting.cancel()  # ...as its client leaves
-    with pytest.raises(asyncio.CancelledError):
-        await waiting
+    await cancel_as_it_takes_the_slot(checker._slots, checker.check(OutputConstraint(regex="[a-z]+"), "p"))
     await asyncio.wait_for(checker.check(OutputConstraint(regex="[a-z]+"), "p"), 10)  # the slot is free again
 
 
