@@ -175,29 +175,6 @@ def demo():
     return ensure_demo(default_cache_dir() / f"test-demo-{DEMO_VERSION}")
 
 
-_migrated: list[Path] = []  # this process's empty catalog at the newest schema, once made
-
-
-def new_catalog(path: Path) -> Database:
-    """A new SQLite catalog at `path`: a copy of an empty one this process migrated once.
-
-    Migrating a new file takes some 35 ms, and most of the engine-free tests build a gateway
-    (tests/test_database.py migrates new files of its own)."""
-    import atexit
-    import shutil
-    import tempfile
-
-    if not _migrated:
-        template = Path(tempfile.mkdtemp(prefix="lora-gateway-tests-")) / "catalog.sqlite3"
-        atexit.register(shutil.rmtree, template.parent, True)
-        Database(template).close()
-        _migrated.append(template)
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(_migrated[0], path)
-    return Database(path)
-
-
 @dataclass
 class FakeGateway:
     client: httpx.AsyncClient
@@ -216,7 +193,7 @@ async def gateway(tmp_path) -> AsyncIterator[FakeGateway]:
         base_name="base",
         base_adapter=fake_spec("__base__", 1),
         max_resident=2,
-        catalog=new_catalog(tmp_path / "catalog.sqlite3"),
+        catalog=Database(tmp_path / "catalog.sqlite3"),
     )
     app = build_app(settings, engine, registry)
     async with app.router.lifespan_context(app):
@@ -273,9 +250,7 @@ async def full_gateway(
         base_name="base",
         base_adapter=fake_spec("__base__", 1) if zero_adapter else None,
         max_resident=settings.max_cpu_loras,
-        catalog=Database(settings.catalog_location)
-        if settings.catalog_url is not None
-        else new_catalog(settings.state_dir / "catalog.sqlite3"),
+        catalog=Database(settings.catalog_location),
         store=open_store(settings),
         rules=AdapterRules(TINY_BASE, settings.max_lora_rank, settings.max_adapter_bytes),
     )
