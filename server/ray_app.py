@@ -23,11 +23,6 @@ logger = logging.getLogger("lora_gateway")
 
 APP_NAME = "lora-gateway"
 SHUTDOWN_GRACE_SECONDS = 15
-# How long the ingress's router waits for an engine replica to tell its queue length. A replica
-# that misses it is passed over, and an adapter request then goes to the replicas with the fewest
-# adapters, which load it again. Serve's 0.1 s is missed on a busy CPU host; this costs a slow
-# replica's requests at most the difference.
-QUEUE_PROBE_SECONDS = "0.5"
 
 
 def deployment_options(settings: Settings) -> dict[str, Any]:
@@ -61,10 +56,15 @@ def build_application(settings: Settings, revision: int = 0):
     out of DEPLOY_FAILED, where Serve keeps a deployment whose replicas failed as they started.
     """
     from ray import serve
+    from ray.serve.config import RequestRouterConfig
 
     from server.engine.ray_replica import replica_class
 
     options = deployment_options(settings)
+    # The ingress reaches the replicas through a router that waits longer for their queue lengths.
+    options["request_router_config"] = RequestRouterConfig(
+        request_router_class="server.engine.ray_router:PatientRouter"
+    )
     if revision:
         options["version"] = f"redeploy-{revision}"
     # The Settings object itself travels (pickled by Ray): its JSON would mask the secrets.
@@ -73,10 +73,7 @@ def build_application(settings: Settings, revision: int = 0):
         serve.ingress()(GatewayIngress),
         name="ingress",
         num_replicas=1,
-        ray_actor_options={
-            "num_cpus": 0,
-            "runtime_env": {"env_vars": {"RAY_SERVE_QUEUE_LENGTH_RESPONSE_DEADLINE_S": QUEUE_PROBE_SECONDS}},
-        },
+        ray_actor_options={"num_cpus": 0},
         max_ongoing_requests=settings.max_in_flight + 64,
     )
     return ingress.bind(settings, replicas.bind(settings))
