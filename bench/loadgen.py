@@ -452,8 +452,12 @@ async def _open_loop(
         if planned is None:
             break
         await asyncio.sleep(max(0.0, run_t0 + scheduled_s - time.perf_counter()))
-        await slots.acquire()  # at --max-in-flight, arrivals wait; start_s - scheduled_s shows it
-        if config.duration is not None and time.perf_counter() - run_t0 >= config.duration:
+        # At --max-in-flight, arrivals wait; start_s - scheduled_s shows it. A run whose server holds
+        # every slot past --duration ends there; a client that merely fell behind its schedule still
+        # sends each arrival scheduled inside it, and the lag is in start_lag.
+        waited = slots.locked()
+        await slots.acquire()
+        if waited and config.duration is not None and time.perf_counter() - run_t0 >= config.duration:
             slots.release()
             break
         tasks.append(asyncio.create_task(send_then_free(planned, scheduled_s)))
@@ -742,7 +746,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--duration",
         type=float,
         metavar="S",
-        help="stop sending S seconds after the start (warmup included); answers in flight are awaited",
+        help=(
+            "stop sending S seconds after the start (warmup included); answers in flight are awaited. "
+            "The open loop sends every arrival scheduled before S, late if the client fell behind"
+        ),
     )
     load.add_argument(
         "--warmup",

@@ -212,6 +212,8 @@ async def test_duration_bounds_the_closed_loop(fake):
 
 async def test_open_loop_sends_poisson_arrivals_at_the_rate(fake):
     fake.reset(token_delay=0.02)  # 0.1 s per request: requests overlap when the loop is open
+    # A busy machine stalls the client mid-run; the arrivals it missed still go out, late.
+    asyncio.get_running_loop().call_later(0.3, time.sleep, 0.8)
     result = await run_load(config(fake, rate=40, requests=None, duration=1.0, output_tokens="5"))
     sent = len(result.records)
     assert 25 <= sent <= 55  # 40 expected; Poisson sd ~6.3
@@ -221,7 +223,7 @@ async def test_open_loop_sends_poisson_arrivals_at_the_rate(fake):
     gaps = [b - a for a, b in zip([0.0, *starts], starts, strict=False)]
     assert 0.015 < sum(gaps) / len(gaps) < 0.04 and max(gaps) > 2 * min(gaps)
     assert fake.max_in_flight >= 3
-    assert result.summary["start_lag_p99_ms"] < 250
+    assert all(r.start_s >= r.scheduled_s for r in result.records)
 
 
 async def test_open_loop_waits_at_max_in_flight(fake):
