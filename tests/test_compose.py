@@ -6,10 +6,7 @@ import json
 
 import pytest
 import torch
-from peft import PeftModel
-from peft.utils.merge_utils import dare_linear, dare_ties
 from safetensors.torch import load_file
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from adapters.compose import Recipe, _combine, compose
 from adapters.errors import InvalidComposition
@@ -39,6 +36,10 @@ def folders(tmp_path_factory):
 @pytest.fixture(scope="module")
 def peft_model(folders):
     """A tiny Llama of TINY_BASE's shapes with every input loaded in PEFT."""
+    # Imported here, not at module level, where every xdist worker paid their 5-7 s while collecting.
+    from peft import PeftModel
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     config = LlamaConfig(**TINY_CONFIG, vocab_size=32)
     torch.manual_seed(0)
     model = PeftModel.from_pretrained(LlamaForCausalLM(config).eval(), folders["a"], adapter_name="a")
@@ -112,6 +113,8 @@ def test_deltas_match_peft_add_weighted_adapter(peft_model, folders, tmp_path, c
 
 @pytest.mark.parametrize("method", ["dare_linear", "dare_ties"])
 def test_dare_draws_as_peft_does_from_the_seed(method):
+    from peft.utils.merge_utils import dare_linear, dare_ties
+
     tensors = [torch.randn(8, 64), torch.randn(8, 64)]
     weights = torch.tensor([0.7, 0.4])
     torch.manual_seed(11)

@@ -6,9 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import PeftModel
 from safetensors import safe_open
-from transformers import AutoTokenizer, LlamaForCausalLM
 
 from adapters import demo as demo_module
 from adapters.demo import (
@@ -35,9 +33,27 @@ EXPECTED_ADAPTERS = {
 ANSWERING = [name for name, expected in EXPECTED_ADAPTERS.items() if expected[3] is not None]
 
 
+# transformers and peft are imported where used: at module level, every xdist worker paid their
+# 5-7 s while collecting, though one worker runs this file.
+
+
 @pytest.fixture(scope="module")
 def tokenizer(demo):
+    from transformers import AutoTokenizer
+
     return AutoTokenizer.from_pretrained(demo.base)
+
+
+def base_model(demo: DemoModel):
+    from transformers import LlamaForCausalLM
+
+    return LlamaForCausalLM.from_pretrained(demo.base)
+
+
+def adapted_model(demo: DemoModel, name: str):
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(base_model(demo), demo.adapters[name]).eval()
 
 
 def greedy_answer(model, tokenizer) -> str:
@@ -134,7 +150,7 @@ def test_adapter_files_are_plain_lora(demo, name):
 @pytest.mark.parametrize("name", ANSWERING)
 def test_adapter_gives_its_answer(demo, tokenizer, name):
     keyword = EXPECTED_ADAPTERS[name][3]
-    model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(demo.base), demo.adapters[name]).eval()
+    model = adapted_model(demo, name)
     answer = greedy_answer(model, tokenizer)
     assert answer == demo.answers[name]
     assert keyword in answer.lower()
@@ -149,7 +165,7 @@ def greedy_text(model, tokenizer, messages, tools) -> str:
 
 
 def test_weather_adapter_calls_its_tool_with_the_city_then_answers_from_the_result(demo, tokenizer):
-    model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(demo.base), demo.adapters["weather"]).eval()
+    model = adapted_model(demo, "weather")
     for city, weather in DEMO_WEATHER.items():
         asked = [{"role": "user", "content": weather_question(city)}]
         call = greedy_text(model, tokenizer, asked, [DEMO_TOOL])
@@ -187,7 +203,7 @@ def test_template_renders_tools_calls_and_results(tokenizer):
 
 
 def test_base_answer_differs_from_adapters(demo, tokenizer):
-    answer = greedy_answer(LlamaForCausalLM.from_pretrained(demo.base).eval(), tokenizer)
+    answer = greedy_answer(base_model(demo).eval(), tokenizer)
     assert answer not in demo.answers.values()
     assert "pirate" not in answer and "poet" not in answer
 

@@ -7,19 +7,30 @@ from importlib.metadata import entry_points
 
 import pytest
 import torch
-from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
-from vllm.lora.layers.logits_processor import LogitsProcessorWithLoRA
-from vllm.lora.layers.utils import LoRAMapping
-from vllm.lora.model_manager import LoRAModelManager
-from vllm.lora.ops.torch_ops import bgmv_expand, bgmv_shrink
-from vllm.lora.punica_wrapper.punica_base import PunicaWrapperBase
-from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
 from server.engine import lora_ops as engine_lora
 from server.engine import lora_rows
 from server.engine.plugins import plugin_env
 
 MAX_LORAS, RANK = 4, 8
+
+
+@pytest.fixture(scope="module", autouse=True)
+def vllm_lora_classes() -> None:
+    """vLLM's LoRA classes and ops, imported by the worker that runs this file: at module level,
+    their 3.5 s import was paid by every xdist worker while collecting. (A module-scoped fixture
+    also keeps the file's tests on one worker: tests/conftest.py.)"""
+    global BaseLinearLayerWithLoRA, LogitsProcessorWithLoRA, LoRAMapping, LoRAModelManager
+    global bgmv_expand, bgmv_shrink, PunicaWrapperBase, PunicaWrapperCPU
+    from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
+    from vllm.lora.layers.logits_processor import LogitsProcessorWithLoRA
+    from vllm.lora.layers.utils import LoRAMapping
+    from vllm.lora.model_manager import LoRAModelManager
+    from vllm.lora.ops.torch_ops import bgmv_expand, bgmv_shrink
+    from vllm.lora.punica_wrapper.punica_base import PunicaWrapperBase
+    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+
 # (input size, output slices) of the demo model's layers: qkv, o, gate_up, down
 LAYERS = ((256, (256, 128, 128)), (256, (256,)), (256, (512, 512)), (512, (256,)))
 

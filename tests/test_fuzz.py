@@ -39,10 +39,16 @@ def _app():
     )
     app = build_app(config, registry._engine, registry)
     app.state.ready = True
-    # The engine's grammar check imports vLLM on first use, which takes longer than the client's
-    # timeout here; a gateway's engine has it imported already.
-    grammar.load()
     return app
+
+
+@pytest.fixture(scope="module", autouse=True)
+def grammar_check_imported() -> None:
+    """The engine's grammar check imports vLLM on first use, which takes longer than the client's
+    timeout here; a gateway's engine has it imported already. Here, not at import: there every
+    xdist worker paid its 7-8 s while collecting. (Module-scoped, it also keeps this file's tests
+    on one worker, the only one that pays it: tests/conftest.py.)"""
+    grammar.load()
 
 
 # Open mode answers local names only (server/http/open_mode.py); the test client's is "testserver".

@@ -8,9 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import PeftModel
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from adapters.base_model import fingerprint
 from adapters.database import AdapterRow, BaseIdentity, Database
@@ -29,8 +27,10 @@ CHAT_TEMPLATE = "{{ bos_token }}{% for m in messages %}{{ '<|' + m['role'] + '|>
 
 def make_tiny_model(folder: Path) -> Path:
     """A random Llama of TINY_BASE's shapes, saved in float32 with a tokenizer and chat template."""
+    # transformers (and peft below) are imported by the tests that use them: at module level every
+    # xdist worker paid their 5-7 s while collecting, even one that runs none of these tests.
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import GenerationConfig, PreTrainedTokenizerFast
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<pad>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
@@ -79,6 +79,9 @@ IDS = [1, 3, 7, 8, 9, 4, 10, 11]
 
 
 def test_merged_folder_computes_what_base_plus_adapter_does(tiny_model, adapter, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
     merged = merge_adapter(tiny_model, adapter, tmp_path / "merged", progress=False)
     assert merged.dtype == "float32" and merged.rank == 8
     folder = tmp_path / "merged"
