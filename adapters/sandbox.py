@@ -1,9 +1,11 @@
 """Pickled tensors loaded in a short-lived, locked-down process: the only way a pickle is read.
 
-A pickle runs code while it is loaded. PyTorch's `torch.load(weights_only=True)` refuses every
-global outside its allow-list, and it is the only loader used here, never with
-`weights_only=False`. In case that allow-list ever has a hole (CVE-2025-32434 and
-CVE-2026-24747 were two), the load runs in a child process that:
+A pickle runs code while it is loaded. The child reads with adapters/torch_file.py: an unpickler
+that resolves only torch's tensor-rebuilding functions, its storage types and OrderedDict, each
+replaced by an inert stand-in, and refuses any other global by name. It never imports torch (a
+child starts in a few hundredths of a second, where torch took two), so torch's own loader, and the holes
+its allow-list has had (CVE-2025-32434, CVE-2026-24747), are out of the picture. In case this
+unpickler ever has a hole of its own, the load runs in a child process that:
 
 - is `python -I` (no environment variables, user site or script folder) with a minimal
   environment, in a new session, with every descriptor closed but its three standard ones;
@@ -29,7 +31,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import resource
 import signal
 import subprocess
@@ -37,7 +38,6 @@ import sys
 import tempfile
 import threading
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -46,8 +46,6 @@ from adapters.errors import AdapterTooLarge, ConverterBusy, InvalidAdapter
 
 logger = logging.getLogger(__name__)
 
-# torch.load(weights_only=True) is only safe from 2.10 on (CVE-2025-32434, CVE-2026-24747).
-MIN_TORCH = (2, 10)
 _REFUSED = 3  # the child's exit status for a file it refuses; the reason is JSON on stderr
 _MAX_ECHOED_KEY = 80
 _STDERR_READ = 64 * 1024
@@ -63,7 +61,7 @@ class SandboxLimits:
     """What one load may use. Memory grows with the file: it is read, loaded and written once each."""
 
     max_input_bytes: int = 512 * 1024 * 1024
-    base_memory_bytes: int = 1536 * 1024 * 1024  # python, torch and safetensors themselves
+    base_memory_bytes: int = 128 * 1024 * 1024  # python itself
     memory_per_input_byte: int = 6
     cpu_seconds: int = 60
     wall_seconds: float = 120.0
@@ -83,29 +81,6 @@ _slots_lock = threading.Lock()
 _slots: dict[int, threading.BoundedSemaphore] = {}
 
 
-def torch_version() -> tuple[int, int] | None:
-    """The installed torch's (major, minor), or None when torch is missing."""
-    try:
-        version = metadata.version("torch")
-    except metadata.PackageNotFoundError:
-        return None
-    match = re.match(r"(\d+)\.(\d+)", version)
-    return (int(match.group(1)), int(match.group(2))) if match else None
-
-
-def check_torch() -> None:
-    """Raise InvalidAdapter unless the installed torch has a safe weights-only loader."""
-    version = torch_version()
-    if version is None:
-        raise InvalidAdapter("this server cannot read pickled weights (torch is not installed); send safetensors")
-    if version < MIN_TORCH:
-        shown = ".".join(map(str, version))
-        raise InvalidAdapter(
-            f"this server's torch {shown} has no safe loader for pickled weights (2.10 or later is needed); "
-            "send safetensors"
-        )
-
-
 def check_confinement() -> None:
     """Raise InvalidAdapter unless the child can confine itself with seccomp (libseccomp, pyseccomp)."""
     try:
@@ -120,7 +95,6 @@ def check_confinement() -> None:
 def loader_problem() -> str | None:
     """Why pickled weights cannot be loaded safely here (for a warning at start), or None."""
     try:
-        check_torch()
         check_confinement()
     except InvalidAdapter as exc:
         return exc.message
@@ -134,7 +108,6 @@ def load_pickled_tensors(path: Path, label: str, limits: SandboxLimits = DEFAULT
     not such a dict or that carries code, AdapterTooLarge past the size limit, and ConverterBusy
     when every sandbox slot stays busy.
     """
-    check_torch()
     check_confinement()
     size = path.stat().st_size
     if size > limits.max_input_bytes:
@@ -164,7 +137,6 @@ def _run_child(path: Path, label: str, size: int, limits: SandboxLimits, private
         "output": limits.output_bytes(size),
         "input": size,
         "max_tensors": limits.max_tensors,
-        "min_torch": list(MIN_TORCH),
         "jail": str(jail),
         "uid": _NOBODY if os.geteuid() == 0 else None,
         "parent": os.getpid(),
@@ -264,8 +236,6 @@ def _refusal_message(report: dict[str, Any], memory_bytes: int) -> str:
     messages = {
         "code": f"the pickled weights call {detail}, which is code; it was not run. Only tensors are "
         "accepted: save a plain state dict of tensors, or safetensors",
-        "unsafe": "the pickled weights hold something other than tensors, which the safe loader refuses "
-        "(nothing in them was run); save a plain state dict of tensors, or safetensors",
         "unreadable": "not a readable pickled state dict (a file written by torch.save)",
         "not_a_dict": f"the pickled weights hold {detail}, not a dict of tensor names to tensors",
         "key_type": f"the pickled weights have a key of type {detail}; tensor names are strings",
@@ -277,7 +247,6 @@ def _refusal_message(report: dict[str, Any], memory_bytes: int) -> str:
         "too_many": f"the pickled weights hold over {detail} tensors",
         "memory": f"loading the pickled weights needs more than the sandbox's {memory_bytes >> 20} MiB of memory",
         "too_large": "the pickled weights are larger once loaded than the sandbox allows",
-        "torch": f"this server's torch {detail} has no safe loader for pickled weights (2.10 or later is needed)",
         "confinement": "this server cannot confine the loader of pickled weights here (seccomp is unavailable); "
         "send safetensors",
     }
@@ -309,10 +278,7 @@ def child_entry() -> None:
 
 
 def _child_main(plan: dict[str, Any]) -> int:
-    """Limit this process, then load standard input with torch.load(weights_only=True)."""
-    import warnings
-
-    warnings.simplefilter("ignore")  # torch's warnings would only fill stderr
+    """Limit this process, then read standard input as a torch.save file of tensors."""
     isolated = _isolate()  # first: a user namespace needs a process that has started no thread
     _limit(resource.RLIMIT_CORE, 0)
     _limit(resource.RLIMIT_AS, plan["memory"])
@@ -320,43 +286,37 @@ def _child_main(plan: dict[str, Any]) -> int:
     # The soft limit sends SIGXCPU; the hard one, a second later, SIGKILL.
     resource.setrlimit(resource.RLIMIT_CPU, (plan["cpu"], plan["cpu"] + 1))
     try:
-        import io
-
-        import torch
-        from safetensors.torch import save
+        from adapters import torch_file
     except MemoryError:
         return _refuse(_Refused("memory"))
     except ImportError as exc:
-        if "failed to map" not in str(exc):  # a shared library that did not fit in RLIMIT_AS
+        if "failed to map" not in str(exc) and "memory" not in str(exc).lower():
             raise
-        return _refuse(_Refused("memory"))
+        return _refuse(_Refused("memory"))  # a shared library that did not fit in RLIMIT_AS
     try:
         import pyseccomp  # noqa: F401  (now: after the chroot nothing can be imported)
     except (ImportError, RuntimeError) as exc:
         return _refuse(_Refused("confinement", str(exc)))
-    version = tuple(int(part) for part in re.findall(r"\d+", torch.__version__)[:2])
-    if version < tuple(plan["min_torch"]):
-        return _refuse(_Refused("torch", torch.__version__))
-    torch.set_num_threads(1)
-    _warm_up(torch, save, io)
+    try:
+        torch_file.warm_up()
+    except MemoryError:
+        return _refuse(_Refused("memory"))
     try:
         protections = _lock_down(plan, isolated)
     except confine.ConfinementUnavailable as exc:
         return _refuse(_Refused("confinement", str(exc)))
     try:
         data = sys.stdin.buffer.read(plan["input"] + 1)
-        tensors = _load_flat_tensors(torch, io.BytesIO(data), plan["max_tensors"])
+        tensors = _load_flat_tensors(data, plan["max_tensors"], plan["output"])
         del data
-        encoded = save(tensors)
+        parts = torch_file.safetensors_bytes(tensors)
     except _Refused as refused:
         return _refuse(refused)
     except MemoryError:
         return _refuse(_Refused("memory"))
-    except RuntimeError as exc:
-        # torch reports a failed allocation as a RuntimeError.
-        return _refuse(_Refused("memory" if "alloc" in str(exc).lower() else "unreadable"))
     try:
-        sys.stdout.buffer.write(encoded)
+        for part in parts:
+            sys.stdout.buffer.write(part)
         sys.stdout.buffer.flush()
     except OSError:  # EFBIG: over RLIMIT_FSIZE
         return _refuse(_Refused("too_large"))
@@ -366,21 +326,6 @@ def _child_main(plan: dict[str, Any]) -> int:
 
 def _limit(kind: int, value: int) -> None:
     resource.setrlimit(kind, (value, value))
-
-
-def _warm_up(torch, save, io) -> None:
-    """Load once what the real load will use, so that nothing needs importing after the lock-down."""
-    sample = {
-        "f32": torch.zeros(2),
-        "f16": torch.zeros(2, dtype=torch.float16),
-        "bf16": torch.zeros(2, dtype=torch.bfloat16),
-    }
-    for legacy in (False, True):
-        buffer = io.BytesIO()
-        torch.save(sample, buffer, _use_new_zipfile_serialization=not legacy)
-        buffer.seek(0)
-        _load_flat_tensors(torch, buffer, 10)
-    save(sample)
 
 
 def _isolate() -> list[str]:
@@ -425,40 +370,50 @@ def _lock_down(plan: dict[str, Any], isolated: list[str]) -> list[str]:
     return applied
 
 
-def _load_flat_tensors(torch, stream, max_tensors: int) -> dict[str, Any]:
+def _load_flat_tensors(data: bytes, max_tensors: int, max_bytes: int) -> dict[str, tuple]:
+    """{name: (safetensors dtype, shape, bytes)} of the flat dict of float tensors in `data`.
+
+    Raises _Refused naming the first thing that is not such a dict, or MemoryError.
+    """
+    from adapters import torch_file
+
     try:
-        loaded = torch.load(stream, map_location="cpu", weights_only=True)
+        loaded = torch_file.load(data)
+    except torch_file.CodeInPickle as code:
+        raise _Refused("code", code.name) from None
     except MemoryError:
         raise
-    except Exception as exc:  # the loader's errors are many types; each means "not this"
-        message = str(exc)
-        blocked = re.search(r"GLOBAL ([\w.]+)", message)
-        if blocked:
-            raise _Refused("code", blocked.group(1)[:120]) from None
-        if "Weights only load failed" in message and "Unsupported operand" not in message:
-            raise _Refused("unsafe") from None
-        if isinstance(exc, RuntimeError) and "alloc" in message.lower():
-            raise MemoryError from None
+    except Exception:  # a broken file raises any of the pickle, zip and struct modules' errors
         raise _Refused("unreadable") from None
-    if not isinstance(loaded, dict):
-        raise _Refused("not_a_dict", type(loaded).__name__)
-    if not loaded:
+    content = loaded.obj
+    if not isinstance(content, dict):
+        raise _Refused("not_a_dict", type(content).__name__)
+    if not content:
         raise _Refused("empty")
-    if len(loaded) > max_tensors:
+    if len(content) > max_tensors:
         raise _Refused("too_many", max_tensors)
     tensors = {}
-    for key, value in loaded.items():
+    budget = max_bytes
+    for key, value in content.items():
         if not isinstance(key, str):
             raise _Refused("key_type", type(key).__name__)
         if isinstance(value, dict):
             raise _Refused("nested", key=key)
-        if not isinstance(value, torch.Tensor):
+        if isinstance(value, torch_file.Unsupported):
+            raise _Refused("layout", value.what, key)
+        if not isinstance(value, torch_file.TensorRecord):
             raise _Refused("not_a_tensor", type(value).__name__, key)
-        if value.layout != torch.strided or value.is_quantized:
-            raise _Refused("layout", str(value.layout), key)
-        if not value.is_floating_point():
-            raise _Refused("dtype", str(value.dtype).removeprefix("torch."), key)
-        tensors[key] = value.detach().clone().contiguous()  # own storage each: no shared views
+        if value.lazy_sign:
+            raise _Refused("layout", "a lazily negated or conjugated view", key)
+        if value.storage.type.safetensors is None:
+            raise _Refused("dtype", value.storage.type.dtype, key)
+        try:
+            tensors[key] = loaded.tensor_bytes(value, budget)
+        except torch_file.Malformed:
+            raise _Refused("unreadable") from None
+        except torch_file.TooLarge:  # past the output's limit
+            raise _Refused("too_large") from None
+        budget -= len(tensors[key][2])
     return tensors
 
 

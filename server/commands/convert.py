@@ -13,9 +13,9 @@ from server.commands.common import add_command, add_out_flag, fail
 
 _DESCRIPTION = """\
 Convert an adapter into the form the gateway serves: a folder of adapter_config.json and
-adapter_model.safetensors. Nothing is downloaded. The pickled input is read only by
-torch.load(weights_only=True) in a short-lived sandboxed process; a pickle that carries code is
-refused and its code never runs.
+adapter_model.safetensors. Nothing is downloaded. The pickled input is read, never with
+torch.load, by an unpickler that accepts only tensors, in a short-lived sandboxed process; a
+pickle that carries code is refused and its code never runs.
 
   a PEFT adapter folder with adapter_model.bin (older PEFT, or safe_serialization=False):
       the same tensors and adapter_config.json, saved as safetensors

@@ -28,7 +28,7 @@ from tests.training_data import start_long_job
 
 GRACE_SECONDS = 10
 
-# A sandbox child held busy: the tenant's code (past the hole in torch's loader) sleeps.
+# A sandbox child held busy: the tenant's code (past a hole opened in the unpickler) sleeps.
 SLEEPER = "import os, time\nos.write(2, b'sleeping\\n')\ntime.sleep(600)\n"
 DRIVER = """
 import subprocess, sys

@@ -1,6 +1,7 @@
-"""A pickle whose code gets past torch's weights-only loader still reaches nothing.
+"""A pickle whose code gets past the child's unpickler still reaches nothing.
 
-The sandbox (adapters/sandbox.py) has two walls: torch's allow-list, then the locked-down child.
+The sandbox (adapters/sandbox.py) has two walls: the unpickler's short list of globals
+(adapters/torch_file.py), then the locked-down child.
 These tests open a hole in the first, in the child only, and run code there as a hostile tenant
 would: it tries to read files, open a socket, start a process, signal its parent and read the
 gateway's environment from /proc. The parent runs as a user who is not root, as the images do,
@@ -24,17 +25,16 @@ from tests.security.nonroot import as_nobody, is_root, open_folder
 ROOT = Path(__file__).resolve().parents[2]
 CANARY = "canary-admin-key-4b1d"
 
-# The child's code with one change: a pickle torch refuses is then loaded with plain pickle, as a
-# gap in torch's allow-list would let it through. Everything else is the real child's.
+# The child's code with one change: a pickle the unpickler refuses is then loaded with plain
+# pickle, as a gap in its list would let it through. Everything else is the real child's.
 HOLE = """
-import io, json, pickle, socket, sys
+import json, pickle, socket, sys
 sys.path.insert(0, sys.argv[1])
 from adapters import sandbox
 real_loader = sandbox._load_flat_tensors
-def loader_with_a_hole(torch, stream, max_tensors):
-    data = stream.read()
+def loader_with_a_hole(data, max_tensors, max_bytes):
     try:
-        return real_loader(torch, io.BytesIO(data), max_tensors)
+        return real_loader(data, max_tensors, max_bytes)
     except sandbox._Refused:
         return pickle.loads(data)
 sandbox._load_flat_tensors = loader_with_a_hole
@@ -157,7 +157,7 @@ def escape_report(workdir: Path) -> dict[str, str]:
     [(False, False), (False, True), (True, False)],
     ids=["not-root", "not-root-without-user-namespaces", "root"],
 )
-def test_code_that_gets_past_torchs_loader_reaches_nothing(as_root, deny_namespaces):
+def test_code_that_gets_past_the_unpickler_reaches_nothing(as_root, deny_namespaces):
     if as_root and not is_root():
         pytest.skip("runs as root only where the tests run as root (CI does)")
     workdir = open_folder("lgw-escape-")
