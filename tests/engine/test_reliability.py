@@ -131,10 +131,12 @@ async def test_a_gateway_loses_nothing_when_its_engine_dies_or_it_is_killed_duri
                 os.kill(pid, signal.SIGKILL)
         second.process.wait()
 
-    async with full_gateway(state) as third:
+    async with full_gateway(state, demo_dir=demo.root) as third:
         deadline = time.monotonic() + 30
         while True:
-            failed = (await third.client.get(f"/v1/fine_tuning/jobs/{job['id']}", headers=third.admin)).json()
+            answer = await third.client.get(f"/v1/fine_tuning/jobs/{job['id']}", headers=third.admin)
+            assert answer.status_code == 200, answer.text
+            failed = answer.json()
             if failed["status"] in {"failed", "succeeded"} or time.monotonic() > deadline:
                 break
             await asyncio.sleep(0.2)
