@@ -57,8 +57,13 @@ format: $(STAMP)
 
 # Everything but the real engine and Ray (tests/engine, tests/ray, and the tests elsewhere marked
 # `engine`): for working on one room. Those folders are not even imported then (tests/conftest.py).
+# One OpenMP thread per process (torch's intra-op pool): the two workers keep both cores busy, and
+# with a second thread each, torch's small matrix products waited for a core that the other worker
+# held (a 256x16 product: 11 ms against 0.02 ms). tests/test_demo.py, test_merge.py and
+# test_compose.py beside one busy core took 43 s and 16 s in two runs with two threads, 21 s and
+# 15 s with one (2026-12-07). make test keeps the default: its engines were not measured so.
 test-fast: $(STAMP)
-	$(PYTEST) $(XDIST) -m "not engine and not ray"
+	OMP_NUM_THREADS=1 $(PYTEST) $(XDIST) -m "not engine and not ray"
 
 clean:
 	rm -rf $(VENV) .pytest_cache
