@@ -60,8 +60,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     folders, and the tests elsewhere that start a real gateway) go to the workers in groups
     (engine_group): a group runs on one worker, in file order, as in one process. The engine-free
     tests go one by one, except that the tests of a file that share a module-scoped fixture go
-    together, so that it is built once, and so do tests/test_demo.py's. The engine's groups come
-    first (run_order), so the long ones start first.
+    together, so that it is built once, and so do tests/test_demo.py's. The files marked
+    `imports(module)` go together by module: the tests that run vLLM's grammar checks or PEFT in
+    this process, each of which costs the worker that first imports it 5-12 s of CPU; one worker
+    pays it, not all. The engine's groups come first (run_order), so the long ones start first.
     """
     grouping = config.getoption("loadgroup", default=False)  # set in xdist's workers
     counts = Counter(item.nodeid for item in items)
@@ -81,6 +83,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             if item.get_closest_marker("engine"):
                 group = SHARED_GATEWAY_GROUP if item.path in sharing else engine_group(item, folder)
                 node_id = f"{node_id}@{group}"  # the suffix xdist's loadgroup groups by
+            elif (heavy := heavy_import(item)) is not None:
+                node_id = f"{node_id}@imports:{heavy}"
             elif item.path == DEMO_TESTS:
                 node_id = f"{node_id}@{DEMO_TESTS.name}"
             elif shares_a_module_fixture(item):
@@ -107,9 +111,16 @@ def files_sharing_the_gateway(items: list[pytest.Item]) -> set[Path]:
     }
 
 
+def heavy_import(item: pytest.Item) -> str | None:
+    """The module a test's file imports in this process and marks with `imports(module)`, or None."""
+    mark = item.get_closest_marker("imports")
+    return None if mark is None else str(mark.args[0])
+
+
 def run_order(item: pytest.Item) -> tuple[int, int]:
     """Ray's tests, the other engine tests, then the engine-free ones: tests/test_demo.py (one group,
-    which builds the session's demo and then one more), those that need no demo, and those that do.
+    which builds the session's demo and then one more) and the groups of the `imports` marker,
+    those that need no demo, and those that do.
 
     Under make test-fast, one worker builds the demo (20 s) while the other runs tests that need
     none, instead of waiting on the build's lock; the tests that need it come once it is built.
@@ -118,7 +129,7 @@ def run_order(item: pytest.Item) -> tuple[int, int]:
         return 0, 0
     if item.get_closest_marker("engine"):
         return 1, 0
-    if item.path == DEMO_TESTS:
+    if item.path == DEMO_TESTS or heavy_import(item) is not None:
         return 2, 0
     return 2, 2 if "demo" in getattr(item, "fixturenames", ()) else 1
 

@@ -14,7 +14,7 @@ from adapters.validate import validate_adapter
 from tests.adapter_files import TINY_BASE, TINY_CONFIG, make_adapter
 from tests.routes.test_tenancy import new_tenant, upload
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.imports("peft")]
 
 # name -> (rank, targets, seed): mixed ranks and targets, and two of one rank for PEFT's methods.
 INPUTS = {

@@ -24,6 +24,8 @@ from adapters.demo import (
     weather_question,
 )
 
+pytestmark = pytest.mark.imports("peft")  # in this process: see tests/conftest.py
+
 EXPECTED_ADAPTERS = {
     # name: (rank, alpha, target modules, keyword in the answer)
     "pirate": (8, 16, {"q_proj", "k_proj", "v_proj", "o_proj"}, "pirate"),

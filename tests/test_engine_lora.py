@@ -12,6 +12,8 @@ from server.engine import lora_ops as engine_lora
 from server.engine import lora_rows
 from server.engine.plugins import plugin_env
 
+pytestmark = pytest.mark.imports("vllm")  # in this process: see tests/conftest.py
+
 MAX_LORAS, RANK = 4, 8
 
 

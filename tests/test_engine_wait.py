@@ -9,6 +9,8 @@ import pytest
 
 from server.engine import wait as engine_wait
 
+pytestmark = pytest.mark.imports("vllm")  # in this process: see tests/conftest.py
+
 
 class Condition:
     """The parts of vLLM's SpinCondition that the wait reads, with its original wait recorded."""

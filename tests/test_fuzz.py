@@ -20,6 +20,8 @@ from server.engine import grammar  # noqa: E402
 from tests.adapter_files import TINY_BASE, TINY_CONFIG  # noqa: E402
 from tests.fakes import FakeEngine, fake_spec  # noqa: E402
 
+pytestmark = pytest.mark.imports("vllm")  # in this process: see tests/conftest.py
+
 
 def _app():
     state = Path(tempfile.mkdtemp(prefix="fuzz-"))

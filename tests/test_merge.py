@@ -19,7 +19,7 @@ from adapters.validate import validate_adapter
 from server.commands.cli import build_parser, main
 from tests.adapter_files import TINY_BASE, TINY_CONFIG, make_adapter
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.imports("peft")]
 
 WORDS = ["<pad>", "<s>", "</s>", "<|user|>", "<|assistant|>", *(f"w{i}" for i in range(27))]
 CHAT_TEMPLATE = "{{ bos_token }}{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] }}{% endfor %}"

@@ -24,6 +24,8 @@ from tests.training_data import (
     write_jsonl,
 )
 
+pytestmark = pytest.mark.imports("peft")  # in this process: see tests/conftest.py
+
 ROOT = Path(__file__).resolve().parents[1]
 WORKER_SECONDS = 120
 # Every answer token must lead the runner-up by this many logits: vLLM's kernels differ from

@@ -16,6 +16,8 @@ from tests.conftest import full_gateway
 from tests.routes.test_tenancy import new_tenant, upload
 from tests.test_merge import make_tiny_model
 
+pytestmark = pytest.mark.imports("peft")  # in this process: see tests/conftest.py
+
 JOB_SECONDS = 180
 
 

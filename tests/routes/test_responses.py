@@ -15,6 +15,8 @@ from tests.fakes import FakeEngine
 from tests.routes.test_batches import tenant_key
 from tests.routes.test_completions import sse_payloads
 
+pytestmark = pytest.mark.imports("vllm")  # in this process: see tests/conftest.py
+
 WEATHER = {
     "type": "function",
     "name": "get_weather",

@@ -11,6 +11,8 @@ from server.engine.protocol import OutputConstraint
 from server.openai.structured import MAX_GRAMMAR_BYTES, MAX_SCHEMA_DEPTH, GrammarChecker
 from tests.races import cancel_as_it_takes_the_slot
 
+pytestmark = pytest.mark.imports("vllm")  # in this process: see tests/conftest.py
+
 SCHEMA = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
 COMPACT = json.dumps(SCHEMA, separators=(",", ":"))
 CHAT = {"model": "alpha", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}

@@ -10,6 +10,8 @@ from tests.adapter_files import make_adapter
 from tests.conftest import full_gateway
 from tests.routes.test_tenancy import new_tenant, upload
 
+pytestmark = pytest.mark.imports("vllm")  # in this process: see tests/conftest.py
+
 
 def events(body: str) -> list[dict]:
     """TGI's server-sent events; TGI sends no [DONE]."""

@@ -8,6 +8,8 @@ import pytest
 
 from tests.routes.test_completions import sse_payloads
 
+pytestmark = pytest.mark.imports("vllm")  # in this process: see tests/conftest.py
+
 WEATHER = {
     "type": "function",
     "function": {
