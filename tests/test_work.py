@@ -85,7 +85,7 @@ def minimind_pth(tmp_path) -> bytes:
 # A MiniMind file this small converts in a few hundredths of a second; a large one takes seconds.
 # Each conversion here holds its thread this long first, as a large file's would, so that a call
 # queued behind the conversions would show.
-CONVERSION_SECONDS = 1.5
+CONVERSION_SECONDS = 2.0
 
 
 async def test_ten_slow_minimind_uploads_leave_another_tenants_listings_fast(tmp_path, monkeypatch):
