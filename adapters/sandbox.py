@@ -108,10 +108,10 @@ def load_pickled_tensors(path: Path, label: str, limits: SandboxLimits = DEFAULT
     not such a dict or that carries code, AdapterTooLarge past the size limit, and ConverterBusy
     when every sandbox slot stays busy.
     """
-    check_confinement()
     size = path.stat().st_size
     if size > limits.max_input_bytes:
         raise AdapterTooLarge(f"{label} is {size} bytes; the limit is {limits.max_input_bytes} bytes")
+    check_confinement()
     slots = _slots_for(limits.concurrent_loads)
     if not slots.acquire(timeout=limits.wall_seconds):
         raise ConverterBusy("every sandbox that converts pickled weights is busy; try again shortly", retry_after=5)
