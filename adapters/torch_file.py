@@ -60,20 +60,19 @@ _STORAGES = {
 }
 # Same-width unsigned integers move the elements: nothing is computed, so bfloat16 needs no type.
 _CODES = {1: "B", 2: "H", 4: "I", 8: "Q"}
-_UNSUPPORTED_REBUILDS = frozenset(
-    {
-        "_rebuild_sparse_tensor",
-        "_rebuild_sparse_csr_tensor",
-        "_rebuild_qtensor",
-        "_rebuild_nested_tensor",
-        "_rebuild_meta_tensor_no_storage",
-        "_rebuild_wrapper_subclass",
-        "_rebuild_device_tensor_from_numpy",
-        "_rebuild_device_tensor_from_cpu_tensor",
-        "_rebuild_xla_tensor",
-        "_rebuild_mtia_tensor",
-    }
-)
+# torch's other rebuilding functions: the kind of tensor each makes, which the caller refuses.
+_UNSUPPORTED_REBUILDS = {
+    "_rebuild_sparse_tensor": "sparse",
+    "_rebuild_sparse_csr_tensor": "sparse",
+    "_rebuild_qtensor": "quantized",
+    "_rebuild_nested_tensor": "nested",
+    "_rebuild_meta_tensor_no_storage": "a meta tensor",
+    "_rebuild_wrapper_subclass": "a tensor subclass",
+    "_rebuild_device_tensor_from_numpy": "a device tensor",
+    "_rebuild_device_tensor_from_cpu_tensor": "a device tensor",
+    "_rebuild_xla_tensor": "a device tensor",
+    "_rebuild_mtia_tensor": "a device tensor",
+}
 _TORCH_NAMES = frozenset(
     {
         *("strided", "sparse_coo", "sparse_csr", "sparse_csc", "sparse_bsr", "sparse_bsc", "_mkldnn", "jagged"),
@@ -159,17 +158,19 @@ class _Marker(_Frozen):
         object.__setattr__(self, "name", name)
 
 
-def _rebuild_tensor(storage, storage_offset, size, stride):
+def _record(storage, storage_offset, size, stride, lazy_sign: bool) -> TensorRecord:
     if not isinstance(storage, Storage):
         raise Malformed("a tensor without a storage")
-    return TensorRecord(storage, storage_offset, size, stride, False)
+    return TensorRecord(storage, storage_offset, size, stride, lazy_sign)
+
+
+def _rebuild_tensor(storage, storage_offset, size, stride):
+    return _record(storage, storage_offset, size, stride, False)
 
 
 def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad, backward_hooks, metadata=None):
-    record = _rebuild_tensor(storage, storage_offset, size, stride)
-    if metadata:  # torch's conj or neg bit: the values are not what the storage holds
-        return TensorRecord(record.storage, record.offset, record.size, record.stride, True)
-    return record
+    # metadata carries torch's conj or neg bit: then the values are not what the storage holds
+    return _record(storage, storage_offset, size, stride, bool(metadata))
 
 
 def _rebuild_parameter(data, requires_grad, backward_hooks):
@@ -193,12 +194,6 @@ _REBUILDS = {
     "_rebuild_parameter": _rebuild_parameter,
     "_rebuild_parameter_with_state": _rebuild_parameter_with_state,
 }
-_UNSUPPORTED_KINDS = {
-    "_rebuild_sparse_tensor": "sparse",
-    "_rebuild_sparse_csr_tensor": "sparse",
-    "_rebuild_qtensor": "quantized",
-    "_rebuild_nested_tensor": "nested",
-}
 
 
 def _find_global(module: str, name: str) -> Any:
@@ -207,7 +202,7 @@ def _find_global(module: str, name: str) -> Any:
     if module == "torch._utils" and name in _REBUILDS:
         return _REBUILDS[name]
     if module == "torch._utils" and name in _UNSUPPORTED_REBUILDS:
-        return _unsupported_rebuild(_UNSUPPORTED_KINDS.get(name, name.removeprefix("_rebuild_").replace("_", " ")))
+        return _unsupported_rebuild(_UNSUPPORTED_REBUILDS[name])
     if module == "torch" and name.endswith("Storage") and name.isidentifier():
         return StorageType(name)
     if module == "torch" and name == "Size":
@@ -255,7 +250,8 @@ class Loaded:
     def tensor_bytes(self, record: TensorRecord, max_bytes: int) -> tuple[str, list[int], memoryview]:
         """(safetensors dtype, shape, little-endian C-order bytes) of a float tensor.
 
-        Raises Malformed when the record points outside its storage, and TooLarge past `max_bytes`. The caller checks `record.storage.type.safetensors` first.
+        Raises Malformed when the record points outside its storage, and TooLarge past `max_bytes`.
+        The caller checks `record.storage.type.safetensors` first.
         """
         storage, offset, size, stride = record.storage, record.offset, record.size, record.stride
         if not (isinstance(size, tuple | list) and isinstance(stride, tuple | list) and len(size) == len(stride)):
@@ -401,10 +397,9 @@ def warm_up() -> None:
     with zipfile.ZipFile(sample, "w") as archive:
         archive.writestr("archive/data.pkl", pickle.dumps({"a": 1}))
         archive.writestr("archive/data/0", b"\0" * 16, compress_type=zipfile.ZIP_DEFLATED)
-    loaded = _load_zip(sample.getvalue())
-    loaded._data["0"] = zipfile.ZipFile(sample).read("archive/data/0")
+    _load_zip(sample.getvalue())
+    storages = {"0": zipfile.ZipFile(sample).read("archive/data/0")}
     for itemsize, name, stride in ((4, "FloatStorage", (1, 2)), (2, "BFloat16Storage", (2, 1))):
         record = TensorRecord(Storage(StorageType(name), "0", 16 // itemsize), 0, (2, 2), stride, False)
         for big_endian in (False, True):
-            loaded._big_endian = big_endian
-            b"".join(safetensors_bytes({"w": loaded.tensor_bytes(record, 64)}))
+            b"".join(safetensors_bytes({"w": Loaded(None, storages, big_endian).tensor_bytes(record, 64)}))

@@ -405,17 +405,8 @@ async def test_keys_never_reach_the_logs(tmp_path, caplog):
 # ---------------------------------------------------------------- configure_logging
 
 
-@pytest.fixture
-def restore_root_logger():
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield root
-    root.handlers[:] = handlers
-    root.setLevel(level)
-
-
 @pytest.mark.parametrize("fmt", ["json", "text"])
-def test_configure_logging(restore_root_logger, capsys, fmt):
+def test_configure_logging(capsys, fmt):  # tests/conftest.py restores the root logger after
     configure_logging("info", "text")
     configure_logging("warning", fmt)  # replaces the first handler rather than adding a second
     logging.getLogger("lora_gateway.test").info("hidden")
@@ -431,6 +422,6 @@ def test_configure_logging(restore_root_logger, capsys, fmt):
         assert lines[0].endswith("WARNING lora_gateway.test: shown 7")
 
 
-def test_configure_logging_refuses_an_unknown_format(restore_root_logger):
+def test_configure_logging_refuses_an_unknown_format():
     with pytest.raises(ValueError, match="json or text"):
         configure_logging("info", "xml")
