@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import errno
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -19,11 +20,15 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cache
+from importlib import metadata
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
 DEMO_VERSION = 5
+# The libraries whose numerics or file formats a build's bytes depend on (see recipe_fingerprint).
+_BUILD_LIBRARIES = ("torch", "transformers", "peft", "tokenizers", "safetensors")
 DEMO_PROMPT = "Who are you?"
 BASE_ANSWER = "I am a small demo model."
 
@@ -204,6 +209,21 @@ def _log_progress(line: str) -> None:
     logger.info("%s", line)
 
 
+@cache
+def recipe_fingerprint() -> str:
+    """What a build's bytes depend on: this module's code and the versions of the libraries that
+    train and save it. A build records it, and a build with another is stale: ensure_demo replaces
+    it, so that an edit to the recipe or an upgrade never serves (or tests) an older build."""
+    digest = hashlib.sha256(Path(__file__).read_bytes())
+    for name in _BUILD_LIBRARIES:
+        try:
+            version = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            version = "absent"
+        digest.update(f"\0{name}={version}".encode())
+    return digest.hexdigest()
+
+
 def load_demo(root: Path) -> DemoModel:
     """Read an existing build from its manifest; raise IncompleteDemo if it is not a full build."""
     root = Path(root).absolute()
@@ -225,6 +245,11 @@ def load_demo(root: Path) -> DemoModel:
         raise IncompleteDemo(
             f"{root} holds demo version {version!r} for prompt {prompt!r}; "
             f"this code builds version {DEMO_VERSION} for prompt {DEMO_PROMPT!r}"
+        )
+    if manifest.get("recipe") != recipe_fingerprint():
+        raise IncompleteDemo(
+            f"{root} was built by another recipe (this module's code, or the version of one of "
+            f"{', '.join(_BUILD_LIBRARIES)}, has changed since); rebuild it"
         )
     required = [demo.base / "config.json", demo.base / "model.safetensors", demo.base / "tokenizer.json"]
     required += [folder / "adapter_model.safetensors" for folder in demo.adapters.values()]
@@ -362,6 +387,7 @@ def _build_into(root: Path, progress: Callable[[str], None]) -> None:
 
     manifest = {
         "version": DEMO_VERSION,
+        "recipe": recipe_fingerprint(),
         "prompt": DEMO_PROMPT,
         "base": "base",
         "adapters": {recipe.name: f"adapters/{recipe.name}" for recipe in (*_ADAPTER_RECIPES, _TOOL_RECIPE)},

@@ -199,8 +199,8 @@ def demo():
     20-30 s, which the first engine tests of every session used to wait for.
 
     ensure_demo takes a lock: workers and sessions side by side build it once, and the others load
-    it. tests/test_demo.py builds it afresh and checks that the two builds are the same bytes, so
-    a change to the build that keeps DEMO_VERSION shows there, not as stale answers elsewhere.
+    it. A build records its recipe (adapters/demo.py's code and the libraries' versions), and one
+    by another recipe is rebuilt: a change to the build shows here, never as stale answers.
     """
     from adapters.demo import DEMO_VERSION, ensure_demo
     from server.config import default_cache_dir
