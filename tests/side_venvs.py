@@ -2,6 +2,12 @@
 (tests/engine/test_tgi.py) and Instructor 1.17, which pins jiter below what the openai client
 here needs (tests/engine/test_structured.py).
 
+lm-evaluation-harness (tests/engine/test_lm_eval.py) clashes with nothing, but brings
+scikit-learn, which transformers imports in every process that loads a model when it is
+installed: 1.4 s of each start of a gateway's engine, a training job or a merge. Its venv sees
+the project's packages (torch, transformers, PEFT for its `hf` model), so pip installs only what
+lm-eval adds.
+
 `make venv` builds them beside the project's venv (`python -m tests.side_venvs`, from PyPI), so
 that a test run does not spend its time on pip; a test that finds one missing builds it then.
 """
@@ -10,6 +16,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +29,7 @@ class SideVenv:
     requirement: str  # what pip installs
     folder_name: str  # under .venv/
     module: str  # imported to tell that the venv is whole
+    sees_project_packages: bool = False  # the project venv's packages too, after its own
 
     @property
     def folder(self) -> Path:
@@ -39,6 +47,17 @@ class SideVenv:
     def build(self) -> None:
         """Create it afresh and install the requirement: CalledProcessError or TimeoutExpired if that fails."""
         subprocess.run([sys.executable, "-m", "venv", "--clear", self.folder], check=True, timeout=60)
+        if self.sees_project_packages:
+            own = subprocess.run(
+                [self.python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout.strip()
+            # A .pth line that starts with `import` runs at startup; addsitedir also runs the
+            # project venv's own .pth files (its editable install among them).
+            project = sysconfig.get_path("purelib")
+            (Path(own) / "project_venv.pth").write_text(f"import site; site.addsitedir({project!r})\n")
         subprocess.run(
             [self.python, "-m", "pip", "install", "-q", "--disable-pip-version-check", self.requirement],
             check=True,
@@ -65,10 +84,11 @@ class SideVenv:
 
 LORAX = SideVenv("lorax-client==0.6.3", "lorax-client-0.6.3", "lorax")
 INSTRUCTOR = SideVenv("instructor==1.17.*", "instructor-1.17", "instructor")
+LM_EVAL = SideVenv("lm-eval[api]==0.4.13", "lm-eval-0.4.13", "lm_eval", sees_project_packages=True)
 
 
 def main() -> int:
-    for venv in (LORAX, INSTRUCTOR):
+    for venv in (LORAX, INSTRUCTOR, LM_EVAL):
         if not venv.ready():
             print(f"building {venv.folder} ({venv.requirement})", flush=True)
             venv.build()

@@ -1,14 +1,19 @@
 """lm-evaluation-harness, unchanged, scores a small local task through the gateway on an adapter
 (its `local-completions` model: completions with echo and prompt logprobs) exactly as its `hf`
-model scores it with transformers + PEFT on the same adapter's files."""
+model scores it with transformers + PEFT on the same adapter's files. The harness runs in a venv
+of its own that sees the project's packages (tests/side_venvs.py)."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import textwrap
 
 import pytest
 
 from tests.engine.conftest import ADMIN_KEY
+from tests.side_venvs import LM_EVAL
 
 pytestmark = pytest.mark.engine
 
@@ -48,49 +53,87 @@ def write_task(folder) -> None:
     )
 
 
-def loglikelihoods(results) -> list[list[tuple[float, bool]]]:
-    """Each document's (log-likelihood, is greedy) per choice, in document order."""
-    samples = sorted(results["samples"][TASK], key=lambda sample: sample["doc_id"])
-    return [[(float(ll), bool(greedy)) for ll, greedy in sample["filtered_resps"]] for sample in samples]
-
-
-def test_lm_eval_local_completions_equals_its_hf_peft_model(gateway, demo, tmp_path, monkeypatch):
-    monkeypatch.setenv("OPENAI_API_KEY", ADMIN_KEY)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets-cache"))
+# Runs in lm-eval's venv: argv[1] is the task folder, argv[2] a JSON object of runs (name: the
+# model and its arguments); it writes each run's samples and accuracy to argv[3] as JSON.
+HARNESS_SCRIPT = textwrap.dedent(
+    f"""
+    import json, sys
     import lm_eval
     from lm_eval.tasks import TaskManager
 
+    manager = TaskManager(include_path=sys.argv[1])
+    scores = {{}}
+    for name, run in json.loads(sys.argv[2]).items():
+        results = lm_eval.simple_evaluate(
+            model=run["model"], model_args=run["model_args"], tasks=[{TASK!r}], task_manager=manager, log_samples=True
+        )
+        scores[name] = {{
+            "samples": [
+                {{"doc_id": sample["doc_id"], "filtered_resps": [[float(ll), bool(greedy)] for ll, greedy in sample["filtered_resps"]]}}
+                for sample in results["samples"][{TASK!r}]
+            ],
+            "acc": results["results"][{TASK!r}]["acc,none"],
+        }}
+    with open(sys.argv[3], "w") as out:
+        json.dump(scores, out)
+    """
+)
+
+
+def loglikelihoods(scores) -> list[list[tuple[float, bool]]]:
+    """Each document's (log-likelihood, is greedy) per choice, in document order."""
+    samples = sorted(scores["samples"], key=lambda sample: sample["doc_id"])
+    return [[(ll, greedy) for ll, greedy in sample["filtered_resps"]] for sample in samples]
+
+
+def test_lm_eval_local_completions_equals_its_hf_peft_model(gateway, demo, tmp_path):
     tasks = tmp_path / "tasks"
     tasks.mkdir()
     write_task(tasks)
-    manager = TaskManager(include_path=str(tasks))
-
-    def evaluate(model: str, model_args: dict) -> dict:
-        return lm_eval.simple_evaluate(
-            model=model, model_args=model_args, tasks=[TASK], task_manager=manager, log_samples=True
-        )
-
-    through_gateway = evaluate(
-        "local-completions",
-        {
-            "model": ADAPTER,
-            "base_url": f"{gateway.url}/v1/completions",
-            "tokenizer_backend": "huggingface",
-            "tokenizer": str(demo.base),
-            "batch_size": 4,  # several prompts in one request
-            "max_retries": 1,
+    runs = {
+        "through_gateway": {
+            "model": "local-completions",
+            "model_args": {
+                "model": ADAPTER,
+                "base_url": f"{gateway.url}/v1/completions",
+                "tokenizer_backend": "huggingface",
+                "tokenizer": str(demo.base),
+                "batch_size": 4,  # several prompts in one request
+                "max_retries": 1,
+            },
         },
+        "with_peft": {
+            "model": "hf",
+            "model_args": {
+                "pretrained": str(demo.base),
+                "peft": str(demo.adapters[ADAPTER]),
+                "dtype": "float32",
+                "device": "cpu",
+            },
+        },
+    }
+    env = {
+        **os.environ,
+        "OPENAI_API_KEY": ADMIN_KEY,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_DATASETS_CACHE": str(tmp_path / "datasets-cache"),
+    }
+    out = tmp_path / "scores.json"
+    harness = subprocess.run(
+        [LM_EVAL.python_for_tests(), "-c", HARNESS_SCRIPT, str(tasks), json.dumps(runs), str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
-    with_peft = evaluate(
-        "hf",
-        {"pretrained": str(demo.base), "peft": str(demo.adapters[ADAPTER]), "dtype": "float32", "device": "cpu"},
-    )
+    assert harness.returncode == 0, harness.stderr[-4000:]
+    scores = json.loads(out.read_text())
+    through_gateway, with_peft = scores["through_gateway"], scores["with_peft"]
     got, want = loglikelihoods(through_gateway), loglikelihoods(with_peft)
     assert len(got) == len(DOCS) and all(len(doc) == 3 for doc in got)
     for doc_got, doc_want in zip(got, want, strict=True):
         for (ll, greedy), (ll_want, greedy_want) in zip(doc_got, doc_want, strict=True):
             assert abs(ll - ll_want) < TOLERANCE, (got, want)
             assert greedy == greedy_want
-    assert through_gateway["results"][TASK]["acc,none"] == with_peft["results"][TASK]["acc,none"]
+    assert through_gateway["acc"] == with_peft["acc"]
