@@ -17,6 +17,7 @@ import httpx
 import psutil
 import pytest
 from _pytest.mark.expression import Expression
+from hypothesis import settings as hypothesis_settings
 
 from adapters.database import Database, engine_url
 from adapters.registry import Registry
@@ -27,6 +28,16 @@ from tests.fakes import FakeEngine, fake_spec
 
 # Session fixtures for real PostgreSQL, S3 (moto's server) and Chromium; each starts only when a test asks.
 pytest_plugins = ["tests.services.postgres", "tests.services.s3", "tests.services.browser"]
+
+
+# Hypothesis's cases per operation in the schemathesis fuzz (tests/test_fuzz.py), the one test that
+# draws them: 40 by default (make test, CI); `make test-fast` asks for the quick profile
+# (--hypothesis-profile=quick), 10, for a 2-minute loop: the fuzz drew 31 s of CPU with 40, 15 s
+# with 10 (2026-12-07). Either way every operation also gets schemathesis's coverage cases, its
+# boundary values and wrong types, in full.
+hypothesis_settings.register_profile("thorough", max_examples=40)
+hypothesis_settings.register_profile("quick", max_examples=10)
+hypothesis_settings.load_profile("thorough")
 
 
 TESTS = Path(__file__).parent

@@ -72,8 +72,7 @@ def node_id_as_schemathesis_expects(request) -> None:
 
 
 @schema.parametrize()
-@settings(
-    max_examples=40,
+@settings(  # its cases per operation: the Hypothesis profile's (tests/conftest.py)
     deadline=None,
     derandomize=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
