@@ -48,12 +48,8 @@ class SideVenv:
         """Create it afresh and install the requirement: CalledProcessError or TimeoutExpired if that fails."""
         subprocess.run([sys.executable, "-m", "venv", "--clear", self.folder], check=True, timeout=60)
         if self.sees_project_packages:
-            own = subprocess.run(
-                [self.python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
-                check=True,
-                capture_output=True,
-                text=True,
-            ).stdout.strip()
+            # Its site-packages, as this same interpreter lays out a venv at its folder.
+            own = sysconfig.get_path("purelib", vars={"base": str(self.folder), "platbase": str(self.folder)})
             # A .pth line that starts with `import` runs at startup; addsitedir also runs the
             # project venv's own .pth files (its editable install among them).
             project = sysconfig.get_path("purelib")

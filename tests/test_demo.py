@@ -75,12 +75,6 @@ def file_mtimes(root: Path) -> dict[str, int]:
     return {str(path.relative_to(root)): path.stat().st_mtime_ns for path in [root, *root.rglob("*")]}
 
 
-def weight_bytes(demo: DemoModel) -> dict[str, bytes]:
-    files = [demo.base / "model.safetensors", demo.base / "tokenizer.json"]
-    files += [folder / "adapter_model.safetensors" for folder in demo.adapters.values()]
-    return {str(path.relative_to(demo.root)): path.read_bytes() for path in files}
-
-
 def test_layout(demo):
     assert demo.base == demo.root / "base"
     assert demo.adapters == {name: demo.root / "adapters" / name for name in EXPECTED_ADAPTERS}
